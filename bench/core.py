@@ -1,0 +1,202 @@
+"""Core benchmark on the tiny models (DESIGN §7): figures, never asserts.
+
+1. Time per optimisation iteration against the measured cost of its parts in the same run:
+   per DDIM step a UNet forward (the chain) plus a recomputed forward and a backward (the
+   checkpointed step), per loss step the same for VAE decode + classifier on the cutouts.
+2. Peak memory of one optimisation for T = 5, 10, 20 DDIM steps (each in a fresh process; on a
+   CPU the peak resident set size above the process's state before the optimisation).
+3. Throughput of B = 4 items in one batched run against B = 1 (seconds per item-iteration).
+
+    python bench/core.py [--models DIR] [--out bench/results/core.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from core.classifiers import load_classifier
+from core.config import GuidanceConfig
+from core.diffusion import load_diffusion
+from core.guidance import optimize
+from core.objectives import ClassObjective
+
+RES = 64
+CONFIG = GuidanceConfig(ddim_steps=10, iterations=3, loss_steps=3, num_cutouts=16)
+
+
+def load(models: dict[str, str]):
+    return load_diffusion(models["sd"]), load_classifier(models["classifier"])
+
+
+def timed(fn, repeat: int = 3) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - t0) / repeat
+
+
+def run_once(sd, clf, batch: int, config: GuidanceConfig):
+    prompts = [f"a photograph of a {clf.class_names[i % 10]}" for i in range(batch)]
+    return optimize(
+        sd,
+        ClassObjective(clf, torch.arange(batch) % 10),
+        cond=sd.encode_text(prompts),
+        uncond=sd.null_text(batch),
+        seeds=list(range(batch)),
+        config=config,
+        resolution=RES,
+    )
+
+
+def iteration_vs_parts(sd, clf, batch: int = 1) -> dict:
+    cfg = CONFIG
+    # whole iterations: a run of I iterations minus a run of 0 iterations (the final evaluation)
+    t_full = timed(lambda: run_once(sd, clf, batch, cfg), repeat=2)
+    t_eval = timed(lambda: run_once(sd, clf, batch, replace(cfg, iterations=0)), repeat=2)
+    per_iteration = (t_full - t_eval) / cfg.iterations
+
+    # parts, measured on the same models and shapes
+    c, h, w = sd.latent_shape(RES)
+    z = torch.randn(2 * batch, c, h, w, requires_grad=True)  # CFG doubles the batch
+    text = sd.encode_text(["a"] * 2 * batch)
+    t = torch.tensor(500)
+    unet_f = timed(lambda: sd.eps(z.detach(), t, text, None))
+    unet_fb = timed(lambda: sd.eps(z, t, text, None).sum().backward())
+    x0 = torch.randn(batch, c, h, w, requires_grad=True)
+    vae_f = timed(lambda: sd.decode(x0.detach()))
+    vae_fb = timed(lambda: sd.decode(x0).sum().backward())
+    views = torch.rand(batch * cfg.num_cutouts, 3, clf.input_size, clf.input_size)
+    views.requires_grad_(True)
+    clf_f = timed(lambda: clf(views.detach()))
+    clf_fb = timed(lambda: clf(views).sum().backward())
+    parts = {
+        "unet_chain_s": cfg.ddim_steps * unet_f,
+        "unet_recompute_backward_s": cfg.ddim_steps * unet_fb,
+        "vae_decode_s": cfg.loss_steps * (vae_f + vae_fb),
+        "classifier_s": cfg.loss_steps * (clf_f + clf_fb),
+    }
+    total = sum(parts.values())
+    return {
+        "batch": batch,
+        "ddim_steps": cfg.ddim_steps,
+        "num_cutouts": cfg.num_cutouts,
+        "loss_steps": cfg.loss_steps,
+        "iteration_s": per_iteration,
+        "parts_s": parts,
+        "sum_of_parts_s": total,
+        "ratio": per_iteration / total,
+        "target_ratio_max": 1.25,
+    }
+
+
+def peak_memory_child(models_json: str, steps: int) -> None:
+    """Run in a fresh process: print the peak RSS growth of one optimisation in MiB."""
+    sd, clf = load(json.loads(models_json))
+    cfg = replace(CONFIG, ddim_steps=steps, iterations=1)
+    run_once(sd, clf, 1, replace(cfg, iterations=0))  # warm-up: same shapes without backward
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_once(sd, clf, 1, cfg)
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_growth_mib": (after - before) / 1024, "peak_rss_mib": after / 1024}))
+
+
+def peak_memory(models: dict[str, str]) -> dict:
+    out = {}
+    for steps in (5, 10, 20):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child-memory",
+                str(steps),
+                "--models-json",
+                json.dumps(models),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[str(steps)] = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth = {k: v["peak_growth_mib"] for k, v in out.items()}
+    return {
+        "by_steps": out,
+        "ratio_T20_over_T5_growth": growth["20"] / max(growth["5"], 1e-9),
+        "ratio_T20_over_T5_rss": out["20"]["peak_rss_mib"] / out["5"]["peak_rss_mib"],
+        "target_ratio_max": 1.3,
+    }
+
+
+def batching(sd, clf) -> dict:
+    cfg = replace(CONFIG, iterations=2)
+    t1 = timed(lambda: run_once(sd, clf, 1, cfg), repeat=2)
+    t4 = timed(lambda: run_once(sd, clf, 4, cfg), repeat=2)
+    return {
+        "seconds_per_item_B1": t1,
+        "seconds_per_item_B4": t4 / 4,
+        "speedup_per_item": t1 / (t4 / 4),
+        "target_speedup_min": 1.3,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, help="folder from `digin make-tiny-models`")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/core.json"))
+    parser.add_argument("--child-memory", type=int)
+    parser.add_argument("--models-json")
+    args = parser.parse_args()
+    if args.child_memory:
+        peak_memory_child(args.models_json, args.child_memory)
+        return
+
+    from core.tiny import make_tiny_models
+
+    folder = args.models or Path(tempfile.mkdtemp(prefix="digin-tiny-"))
+    specs_file = folder / "specs.json"
+    models = json.loads(specs_file.read_text()) if specs_file.exists() else make_tiny_models(folder)
+    torch.manual_seed(0)
+    sd, clf = load(models)
+    results = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device": "cpu",
+        },
+        "resolution": RES,
+        "iteration_vs_parts": iteration_vs_parts(sd, clf),
+        "peak_memory": peak_memory(models),
+        "batching": batching(sd, clf),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    it, mem, bat = results["iteration_vs_parts"], results["peak_memory"], results["batching"]
+    print(
+        f"iteration {it['iteration_s']:.3f} s vs parts {it['sum_of_parts_s']:.3f} s "
+        f"-> ratio {it['ratio']:.2f} (target <= 1.25)"
+    )
+    for steps, row in mem["by_steps"].items():
+        print(
+            f"T={steps:>2}: peak growth {row['peak_growth_mib']:.1f} MiB, "
+            f"peak RSS {row['peak_rss_mib']:.0f} MiB"
+        )
+    print(f"T=20 / T=5 peak growth {mem['ratio_T20_over_T5_growth']:.2f} (target <= 1.3)")
+    print(f"batching B=4 per-item speed-up {bat['speedup_per_item']:.2f}x (target >= 1.3)")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""Text-to-image diffusion models behind one small interface.
+
+Stable Diffusion 1.x/2.x and SDXL pipelines load from a hub id or a local folder (safetensors
+only) into a `DiffusionModel`: the frozen UNet, the autoencoder (or none, for pixel-space models),
+the text encoder(s) with their tokenizers, and a DDIM scheduler built from the pipeline's own
+scheduler config (DiG-IN always samples with DDIM, eta = 0).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class TextEmbeddings:
+    """Conditioning of the UNet for a batch of prompts."""
+
+    hidden: Tensor  # (B, L, D) cross-attention states (C or ∅)
+    pooled: Tensor | None = None  # (B, P) SDXL pooled text embeddings, else None
+
+    def __add__(self, delta: TextEmbeddings) -> TextEmbeddings:
+        pooled = None if self.pooled is None else self.pooled + delta.pooled
+        return TextEmbeddings(self.hidden + delta.hidden, pooled)
+
+    @staticmethod
+    def cat(items: list[TextEmbeddings]) -> TextEmbeddings:
+        pooled = None if items[0].pooled is None else torch.cat([e.pooled for e in items])
+        return TextEmbeddings(torch.cat([e.hidden for e in items]), pooled)
+
+    def zeros_like(self) -> TextEmbeddings:
+        pooled = None if self.pooled is None else torch.zeros_like(self.pooled)
+        return TextEmbeddings(torch.zeros_like(self.hidden), pooled)
+
+
+class DiffusionModel(torch.nn.Module):
+    """A frozen latent (or pixel-space) text-to-image diffusion model."""
+
+    def __init__(
+        self,
+        *,
+        spec: str,
+        unet: torch.nn.Module,
+        vae: torch.nn.Module | None,
+        text_encoders: list[torch.nn.Module],
+        tokenizers: list,
+        scheduler_config: dict,
+        resolution: int,
+        is_sdxl: bool = False,
+        force_zeros_for_empty_prompt: bool = False,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.unet = unet
+        self.vae = vae
+        self.text_encoders = torch.nn.ModuleList(text_encoders)
+        self.tokenizers = tokenizers
+        self.scheduler_config = dict(scheduler_config)
+        self.resolution = resolution
+        self.is_sdxl = is_sdxl
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.requires_grad_(False)
+        self.eval()
+
+    # --- geometry ------------------------------------------------------------------------------
+    @property
+    def vae_scale_factor(self) -> int:
+        if self.vae is None:
+            return 1
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        side = resolution or self.resolution
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if side % multiple:
+            raise ValueError(f"resolution must be divisible by {multiple}, got {side}")
+        return (self.latent_channels, side // self.vae_scale_factor, side // self.vae_scale_factor)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def make_scheduler(self, steps: int):
+        """A fresh DDIM scheduler (eta = 0) with `steps` inference steps."""
+        from diffusers import DDIMScheduler
+
+        scheduler = DDIMScheduler.from_config(self.scheduler_config)
+        scheduler.set_timesteps(steps)
+        return scheduler
+
+    # --- text ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> TextEmbeddings:
+        """Prompt embeddings C: last hidden states (SD 1.x/2.x), or for SDXL the penultimate
+        hidden states of both encoders concatenated plus the second encoder's pooled output."""
+        device = self.device
+        hidden_states, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = tokenizer(
+                prompts,
+                padding="max_length",
+                max_length=tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            ).input_ids.to(device)  # (B, L)
+            out = encoder(ids, output_hidden_states=self.is_sdxl)
+            if self.is_sdxl:
+                hidden_states.append(out.hidden_states[-2])
+                if hasattr(out, "text_embeds"):
+                    pooled = out.text_embeds  # (B, P) from the projection encoder
+            else:
+                hidden_states.append(out.last_hidden_state)
+        return TextEmbeddings(torch.cat(hidden_states, dim=-1).float(), pooled)
+
+    def null_text(self, batch: int, negative_prompt: str = "") -> TextEmbeddings:
+        """The unconditional embedding ∅ for `batch` items (zeros where SDXL asks for them)."""
+        emb = self.encode_text([negative_prompt] * batch)
+        if self.is_sdxl and self.force_zeros_for_empty_prompt and not negative_prompt:
+            emb = emb.zeros_like()
+        return emb
+
+    def time_ids(self, batch: int, resolution: int | None = None) -> Tensor | None:
+        """SDXL micro-conditioning: (original size, crop top-left, target size) per item."""
+        if not self.is_sdxl:
+            return None
+        side = resolution or self.resolution
+        ids = torch.tensor([side, side, 0, 0, side, side], dtype=torch.float32)
+        return ids.repeat(batch, 1).to(self.device)  # (B, 6)
+
+    # --- networks --------------------------------------------------------------------------------
+    def eps(self, z: Tensor, t: Tensor, text: TextEmbeddings, time_ids: Tensor | None) -> Tensor:
+        """One UNet call: noise prediction ε(z, t, text)."""
+        added = None
+        if self.is_sdxl:
+            added = {"text_embeds": text.pooled, "time_ids": time_ids}
+        return self.unet(z, t, encoder_hidden_states=text.hidden, added_cond_kwargs=added).sample
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latents (B, c, h, w) → images (B, 3, H, W) in [0, 1]."""
+        if self.vae is None:
+            x = z
+        else:
+            x = self.vae.decode(z / self.vae.config.scaling_factor).sample
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Images (B, 3, H, W) in [0, 1] → latents: the autoencoder's posterior mean, scaled."""
+        x = x * 2 - 1
+        if self.vae is None:
+            return x
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+
+def _load_config(path: str, name: str) -> dict:
+    local = Path(path)
+    if local.is_dir():
+        file = local / name
+        return json.loads(file.read_text()) if file.exists() else {}
+    from huggingface_hub import hf_hub_download  # network only where the machine has it
+
+    return json.loads(Path(hf_hub_download(path, name)).read_text())
+
+
+def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id or local folder (safetensors)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if Path(path).exists() and not (Path(path) / "unet").is_dir():
+        raise ValueError(f"{path} is not a diffusers pipeline folder (no unet/ subfolder)")
+    index = _load_config(path, "model_index.json")
+    scheduler_config = _load_config(path, "scheduler/scheduler_config.json")
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+    unet.set_attn_processor(AttnProcessor2_0())  # PyTorch scaled-dot-product attention
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+    is_sdxl = unet.config.addition_embed_type == "text_time"
+    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)]
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+    if is_sdxl:
+        encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(
+                path, subfolder="text_encoder_2", use_safetensors=True
+            )
+        )
+        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    model = DiffusionModel(
+        spec=f"diffusers:{path}",
+        unet=unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        scheduler_config=scheduler_config,
+        resolution=unet.config.sample_size * vae_scale,
+        is_sdxl=is_sdxl,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", is_sdxl)),
+    )
+    return model.to(device)
+
+
+def load_diffusion(spec: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
+    """Dispatch on the spec's scheme (DESIGN §3.4)."""
+    scheme, _, rest = spec.partition(":")
+    if scheme == "diffusers" and rest:
+        return load_diffusers(rest, device=device)
+    if scheme == "digits":
+        raise NotImplementedError("the digits diffusion model is not built yet (issue 3)")
+    raise ValueError(
+        f"unknown diffusion model spec {spec!r}: use 'diffusers:<hub id or folder>' or 'digits'"
+    )

@@ -1,0 +1,271 @@
+"""One explanation job, end to end: params → models → items → guidance → typed result.
+
+This is the function the CLI (`digin run`) and the workers call. Models load once per process
+through a `ModelCache`; a job's items (classes × images per class, or neurons × images) run as
+batches of at most `max_batch` items, which gives the same images as running them one by one.
+Item i is seeded with `seed + i`.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from core.classes import imagenet_classes, resolve_class
+from core.classifiers import Classifier, load_classifier
+from core.diffusion import DiffusionModel, load_diffusion
+from core.guidance import GuidanceResult, ProgressFn, StopFn, optimize
+from core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
+from core.params import DisagreementParams, GuidedParams, NeuronParams, validate_params
+
+
+class ModelCache:
+    """Models loaded once per process (and device), keyed by spec and loader options."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        if key not in self._models:
+            self._models[key] = load()
+        return self._models[key]
+
+    def diffusion(self, spec: str, device: str) -> DiffusionModel:
+        return self.get(("diffusion", spec, device), lambda: load_diffusion(spec, device=device))
+
+    def classifier(self, spec: str, device: str, templates: str) -> Classifier:
+        key = ("classifier", spec, device, templates)
+        return self.get(key, lambda: load_classifier(spec, device=device, clip_templates=templates))
+
+
+_DEFAULT_CACHE = ModelCache()
+
+
+@dataclass
+class Item:
+    index: int
+    seed: int
+    prompt: str
+    class_index: int | None = None
+    class_name: str | None = None
+    neuron: int | None = None
+
+
+@dataclass
+class JobResult:
+    kind: str
+    params: dict
+    seed: int
+    models: dict[str, str]  # role → spec
+    items: list[Item]
+    guidance: GuidanceResult
+    device: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The JSON record of the job (result.json)."""
+        g = self.guidance
+        items = []
+        for b, item in enumerate(self.items):
+            best = g.best_iteration[b]
+            items.append(
+                {
+                    **item.__dict__,
+                    "best_iteration": best,
+                    "best": {
+                        "clean_loss": float(g.clean_loss[best, b]),
+                        **{k: float(v[best, b]) for k, v in g.metrics.items()},
+                    },
+                    "clean_loss": g.clean_loss[:, b].tolist(),
+                    "train_loss": g.train_loss[:, b].tolist(),
+                    "metrics": {k: v[:, b].tolist() for k, v in g.metrics.items()},
+                }
+            )
+        return {
+            "kind": self.kind,
+            "params": self.params,
+            "seed": self.seed,
+            "models": self.models,
+            "device": self.device,
+            "iterations_done": g.iterations_done,
+            "stopped": g.stopped,
+            "items": items,
+            "metric_names": metric_descriptions(self.kind, self.models),
+            "timings": {**self.timings, **g.timings},
+            "versions": software_versions(),
+        }
+
+
+def metric_descriptions(kind: str, models: dict[str, str]) -> dict[str, str]:
+    if kind == "guided":
+        return {"p": f"p(class | x) of {models['classifier']}"}
+    if kind == "disagreement":
+        return {
+            "p1": f"p(class | x) of {models['classifier1']}",
+            "p2": f"p(class | x) of {models['classifier2']}",
+        }
+    return {
+        "activation": f"penultimate unit of {models['classifier']}",
+        "p": f"p(class | x) of {models['classifier']} (keep modes)",
+    }
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for pkg in ("digin", "torch", "diffusers", "transformers", "timm", "open_clip_torch"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    return versions
+
+
+def _class_index(ref: int | str, classifier: Classifier) -> int:
+    names = classifier.class_names
+    wnids = None
+    if len(names) == 1000:
+        wnids = [c.wnid for c in imagenet_classes()]
+    return resolve_class(ref, names, wnids)
+
+
+def _expand(params: BaseModel, classifier: Classifier, seed: int) -> list[Item]:
+    items: list[Item] = []
+
+    def add(class_index: int | None, neuron: int | None = None) -> None:
+        name = None if class_index is None else classifier.class_names[class_index]
+        for _ in range(params.images_per_class):
+            i = len(items)
+            items.append(Item(i, seed + i, params.prompt_for(name), class_index, name, neuron))
+
+    if isinstance(params, NeuronParams):
+        classes = params.classes or [None]
+        for n, neuron in enumerate(params.neurons):
+            ref = classes[0] if len(classes) == 1 else classes[n]
+            add(None if ref is None else _class_index(ref, classifier), neuron)
+    else:
+        for ref in params.classes:
+            add(_class_index(ref, classifier))
+    return items
+
+
+def _objective(params: BaseModel, clfs: list[Classifier], items: list[Item]) -> Objective:
+    device = next(clfs[0].parameters()).device
+    classes = torch.tensor([it.class_index or 0 for it in items], device=device)
+    if isinstance(params, GuidedParams):
+        return ClassObjective(clfs[0], classes)
+    if isinstance(params, DisagreementParams):
+        return DisagreementObjective(clfs[0], clfs[1], classes, params.loss)
+    neurons = torch.tensor([it.neuron for it in items], device=device)
+    n_feats = clfs[0].last_layer_weight.shape[1]
+    if int(neurons.max()) >= n_feats:
+        raise ValueError(f"neurons must be < {n_feats} (penultimate features of the classifier)")
+    has_class = items[0].class_index is not None
+    return NeuronObjective(clfs[0], neurons, params.mode, classes if has_class else None)
+
+
+def run_job(
+    kind: str,
+    params: BaseModel | dict,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: ModelCache | None = None,
+    max_batch: int = 8,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> JobResult:
+    """Run one generative job; `progress(step, total, info)` counts iterations of all batches."""
+    t_start = time.perf_counter()
+    if isinstance(params, dict):
+        params = validate_params(kind, params)
+    cache = cache or _DEFAULT_CACHE
+
+    # 1. models, loaded once per process
+    model = cache.diffusion(params.diffusion, device)
+    roles = ["classifier1", "classifier2"] if kind == "disagreement" else ["classifier"]
+    specs = {role: getattr(params, role) for role in roles}
+    clfs = [cache.classifier(specs[r], device, params.clip_templates) for r in roles]
+    t_loaded = time.perf_counter()
+
+    # 2. items and their prompt embeddings
+    items = _expand(params, clfs[0], seed)
+    resolution = params.resolution or model.resolution
+    model.latent_shape(resolution)  # fail early on a bad resolution
+
+    # 3. the optimisation, in batches of at most max_batch items
+    results: list[GuidanceResult] = []
+    total = (params.guidance.iterations + 1) * -(-len(items) // max_batch)
+    done = 0
+    for start in range(0, len(items), max_batch):
+        chunk = items[start : start + max_batch]
+
+        def chunk_progress(
+            step: int, _total: int, info: dict, _done: int = done, _chunk: list = chunk
+        ) -> None:
+            if progress is not None:
+                progress(_done + step, total, {"items": [it.index for it in _chunk], **info})
+
+        result = optimize(
+            model,
+            _objective(params, clfs, chunk),
+            cond=model.encode_text([it.prompt for it in chunk]),
+            uncond=model.null_text(len(chunk), params.negative_prompt),
+            seeds=[it.seed for it in chunk],
+            config=params.guidance,
+            resolution=resolution,
+            progress=chunk_progress,
+            should_stop=should_stop,
+        )
+        results.append(result)
+        done += params.guidance.iterations + 1
+        if result.stopped:
+            items = items[: start + len(chunk)]
+            break
+
+    return JobResult(
+        kind=kind,
+        params=params.model_dump(mode="json"),
+        seed=seed,
+        models={"diffusion": params.diffusion, **specs},
+        items=items,
+        guidance=concat_results(results),
+        device=device,
+        timings={"load_s": t_loaded - t_start, "total_s": time.perf_counter() - t_start},
+    )
+
+
+def concat_results(results: list[GuidanceResult]) -> GuidanceResult:
+    """Join the results of consecutive batches along the item axis. A batch that was stopped
+    early has a shorter trajectory: its last iteration is repeated to the common length."""
+    if len(results) == 1:
+        return results[0]
+    n = max(r.iterations_done for r in results)
+
+    def pad(x: torch.Tensor, length: int) -> torch.Tensor:
+        if len(x) == 0:
+            return torch.full((length, *x.shape[1:]), float("nan"))
+        return torch.cat([x, x[-1:].expand(length - len(x), *x.shape[1:])])
+
+    def join(get: Callable[[GuidanceResult], torch.Tensor], length: int) -> torch.Tensor:
+        return torch.cat([pad(get(r), length) for r in results], dim=1)
+
+    return GuidanceResult(
+        images=torch.cat([r.images for r in results]),
+        best_iteration=[i for r in results for i in r.best_iteration],
+        trajectory=join(lambda r: r.trajectory, n + 1),
+        clean_loss=join(lambda r: r.clean_loss, n + 1),
+        metrics={k: join(lambda r, k=k: r.metrics[k], n + 1) for k in results[0].metrics},
+        train_loss=join(lambda r: r.train_loss, n),
+        latent_norms=join(lambda r: r.latent_norms, n + 1),
+        final_latents=torch.cat([r.final_latents for r in results]),
+        iterations_done=min(r.iterations_done for r in results),
+        stopped=any(r.stopped for r in results),
+        timings={k: sum(r.timings.get(k, 0.0) for r in results) for k in results[0].timings},
+    )

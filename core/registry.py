@@ -1,0 +1,219 @@
+"""Model registry (DESIGN §3.4): model specs, the curated models, and where weights come from.
+
+Torch-free on purpose (stdlib + pydantic): the API imports it for ``GET /v1/models`` and the
+model allow-list. Spec grammar, one scheme per loader:
+
+    diffusers:<hub id or local dir>          Stable Diffusion 1.x/2.x or SDXL pipeline
+    timm:<name>                              timm model with its pretrained weights
+    timm:<arch>@<file.safetensors | s3 URI>  timm architecture with a user's own weights
+    open_clip:<arch>/<pretrained tag | file> zero-shot CLIP classifier over class names
+    digits | digits:<name>                   the bundled digits zoo (diffusion | classifier)
+
+The curated models live in ``core/data/registry.json``; any other well-formed spec is allowed too
+(unless the service's allow-list says otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+Scheme = Literal["diffusers", "timm", "open_clip", "digits"]
+Kind = Literal["diffusion", "classifier"]
+
+SCHEMES: tuple[Scheme, ...] = ("diffusers", "timm", "open_clip", "digits")
+SPEC_FORMS = (
+    "diffusers:<hub id or local dir>",
+    "timm:<name>",
+    "timm:<arch>@<file.safetensors>",
+    "open_clip:<arch>/<pretrained tag>",
+    "digits",
+    "digits:<name>",
+)
+ZOO_DIR = Path(__file__).parent / "zoo"  # the bundled digits zoo (DESIGN §4)
+_DIGITS_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model spec; ``str(spec)`` gives the spec string back."""
+
+    scheme: Scheme
+    name: str  # everything after "<scheme>:"; "" for the bundled `digits` diffusion model
+    arch: str | None = None  # timm model name (before '@') / open_clip architecture
+    weights: str | None = None  # timm: weights file or URI after '@'; open_clip: tag or file
+
+    @property
+    def kind(self) -> Kind:
+        if self.scheme == "diffusers" or (self.scheme == "digits" and not self.name):
+            return "diffusion"
+        return "classifier"
+
+    def __str__(self) -> str:
+        return f"{self.scheme}:{self.name}" if self.name else self.scheme
+
+
+def parse_spec(spec: str) -> ModelSpec:
+    """Parse a model spec string; a ValueError names the spec, what is wrong and the known forms."""
+
+    def invalid(why: str) -> ValueError:
+        return ValueError(
+            f"invalid model spec {spec!r}: {why}; known schemes: {', '.join(SCHEMES)} "
+            f"(forms: {', '.join(SPEC_FORMS)})"
+        )
+
+    if not isinstance(spec, str) or not spec:
+        raise invalid("expected a non-empty string")
+    if spec != spec.strip():
+        raise invalid("leading or trailing whitespace")
+    if spec == "digits":
+        return ModelSpec("digits", "")
+    scheme, sep, rest = spec.partition(":")
+    if not sep:
+        raise invalid("no scheme (expected '<scheme>:<name>')")
+    if scheme not in SCHEMES:
+        raise invalid(f"unknown scheme {scheme!r}")
+    if not rest:
+        raise invalid(f"nothing after '{scheme}:'")
+
+    if scheme == "diffusers":
+        return ModelSpec("diffusers", rest)
+    if scheme == "timm":
+        arch, at, weights = rest.partition("@")
+        if not arch:
+            raise invalid("no timm architecture before '@'")
+        if not at:
+            return ModelSpec("timm", rest, arch=arch)
+        if not weights.endswith(".safetensors"):
+            raise invalid(
+                "the weights after '@' must be a .safetensors file or URI "
+                "(pickled checkpoints are never loaded)"
+            )
+        return ModelSpec("timm", rest, arch=arch, weights=weights)
+    if scheme == "open_clip":
+        arch, _, tag = rest.partition("/")
+        if not arch or not tag:
+            raise invalid("expected 'open_clip:<arch>/<pretrained tag>'")
+        return ModelSpec("open_clip", rest, arch=arch, weights=tag)
+    if not _DIGITS_NAME.fullmatch(rest):
+        raise invalid("a digits model name is lowercase letters, digits, '-' and '_'")
+    return ModelSpec("digits", rest)
+
+
+class ModelInfo(BaseModel):
+    """One registry entry, as shown by ``digin models`` and ``GET /v1/models``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spec: str
+    kind: Kind
+    description: str
+    source: str | None  # 'hf-hub:<repo id>', a URL or a local path; None: the library's default
+    resolution: int | None  # diffusion: native image side; classifier: input side (pixels)
+    num_classes: int | None
+    available: bool  # the weights are present locally (no download needed)
+
+
+class SchemeInfo(BaseModel):
+    """One spec scheme and its general forms."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: Scheme
+    kind: str
+    forms: list[str]
+    description: str
+
+
+@cache
+def _registry() -> dict[str, Any]:
+    text = resources.files("core").joinpath("data", "registry.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def list_schemes() -> list[SchemeInfo]:
+    return [SchemeInfo.model_validate(s) for s in _registry()["schemes"]]
+
+
+def list_models() -> list[ModelInfo]:
+    """The curated models, each with whether its weights are present on this machine."""
+    return [
+        ModelInfo(**entry, available=_source_available(entry["source"]))
+        for entry in _registry()["models"]
+    ]
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache folder, found as huggingface_hub does (without importing it)."""
+    if cache_dir := os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE"):
+        return Path(cache_dir).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def weights_source(spec: str | ModelSpec) -> str | None:
+    """Where the weights of ``spec`` would come from: 'hf-hub:<repo id>', a URL or a local path.
+
+    Curated models give their recorded source. None where only the loading library knows (a timm
+    name without a pretrained tag, an open_clip pretrained tag that is not curated).
+    """
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    for entry in _registry()["models"]:
+        if entry["spec"] == str(parsed):
+            return entry["source"]
+    if parsed.scheme == "diffusers":
+        # A local folder wins over a hub id of the same name (as the loader does).
+        local = Path(parsed.name).expanduser()
+        if local.exists() or parsed.name.startswith((".", "/", "~")) or parsed.name.count("/") != 1:
+            return str(local)
+        return f"hf-hub:{parsed.name}"
+    if parsed.scheme == "timm":
+        if parsed.weights is not None:
+            return parsed.weights
+        return f"hf-hub:timm/{parsed.name}" if "." in parsed.name else None
+    if parsed.scheme == "open_clip":
+        tag = parsed.weights or ""
+        return tag if tag.endswith(_WEIGHT_FILE_SUFFIXES) or "/" in tag else None
+    return str(ZOO_DIR)
+
+
+def is_available(spec: str | ModelSpec) -> bool:
+    """Whether the weights of ``spec`` are present locally (never downloads anything)."""
+    source = weights_source(spec)
+    return source is not None and _source_available(source)
+
+
+def _source_available(source: str | None) -> bool:
+    if source is None:
+        return False
+    if source.startswith("hf-hub:"):
+        repo_id = source.removeprefix("hf-hub:")
+        snapshots = hf_hub_cache() / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+        return snapshots.is_dir() and any(snapshots.iterdir())
+    if "://" in source:
+        return False  # remote (s3://, https://): fetched when a job needs it
+    return Path(source).expanduser().exists()
+
+
+def is_allowed(spec: str, allow_list: Sequence[str] | None) -> bool:
+    """Whether ``spec`` passes an allow-list: None allows everything; an entry matches exactly,
+    or as a prefix when it ends with '*' (e.g. 'timm:*', 'diffusers:stabilityai/*')."""
+    if allow_list is None:
+        return True
+    if isinstance(allow_list, str):
+        raise TypeError("allow_list must be a sequence of specs, not one string")
+    return any(
+        spec.startswith(entry[:-1]) if entry.endswith("*") else spec == entry
+        for entry in allow_list
+    )

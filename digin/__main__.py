@@ -1,0 +1,3 @@
+from digin.cli import app
+
+app(prog_name="digin")
