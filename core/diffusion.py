@@ -144,9 +144,10 @@ class DiffusionModel(torch.nn.Module):
         return self.unet(z, t, encoder_hidden_states=text.hidden, added_cond_kwargs=added).sample
 
     def decode(self, z: Tensor) -> Tensor:
-        """Latents (B, c, h, w) → images (B, 3, H, W) in [0, 1]."""
+        """Latents (B, c, h, w) → images (B, 3, H, W) in [0, 1]. Pixel-space models (no
+        autoencoder) with one channel are grey images, repeated to RGB."""
         if self.vae is None:
-            x = z
+            x = z.expand(-1, 3, -1, -1) if z.shape[1] == 1 else z
         else:
             x = self.vae.decode(z / self.vae.config.scaling_factor).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
@@ -155,7 +156,7 @@ class DiffusionModel(torch.nn.Module):
         """Images (B, 3, H, W) in [0, 1] → latents: the autoencoder's posterior mean, scaled."""
         x = x * 2 - 1
         if self.vae is None:
-            return x
+            return x.mean(1, keepdim=True) if self.latent_channels == 1 else x
         return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
 
 

@@ -40,9 +40,16 @@ class ModelCache:
     def diffusion(self, spec: str, device: str) -> DiffusionModel:
         return self.get(("diffusion", spec, device), lambda: load_diffusion(spec, device=device))
 
-    def classifier(self, spec: str, device: str, templates: str) -> Classifier:
-        key = ("classifier", spec, device, templates)
-        return self.get(key, lambda: load_classifier(spec, device=device, clip_templates=templates))
+    def classifier(
+        self, spec: str, device: str, templates: str, class_names: list[str] | None = None
+    ) -> Classifier:
+        key = ("classifier", spec, device, templates, tuple(class_names or ()))
+        return self.get(
+            key,
+            lambda: load_classifier(
+                spec, device=device, clip_templates=templates, class_names=class_names
+            ),
+        )
 
 
 _DEFAULT_CACHE = ModelCache()
@@ -127,6 +134,20 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+def _load_classifiers(
+    specs: list[str], device: str, templates: str, cache: ModelCache
+) -> list[Classifier]:
+    """Zero-shot CLIP classifiers take the class names of the job's other classifier (so a
+    disagreement between a digits model and CLIP is over the digit names); alone, ImageNet's."""
+    fixed = [s for s in specs if not s.startswith("open_clip:")]
+    clfs = {s: cache.classifier(s, device, templates) for s in fixed}
+    names = clfs[fixed[0]].class_names if fixed else None
+    for s in specs:
+        if s not in clfs:
+            clfs[s] = cache.classifier(s, device, templates, names)
+    return [clfs[s] for s in specs]
+
+
 def _class_index(ref: int | str, classifier: Classifier) -> int:
     names = classifier.class_names
     wnids = None
@@ -161,7 +182,11 @@ def _objective(params: BaseModel, clfs: list[Classifier], items: list[Item]) -> 
     if isinstance(params, GuidedParams):
         return ClassObjective(clfs[0], classes)
     if isinstance(params, DisagreementParams):
-        return DisagreementObjective(clfs[0], clfs[1], classes, params.loss)
+        # the same classes in classifier2's numbering, found by name
+        targets2 = torch.tensor(
+            [_class_index(it.class_name, clfs[1]) for it in items], device=device
+        )
+        return DisagreementObjective(clfs[0], clfs[1], classes, params.loss, targets2)
     neurons = torch.tensor([it.neuron for it in items], device=device)
     n_feats = clfs[0].last_layer_weight.shape[1]
     if int(neurons.max()) >= n_feats:
@@ -191,7 +216,7 @@ def run_job(
     model = cache.diffusion(params.diffusion, device)
     roles = ["classifier1", "classifier2"] if kind == "disagreement" else ["classifier"]
     specs = {role: getattr(params, role) for role in roles}
-    clfs = [cache.classifier(specs[r], device, params.clip_templates) for r in roles]
+    clfs = _load_classifiers([specs[r] for r in roles], device, params.clip_templates, cache)
     t_loaded = time.perf_counter()
 
     # 2. items and their prompt embeddings

@@ -70,24 +70,32 @@ class DisagreementObjective(Objective):
     """`disagreement`: make classifier 1 confident in y and classifier 2 not."""
 
     def __init__(
-        self, first: Classifier, second: Classifier, targets: Tensor, loss: DisagreementLoss
+        self,
+        first: Classifier,
+        second: Classifier,
+        targets: Tensor,
+        loss: DisagreementLoss,
+        targets2: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.classifiers = [first, second]
         self.loss = loss
-        self.register_buffer("targets", targets.long(), persistent=False)
+        self.register_buffer("targets", targets.long(), persistent=False)  # (B,) in f1's classes
+        t2 = targets if targets2 is None else targets2  # the same classes in f2's numbering
+        self.register_buffer("targets2", t2.long(), persistent=False)
 
     def forward(self, views: list[Tensor]) -> ObjectiveOutput:
         logits1 = _logits(self.classifiers[0], views[0])
         logits2 = _logits(self.classifiers[1], views[1])
         logp1 = _pick(logits1.log_softmax(-1), self.targets)  # (B, n)
-        logp2 = _pick(logits2.log_softmax(-1), self.targets)
+        logp2 = _pick(logits2.log_softmax(-1), self.targets2)
         if self.loss == "conf":
             loss = -logp1.exp().mean(1) + logp2.exp().mean(1)
         elif self.loss == "log_conf":
             loss = -logp1.mean(1) + logp2.mean(1)
         else:
-            loss = -margin(logits1, self.targets).mean(1) + margin(logits2, self.targets).mean(1)
+            m1, m2 = margin(logits1, self.targets), margin(logits2, self.targets2)
+            loss = -m1.mean(1) + m2.mean(1)
         metrics = {"p1": logp1.exp().mean(1).detach(), "p2": logp2.exp().mean(1).detach()}
         return ObjectiveOutput(loss, metrics)
 
