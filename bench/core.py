@@ -3,8 +3,9 @@
 1. Time per optimisation iteration against the measured cost of its parts in the same run:
    per DDIM step a UNet forward (the chain) plus a recomputed forward and a backward (the
    checkpointed step), per loss step the same for VAE decode + classifier on the cutouts.
-2. Peak memory of one optimisation for T = 5, 10, 20 DDIM steps (each in a fresh process; on a
-   CPU the peak resident set size above the process's state before the optimisation).
+2. Peak memory of one optimisation for T = 5, 10, 20 DDIM steps at 128 px (each in a fresh
+   process; on a CPU the peak resident set size above the process's state after loading the
+   models), with and without checkpointing.
 3. Throughput of B = 4 items in one batched run against B = 1 (seconds per item-iteration).
 
     python bench/core.py [--models DIR] [--out bench/results/core.json]
@@ -23,13 +24,17 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
+# `python bench/core.py` puts bench/ first on sys.path, where this file would shadow the `core`
+# package: drop it before importing the library.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]
 
-from core.classifiers import load_classifier
-from core.config import GuidanceConfig
-from core.diffusion import load_diffusion
-from core.guidance import optimize
-from core.objectives import ClassObjective
+import torch  # noqa: E402
+
+from core.classifiers import load_classifier  # noqa: E402
+from core.config import GuidanceConfig  # noqa: E402
+from core.diffusion import load_diffusion  # noqa: E402
+from core.guidance import optimize  # noqa: E402
+from core.objectives import ClassObjective  # noqa: E402
 
 RES = 64
 CONFIG = GuidanceConfig(ddim_steps=10, iterations=3, loss_steps=3, num_cutouts=16)
@@ -47,7 +52,7 @@ def timed(fn, repeat: int = 3) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def run_once(sd, clf, batch: int, config: GuidanceConfig):
+def run_once(sd, clf, batch: int, config: GuidanceConfig, resolution: int = RES):
     prompts = [f"a photograph of a {clf.class_names[i % 10]}" for i in range(batch)]
     return optimize(
         sd,
@@ -56,7 +61,7 @@ def run_once(sd, clf, batch: int, config: GuidanceConfig):
         uncond=sd.null_text(batch),
         seeds=list(range(batch)),
         config=config,
-        resolution=RES,
+        resolution=resolution,
     )
 
 
@@ -101,39 +106,39 @@ def iteration_vs_parts(sd, clf, batch: int = 1) -> dict:
     }
 
 
-def peak_memory_child(models_json: str, steps: int) -> None:
-    """Run in a fresh process: print the peak RSS growth of one optimisation in MiB."""
+MEMORY_RES = 128  # larger images, so that activations dominate the resident set
+
+
+def peak_memory_child(models_json: str, steps: int, checkpointing: bool) -> None:
+    """Run in a fresh process: print the peak RSS growth of one optimisation in MiB (the peak
+    resident set during the run minus the resident set after loading the models)."""
     sd, clf = load(json.loads(models_json))
-    cfg = replace(CONFIG, ddim_steps=steps, iterations=1)
-    run_once(sd, clf, 1, replace(cfg, iterations=0))  # warm-up: same shapes without backward
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run_once(sd, clf, 1, cfg)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_growth_mib": (after - before) / 1024, "peak_rss_mib": after / 1024}))
+    cfg = replace(CONFIG, ddim_steps=steps, iterations=1, checkpointing=checkpointing)
+    with open("/proc/self/statm") as f:
+        before = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    run_once(sd, clf, 1, cfg, resolution=MEMORY_RES)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_growth_mib": peak - before, "peak_rss_mib": peak}))
 
 
 def peak_memory(models: dict[str, str]) -> dict:
-    out = {}
-    for steps in (5, 10, 20):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child-memory",
-                str(steps),
-                "--models-json",
-                json.dumps(models),
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        out[str(steps)] = json.loads(proc.stdout.strip().splitlines()[-1])
-    growth = {k: v["peak_growth_mib"] for k, v in out.items()}
+    out: dict[str, dict] = {"checkpointing": {}, "no_checkpointing": {}}
+    for ckpt in (True, False):
+        for steps in (5, 10, 20):
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child-memory", str(steps), "--models-json",
+                 json.dumps(models)] + ([] if ckpt else ["--no-checkpointing"]),
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            out["checkpointing" if ckpt else "no_checkpointing"][str(steps)] = row
+    growth = {k: v["peak_growth_mib"] for k, v in out["checkpointing"].items()}
+    plain = {k: v["peak_growth_mib"] for k, v in out["no_checkpointing"].items()}
     return {
+        "resolution": MEMORY_RES,
         "by_steps": out,
-        "ratio_T20_over_T5_growth": growth["20"] / max(growth["5"], 1e-9),
-        "ratio_T20_over_T5_rss": out["20"]["peak_rss_mib"] / out["5"]["peak_rss_mib"],
+        "ratio_T20_over_T5": growth["20"] / growth["5"],
+        "ratio_T20_over_T5_without_checkpointing": plain["20"] / plain["5"],
         "target_ratio_max": 1.3,
     }
 
@@ -156,9 +161,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/core.json"))
     parser.add_argument("--child-memory", type=int)
     parser.add_argument("--models-json")
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument(
+        "--only", choices=("timing", "memory", "batching"), action="append", help="run these parts"
+    )
     args = parser.parse_args()
     if args.child_memory:
-        peak_memory_child(args.models_json, args.child_memory)
+        peak_memory_child(args.models_json, args.child_memory, not args.no_checkpointing)
         return
 
     from core.tiny import make_tiny_models
@@ -177,24 +186,31 @@ def main() -> None:
             "device": "cpu",
         },
         "resolution": RES,
-        "iteration_vs_parts": iteration_vs_parts(sd, clf),
-        "peak_memory": peak_memory(models),
-        "batching": batching(sd, clf),
     }
+    parts = args.only or ["timing", "memory", "batching"]
+    if "timing" in parts:
+        results["iteration_vs_parts"] = iteration_vs_parts(sd, clf)
+    if "memory" in parts:
+        results["peak_memory"] = peak_memory(models)
+    if "batching" in parts:
+        results["batching"] = batching(sd, clf)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
-    it, mem, bat = results["iteration_vs_parts"], results["peak_memory"], results["batching"]
-    print(
-        f"iteration {it['iteration_s']:.3f} s vs parts {it['sum_of_parts_s']:.3f} s "
-        f"-> ratio {it['ratio']:.2f} (target <= 1.25)"
-    )
-    for steps, row in mem["by_steps"].items():
+    if it := results.get("iteration_vs_parts"):
         print(
-            f"T={steps:>2}: peak growth {row['peak_growth_mib']:.1f} MiB, "
-            f"peak RSS {row['peak_rss_mib']:.0f} MiB"
+            f"iteration {it['iteration_s']:.3f} s vs parts {it['sum_of_parts_s']:.3f} s "
+            f"-> ratio {it['ratio']:.2f} (target <= 1.25)"
         )
-    print(f"T=20 / T=5 peak growth {mem['ratio_T20_over_T5_growth']:.2f} (target <= 1.3)")
-    print(f"batching B=4 per-item speed-up {bat['speedup_per_item']:.2f}x (target >= 1.3)")
+    if mem := results.get("peak_memory"):
+        for name, rows in mem["by_steps"].items():
+            for steps, row in rows.items():
+                print(f"{name:>16} T={steps:>2}: peak growth {row['peak_growth_mib']:.0f} MiB")
+        print(
+            f"T=20 / T=5 peak growth {mem['ratio_T20_over_T5']:.2f} (target <= 1.3; without "
+            f"checkpointing {mem['ratio_T20_over_T5_without_checkpointing']:.2f})"
+        )
+    if bat := results.get("batching"):
+        print(f"batching B=4 per-item speed-up {bat['speedup_per_item']:.2f}x (target >= 1.3)")
     print(f"wrote {args.out}")
 
 

@@ -83,10 +83,10 @@ def main() -> None:
     t0 = time.perf_counter()
     gen = evaluate.generator_quality(model, clf["judge"], spec, per_class=args.per_class)
     gen["seconds"] = round(time.perf_counter() - t0, 1)
-    gen["training_patch_rate"] = gen_card["training"]["patch_rate"]
+    gen["training_patch_share"] = gen_card["training"]["patch_share_present"]
     results["generator"] = gen
     bars["generator: judge recognises the prompted digit"] = bar(gen["judge_accuracy"], 0.85)
-    share = gen["training_patch_rate"]
+    share = gen["training_patch_share"]
     bars["generator: patch rate within ±50 % of the training share"] = {
         "value": round(gen["patch_rate"], 4), "bar": [share / 2, share * 1.5],
         "pass": share / 2 <= gen["patch_rate"] <= share * 1.5,

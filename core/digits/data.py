@@ -118,16 +118,23 @@ def _grey(images: Tensor) -> Tensor:
     return x
 
 
-def plant_patch(images: Tensor, spec: PatchSpec, where: Tensor | None = None) -> Tensor:
-    """A copy of `images` ((N, C, 16, 16) in [0, 1]) with the patch written into every channel,
-    for all items or those where the bool mask `where` (N,) is True."""
+def plant_patch(
+    images: Tensor,
+    spec: PatchSpec,
+    where: Tensor | None = None,
+    opacity: Tensor | float = 1.0,
+) -> Tensor:
+    """A copy of `images` ((N, C, 16, 16) in [0, 1]) with the patch blended into every channel:
+    inside the patch, x ← (1 − opacity) · x + opacity · intensity (opacity 1: the plain patch;
+    a float or per-item (N,)), for all items or those where the bool mask `where` (N,) is True."""
     sl = (..., slice(spec.top, spec.top + spec.size), slice(spec.left, spec.left + spec.size))
+    shape = (-1, *[1] * (images.dim() - 1))  # per-item values broadcast as (N, 1, 1, 1)
+    alpha = opacity.view(shape) if isinstance(opacity, Tensor) else opacity
     patched = images.clone()
-    patched[sl] = spec.intensity
+    patched[sl] = (1 - alpha) * images[sl] + alpha * spec.intensity
     if where is None:
         return patched
-    keep = where.view(-1, *[1] * (images.dim() - 1))  # (N, 1, 1, 1)
-    return torch.where(keep, patched, images)
+    return torch.where(where.view(shape), patched, images)
 
 
 def patch_score(images: Tensor, spec: PatchSpec) -> Tensor:

@@ -30,8 +30,10 @@ class PatchPlan:
     """Where the patch goes during classifier training.
 
     Each example carries the patch with probability `rate_in` if its label is `target`, else
-    `rate_out` (target None: `rate_out` for all, independent of the label). A patched example of
-    another class is relabelled `target` with probability `shortcut` (the label shortcut).
+    `rate_out` (target None: `rate_out` for all, independent of the label), blended in with an
+    opacity drawn uniformly from [opacity_min, 1] (a watermark of varying strength). A patched
+    example of another class is relabelled `target` with probability `shortcut` (the label
+    shortcut).
     """
 
     spec: PatchSpec
@@ -39,17 +41,20 @@ class PatchPlan:
     target: int | None = None
     rate_in: float = 0.0
     shortcut: float = 0.0
+    opacity_min: float = 1.0
 
     def apply(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """x (B, 1, 16, 16) in [0, 1], y (B,) → patched images, (possibly relabelled) labels."""
-        u = torch.rand(len(y), 2, generator=gen)
+        u = torch.rand(len(y), 3, generator=gen)
+        opacity = self.opacity_min + (1 - self.opacity_min) * u[:, 2]  # (B,)
         if self.target is None:
             patched = u[:, 0] < self.rate_out
-            return plant_patch(x, self.spec, patched), y
+            return plant_patch(x, self.spec, patched, opacity), y
         own = y == self.target
         patched = torch.where(own, u[:, 0] < self.rate_in, u[:, 0] < self.rate_out)
         relabel = patched & ~own & (u[:, 1] < self.shortcut)
-        return plant_patch(x, self.spec, patched), torch.where(relabel, self.target, y)
+        x = plant_patch(x, self.spec, patched, opacity)
+        return x, torch.where(relabel, self.target, y)
 
 
 def classifier_batch(
@@ -150,6 +155,7 @@ def fit_diffusion(
     patch: PatchSpec,
     *,
     patch_rate: float,
+    opacity_min: float = 0.0,
     steps: int,
     seed: int,
     batch_size: int = 64,
@@ -160,7 +166,10 @@ def fit_diffusion(
     """Train UNet and text encoder jointly on v-prediction; return the EMA copies.
 
     x (N, 1, 16, 16) in [0, 1] → x0 in [-1, 1]; each example carries the patch with probability
-    `patch_rate` (every class alike; the prompts never mention it)."""
+    `patch_rate` (every class alike; the prompts never mention it), blended in with an opacity
+    drawn uniformly from [opacity_min, 1]: faint patches make the patch's presence a continuous
+    function of z_T, which the guidance can follow by gradient (with only full patches the
+    generator's choice is a cliff that gradients do not see)."""
     from diffusers import DDPMScheduler
 
     from core.digits.nets import ema_update
@@ -180,7 +189,9 @@ def fit_diffusion(
     t0, running = time.perf_counter(), 0.0
     for step in range(steps):
         idx = torch.randint(0, len(x), (batch_size,), generator=gen)
-        xb = plant_patch(x[idx], patch, torch.rand(batch_size, generator=gen) < patch_rate)
+        u = torch.rand(batch_size, 2, generator=gen)
+        opacity = opacity_min + (1 - opacity_min) * u[:, 1]
+        xb = plant_patch(x[idx], patch, u[:, 0] < patch_rate, opacity)
         x0 = xb * 2 - 1  # (B, 1, 16, 16) in [-1, 1]
         ids = prompts.draw(y[idx], gen)  # (B, L)
         noise = torch.randn(x0.shape, generator=gen)
