@@ -1,0 +1,159 @@
+"""Database models (DESIGN §5.1, §5.5): tenants, their API keys, jobs and uploaded images.
+
+Portable between PostgreSQL and SQLite: `Uuid` keys (native uuid / CHAR(32)), JSON (JSONB on
+PostgreSQL), timestamps always timezone-aware UTC (`UTCDateTime`). Status and queue values are
+plain strings with CHECK constraints, so adding one is a one-line migration.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+QUEUED, RUNNING, CANCELING = "queued", "running", "canceling"
+SUCCEEDED, FAILED, CANCELED = "succeeded", "failed", "canceled"
+STATUSES = (QUEUED, RUNNING, CANCELING, SUCCEEDED, FAILED, CANCELED)
+TERMINAL = (SUCCEEDED, FAILED, CANCELED)
+ACTIVE = (RUNNING, CANCELING)  # a worker holds the job
+QUEUES = ("interactive", "sweep")
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp that only takes aware datetimes and always returns them in UTC
+    (SQLite keeps no zone: values are stored as UTC and read back as UTC)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: pass a timezone-aware (UTC) one")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "ck": "ck_%(table_name)s_%(constraint_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    webhook_secret: Mapped[str | None] = mapped_column(String(128))
+
+
+class ApiKey(Base):
+    """A bearer key `dg_<prefix>_<random>`: only its prefix (lookup, display) and the SHA-256
+    of the whole secret are stored (`api.security`)."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), index=True)
+    prefix: Mapped[str] = mapped_column(String(16), unique=True)
+    hash: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Job(Base):
+    """One explanation job; the row is the truth about its state (DESIGN §5.1)."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        CheckConstraint(f"status IN {STATUSES}", name="status"),
+        CheckConstraint(f"queue IN {QUEUES}", name="queue"),
+        # GET /v1/jobs: newest first, keyset cursor over (created_at, id).
+        Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        # per-tenant caps: counts of queued / running jobs.
+        Index("ix_jobs_tenant_status", "tenant_id", "status"),
+        # the reaper: stale heartbeats of running jobs, never-dispatched queued jobs.
+        Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default=QUEUED)
+    params: Mapped[dict[str, Any]] = mapped_column(JsonType)  # validated, defaults filled in
+    seed: Mapped[int] = mapped_column(BigInteger)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    queue: Mapped[str] = mapped_column(String(16))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)  # FK once batches land
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JsonType)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # {step, total, stage}
+    result: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # metrics, artifact keys
+    error: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # {code, message, retryable}
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    worker: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # {host, gpu, pid}
+
+
+class Image(Base):
+    """An uploaded start image (POST /v1/images); the bytes live in storage at `storage_key`."""
+
+    __tablename__ = "images"
+    __table_args__ = (UniqueConstraint("tenant_id", "sha256"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    sha256: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(8))
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    storage_key: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

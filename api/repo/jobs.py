@@ -1,0 +1,384 @@
+"""Jobs: creating, reading and every state change of the lifecycle (DESIGN §5.1, §5.3).
+
+How the job lifecycle stays correct with several API processes and workers (DESIGN §5.1, §5.3;
+notes/job-service-pitfalls.md):
+- Every state change is one conditional UPDATE (compare-and-set on status, and on the attempt
+  number for worker writes), atomic on PostgreSQL and SQLite alike. Terminal states never change.
+- A worker's claim makes it the holder of attempt `n`; heartbeat/finish/fail/cancel from any
+  other attempt (a stale worker after the reaper re-queued its job) change nothing.
+- Checks that must not race (per-tenant caps, idempotency keys, running caps) first lock the
+  tenant row with a no-op UPDATE: a row lock on PostgreSQL, the write lock on SQLite.
+- Functions flush but never commit: the caller commits, then enqueues (never the reverse).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from api.db.models import (
+    ACTIVE,
+    CANCELED,
+    CANCELING,
+    FAILED,
+    QUEUED,
+    QUEUES,
+    RUNNING,
+    STATUSES,
+    SUCCEEDED,
+    Job,
+    Tenant,
+    utcnow,
+)
+
+MAX_PAGE = 500
+RETRY_AFTER_S = 30  # suggested wait when a per-tenant cap is reached
+
+
+class IdempotencyConflict(ValueError):
+    """The idempotency key was used before with a different request body."""
+
+    def __init__(self, key: str, job_id: uuid.UUID) -> None:
+        self.key, self.job_id = key, job_id
+        super().__init__(
+            f"Idempotency-Key {key!r} was already used for job {job_id} with a "
+            "different request; use a new key for a new request"
+        )
+
+
+class TenantLimitExceeded(Exception):
+    """A per-tenant cap is reached: `limit_name` (the setting), its value, seconds to wait."""
+
+    def __init__(self, limit_name: str, limit: int, retry_after: int) -> None:
+        self.limit_name, self.limit, self.retry_after = limit_name, limit, retry_after
+        super().__init__(f"{limit_name}={limit} reached for this tenant; retry in {retry_after}s")
+
+
+class UnknownTenant(LookupError):
+    pass
+
+
+class InvalidCursor(ValueError):
+    pass
+
+
+# --- creating and reading jobs -----------------------------------------------------------------
+def lock_tenant(session: Session, *, tenant_id: uuid.UUID) -> None:
+    """Serialise the caller's transaction with others of the same tenant until it commits."""
+    stmt = update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
+    stmt = stmt.returning(Tenant.id).execution_options(synchronize_session=False)
+    if session.scalar(stmt) is None:
+        raise UnknownTenant(f"no tenant with id {tenant_id}")
+
+
+def create_job(
+    session: Session,
+    *,
+    tenant_id: uuid.UUID,
+    kind: str,
+    params: dict[str, Any],
+    seed: int,
+    priority: int,
+    queue: str,
+    max_attempts: int,
+    idempotency_key: str | None = None,
+    request_hash: str | None = None,
+    metadata: dict[str, Any] | None = None,
+    batch_id: uuid.UUID | None = None,
+    max_queued: int | None = None,
+) -> tuple[Job, bool]:
+    """Insert a queued job; returns (job, created). The same idempotency key with the same
+    request hash returns the existing job (created False); with another hash it raises
+    IdempotencyConflict. Raises TenantLimitExceeded when the tenant has `max_queued` queued."""
+    if queue not in QUEUES:
+        raise ValueError(f"queue: {queue!r} is not one of {list(QUEUES)}")
+    if max_attempts < 1:
+        raise ValueError(f"max_attempts: {max_attempts} must be at least 1")
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= 255 and request_hash):
+        raise ValueError("idempotency_key: 1 to 255 characters, with the request_hash it guards")
+    lock_tenant(session, tenant_id=tenant_id)
+    if idempotency_key is not None:
+        existing = session.scalars(
+            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
+        ).one_or_none()
+        if existing is not None:
+            if existing.request_hash != request_hash:
+                raise IdempotencyConflict(idempotency_key, existing.id)
+            return existing, False
+    if max_queued is not None:
+        queued = count_jobs(session, tenant_id=tenant_id, statuses=(QUEUED,))
+        if queued >= max_queued:
+            raise TenantLimitExceeded("max_queued_per_tenant", max_queued, RETRY_AFTER_S)
+    job = Job(
+        tenant_id=tenant_id,
+        kind=kind,
+        status=QUEUED,
+        params=params,
+        seed=seed,
+        priority=priority,
+        queue=queue,
+        idempotency_key=idempotency_key,
+        request_hash=request_hash,
+        batch_id=batch_id,
+        meta=metadata,
+        attempts=0,
+        max_attempts=max_attempts,
+        cancel_requested=False,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.flush()
+    return job, True
+
+
+def count_jobs(session: Session, *, tenant_id: uuid.UUID, statuses: Sequence[str]) -> int:
+    stmt = (
+        select(func.count())
+        .select_from(Job)
+        .where(Job.tenant_id == tenant_id, Job.status.in_(statuses))
+    )
+    return int(session.scalar(stmt) or 0)
+
+
+def get_job(session: Session, *, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job | None:
+    """The tenant's job, or None (also for another tenant's job: a 404, never a 403)."""
+    return session.scalars(
+        select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
+    ).one_or_none()
+
+
+def encode_cursor(job: Job) -> str:
+    raw = json.dumps([job.created_at.isoformat(), job.id.hex]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, job_id = json.loads(raw)
+        position = datetime.fromisoformat(created), uuid.UUID(hex=job_id)
+    except (binascii.Error, ValueError, TypeError) as exc:
+        raise InvalidCursor(f"cursor: {cursor[:40]!r} is not a cursor this API returned") from exc
+    if position[0].tzinfo is None:
+        raise InvalidCursor(f"cursor: {cursor[:40]!r} is not a cursor this API returned")
+    return position
+
+
+def list_jobs(
+    session: Session,
+    *,
+    tenant_id: uuid.UUID,
+    limit: int,
+    status: str | Sequence[str] | None = None,
+    kind: str | None = None,
+    batch_id: uuid.UUID | None = None,
+    cursor: str | None = None,
+) -> tuple[list[Job], str | None]:
+    """The tenant's jobs, newest first, `limit` per page; returns (jobs, next_cursor or None).
+    The opaque cursor is a keyset position (created_at, id): no duplicates or gaps as jobs are
+    added, also among jobs created in the same microsecond."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit: {limit} must be between 1 and {MAX_PAGE}")
+    stmt = select(Job).where(Job.tenant_id == tenant_id)
+    if status is not None:
+        statuses = [status] if isinstance(status, str) else list(status)
+        unknown = [s for s in statuses if s not in STATUSES]
+        if unknown:
+            raise ValueError(f"status: {unknown} not among {list(STATUSES)}")
+        stmt = stmt.where(Job.status.in_(statuses))
+    if kind is not None:
+        stmt = stmt.where(Job.kind == kind)
+    if batch_id is not None:
+        stmt = stmt.where(Job.batch_id == batch_id)
+    if cursor is not None:
+        created, last_id = decode_cursor(cursor)
+        stmt = stmt.where(
+            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+        )
+    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    jobs = list(session.scalars(stmt))
+    if len(jobs) > limit:
+        return jobs[:limit], encode_cursor(jobs[limit - 1])
+    return jobs, None
+
+
+# --- state changes -----------------------------------------------------------------------------
+def compare_and_set(
+    session: Session, *, job_id: uuid.UUID, where: Sequence[Any], values: dict[str, Any]
+) -> Job | None:
+    """One conditional UPDATE of a job; the updated row, or None if `where` did not hold."""
+    stmt = update(Job).where(Job.id == job_id, *where).values(**values).returning(Job)
+    return session.scalars(stmt, execution_options={"populate_existing": True}).one_or_none()
+
+
+CancelOutcome = Literal["canceled", "canceling", "unchanged"]
+
+
+def request_cancel(
+    session: Session, *, tenant_id: uuid.UUID, job_id: uuid.UUID
+) -> tuple[Job, CancelOutcome] | None:
+    """Cancel a job: queued → canceled at once; running → canceling (the worker stops within
+    one iteration); canceling or terminal → unchanged. None if the tenant has no such job."""
+    now = utcnow()
+    mine = Job.tenant_id == tenant_id
+    job = compare_and_set(
+        session,
+        job_id=job_id,
+        where=[mine, Job.status == QUEUED],
+        values={"status": CANCELED, "cancel_requested": True, "finished_at": now},
+    )
+    if job is not None:
+        return job, "canceled"
+    job = compare_and_set(
+        session,
+        job_id=job_id,
+        where=[mine, Job.status == RUNNING],
+        values={"status": CANCELING, "cancel_requested": True},
+    )
+    if job is not None:
+        return job, "canceling"
+    job = get_job(session, tenant_id=tenant_id, job_id=job_id)
+    return None if job is None else (job, "unchanged")
+
+
+def mark_enqueued(session: Session, *, job_id: uuid.UUID, now: datetime | None = None) -> bool:
+    """Record that the job's message was sent (after the commit that created it)."""
+    return (
+        compare_and_set(
+            session,
+            job_id=job_id,
+            where=[Job.status == QUEUED],
+            values={"enqueued_at": now or utcnow()},
+        )
+        is not None
+    )
+
+
+def claim_job(
+    session: Session, *, job_id: uuid.UUID, worker: dict[str, Any], max_running: int | None = None
+) -> Job | None:
+    """Atomically take a queued job (queued → running, attempts + 1): the returned job's
+    `attempts` is this worker's attempt number. None if the job is in any other state (a
+    duplicate or late delivery: do nothing). With `max_running`, raises TenantLimitExceeded
+    when the tenant already runs that many (leave the job queued and retry later)."""
+    now = utcnow()
+    if max_running is not None:
+        tenant_id = session.scalar(select(Job.tenant_id).where(Job.id == job_id))
+        if tenant_id is None:
+            return None
+        lock_tenant(session, tenant_id=tenant_id)
+        if count_jobs(session, tenant_id=tenant_id, statuses=ACTIVE) >= max_running:
+            raise TenantLimitExceeded("max_running_per_tenant", max_running, RETRY_AFTER_S)
+    return compare_and_set(
+        session,
+        job_id=job_id,
+        where=[Job.status == QUEUED],
+        values={
+            "status": RUNNING,
+            "attempts": Job.attempts + 1,
+            "started_at": now,
+            "heartbeat_at": now,
+            "worker": worker,
+            "progress": None,
+        },
+    )
+
+
+def _held(attempt: int) -> list[Any]:
+    """The job is still held by this worker's attempt."""
+    return [Job.status.in_(ACTIVE), Job.attempts == attempt]
+
+
+HeartbeatOutcome = Literal["continue", "cancel", "lost"]
+
+
+def heartbeat(
+    session: Session, *, job_id: uuid.UUID, attempt: int, progress: dict[str, Any] | None = None
+) -> HeartbeatOutcome:
+    """Record progress ({step, total, stage}) and liveness. Returns 'continue'; 'cancel' when
+    a cancel was requested (stop, then `mark_canceled`); 'lost' when this attempt no longer
+    holds the job (the reaper gave it away or it ended: stop and write nothing)."""
+    values: dict[str, Any] = {"heartbeat_at": utcnow()}
+    if progress is not None:
+        values["progress"] = progress
+    job = compare_and_set(session, job_id=job_id, where=_held(attempt), values=values)
+    if job is None:
+        return "lost"
+    return "cancel" if job.cancel_requested else "continue"
+
+
+def finish_job(
+    session: Session, *, job_id: uuid.UUID, attempt: int, result: dict[str, Any]
+) -> bool:
+    """running/canceling → succeeded with `result`; False if the attempt no longer holds it."""
+    return (
+        compare_and_set(
+            session,
+            job_id=job_id,
+            where=_held(attempt),
+            values={"status": SUCCEEDED, "result": result, "finished_at": utcnow()},
+        )
+        is not None
+    )
+
+
+def job_error(code: str, message: str, *, retryable: bool = False) -> dict[str, Any]:
+    """The `error` JSON of a job: {code, message, retryable}."""
+    if not code or not message:
+        raise ValueError("error: code and message must be non-empty")
+    return {"code": code, "message": message, "retryable": retryable}
+
+
+def fail_job(session: Session, *, job_id: uuid.UUID, attempt: int, error: dict[str, Any]) -> bool:
+    """running/canceling → failed with `error` (`job_error(...)`); False if not held."""
+    code, message = str(error.get("code") or ""), str(error.get("message") or "")
+    error = job_error(code, message, retryable=bool(error.get("retryable")))
+    return (
+        compare_and_set(
+            session,
+            job_id=job_id,
+            where=_held(attempt),
+            values={"status": FAILED, "error": error, "finished_at": utcnow()},
+        )
+        is not None
+    )
+
+
+def requeue_job(
+    session: Session, *, job_id: uuid.UUID, attempt: int, error: dict[str, Any]
+) -> str | None:
+    """A transient failure: a running job goes back to queued while attempts remain (the
+    caller re-enqueues); a canceling one becomes canceled; else it fails with `error`.
+    Returns the new status, or None if this attempt no longer holds the job."""
+    job = compare_and_set(
+        session,
+        job_id=job_id,
+        where=[Job.status == RUNNING, Job.attempts == attempt, Job.attempts < Job.max_attempts],
+        values={"status": QUEUED, "enqueued_at": None, "heartbeat_at": None, "worker": None},
+    )
+    if job is not None:
+        return QUEUED
+    if mark_canceled(session, job_id=job_id, attempt=attempt):
+        return CANCELED
+    return FAILED if fail_job(session, job_id=job_id, attempt=attempt, error=error) else None
+
+
+def mark_canceled(session: Session, *, job_id: uuid.UUID, attempt: int) -> bool:
+    """canceling → canceled, once the worker has stopped; False if not held or not canceling."""
+    return (
+        compare_and_set(
+            session,
+            job_id=job_id,
+            where=[Job.status == CANCELING, Job.attempts == attempt],
+            values={"status": CANCELED, "finished_at": utcnow()},
+        )
+        is not None
+    )

@@ -1,0 +1,236 @@
+"""Service settings (DESIGN §5.6): environment variables prefixed ``DIGIN_``, documented in
+``.env.example``.
+
+With no variables set, everything runs on one machine (embedded mode, §5.7): SQLite under
+``data_dir``, Celery's filesystem broker under ``data_dir``, artifacts in a local directory, no
+auth. Pointing any of the three URLs at a server (PostgreSQL, Redis, S3) selects production
+mode, which requires auth and has no default secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Mode = Literal["embedded", "production"]
+
+KNOWN_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# Values of the .env.example file: refused as secrets in production mode.
+PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret", "password"}
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def _split_list(value: Any) -> Any:
+    """Env lists read as JSON ('["PNG","JPEG"]') or comma-separated ('PNG,JPEG')."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+class Settings(BaseSettings):
+    """Every setting of the API and the workers; see `.env.example` for the variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DIGIN_", env_file=".env", env_ignore_empty=True, extra="ignore"
+    )
+
+    # --- where things live ---------------------------------------------------------------------
+    data_dir: Path = Field(Path(".digin"), description="embedded-mode files (made absolute)")
+    database_url: str = Field("", description="default: sqlite:///<data_dir>/digin.db")
+    broker_url: str = Field("filesystem://", description="Celery broker; filesystem:// = embedded")
+    storage_url: str = Field("", description="file://<dir> or s3://<bucket>; default: data_dir")
+    s3_endpoint: str = Field("s3.amazonaws.com", description="host[:port] or http(s)://host:port")
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_secure: bool = Field(True, description="https to the S3 endpoint (ignored if it has one)")
+    s3_region: str = Field("us-east-1", description="bucket region (presigning needs no lookup)")
+    s3_public_endpoint: str | None = Field(None, description="host clients use for presigned URLs")
+    url_expiry_seconds: int = Field(900, ge=1, le=7 * 24 * 3600)
+
+    # --- the API ---------------------------------------------------------------------------------
+    auth: Literal["on", "off"] | None = Field(None, description="default: off embedded, else on")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # --- limits (DESIGN §5.5) ------------------------------------------------------------------
+    max_body_bytes: int = Field(16 * 2**20, ge=1024)
+    max_image_bytes: int = Field(10 * 2**20, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64)
+    image_formats: Annotated[list[str], NoDecode] = Field(default=["PNG", "JPEG", "WEBP"])
+    max_queued_per_tenant: int = Field(10_000, ge=1)
+    max_running_per_tenant: int = Field(8, ge=1)
+    model_allow_list: Annotated[list[str] | None, NoDecode] = None
+
+    # --- workers and the reaper (DESIGN §5.3) --------------------------------------------------
+    max_attempts: int = Field(3, ge=1, le=20)
+    heartbeat_stale_seconds: int = Field(600, ge=10)
+    queued_stale_seconds: int = Field(1800, ge=10)
+    task_time_limit_seconds: int = Field(3000, ge=10)
+    visibility_timeout_seconds: int = Field(3600, ge=10)
+
+    @field_validator("image_formats", "model_allow_list", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("image_formats")
+    @classmethod
+    def _formats(cls, value: list[str]) -> list[str]:
+        formats = [f.upper() for f in value]
+        unknown = sorted(set(formats) - set(KNOWN_IMAGE_FORMATS))
+        if unknown or not formats:
+            raise ValueError(
+                f"DIGIN_IMAGE_FORMATS: {unknown or 'empty'}; pick from {list(KNOWN_IMAGE_FORMATS)}"
+            )
+        return formats
+
+    @model_validator(mode="after")
+    def _resolve(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        self.database_url = _database_url(self.database_url, self.data_dir)
+        self.storage_url = _storage_url(self.storage_url, self.data_dir)
+        scheme = self.broker_url.split("://", 1)[0]
+        if "://" not in self.broker_url or scheme not in {
+            "filesystem",
+            "memory",
+            "redis",
+            "rediss",
+        }:
+            raise ValueError(
+                f"DIGIN_BROKER_URL={self.broker_url!r}: supported are "
+                "filesystem:// (embedded), redis://host:port/db, rediss://…"
+            )
+        if self.task_time_limit_seconds >= self.visibility_timeout_seconds:
+            raise ValueError(
+                f"DIGIN_TASK_TIME_LIMIT_SECONDS ({self.task_time_limit_seconds}) must be below "
+                f"DIGIN_VISIBILITY_TIMEOUT_SECONDS ({self.visibility_timeout_seconds}): otherwise "
+                "the broker redelivers a still-running task to a second worker"
+            )
+        if self.auth is None:
+            self.auth = "off" if self.mode == "embedded" else "on"
+        if self.mode == "production":
+            self._check_production()
+        return self
+
+    def _check_production(self) -> None:
+        servers = ", ".join(self.servers)
+        if self.auth != "on":
+            raise ValueError(
+                f"DIGIN_AUTH=off is allowed only in embedded mode; this is production "
+                f"mode ({servers}): set DIGIN_AUTH=on"
+            )
+        if self.storage_backend == "s3":
+            for name in ("s3_access_key", "s3_secret_key"):
+                secret: SecretStr | None = getattr(self, name)
+                if secret is None or secret.get_secret_value().strip() in PLACEHOLDER_SECRETS:
+                    raise ValueError(
+                        f"DIGIN_{name.upper()} must be set to a real secret in "
+                        f"production mode ({servers}); it has no default"
+                    )
+
+    # --- derived values --------------------------------------------------------------------------
+    @property
+    def servers(self) -> list[str]:
+        """The settings that point at servers (empty in embedded mode)."""
+        found = []
+        if not self.database_url.startswith("sqlite"):
+            found.append("DIGIN_DATABASE_URL is PostgreSQL")
+        if self.broker_url.split("://", 1)[0] not in {"filesystem", "memory"}:
+            found.append("DIGIN_BROKER_URL is Redis")
+        if self.storage_backend == "s3":
+            found.append("DIGIN_STORAGE_URL is S3")
+        return found
+
+    @property
+    def mode(self) -> Mode:
+        """'embedded' when database, broker and storage are all local, else 'production'."""
+        return "production" if self.servers else "embedded"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self.auth == "on"
+
+    @property
+    def storage_backend(self) -> Literal["local", "s3"]:
+        return "s3" if self.storage_url.startswith("s3://") else "local"
+
+    @property
+    def storage_root(self) -> Path:
+        """The local artifact directory (storage_backend 'local')."""
+        return Path(self.storage_url.removeprefix("file://"))
+
+    @property
+    def s3_bucket(self) -> str:
+        return self.storage_url.removeprefix("s3://")
+
+    def broker_transport_options(self) -> dict[str, Any]:
+        """Celery `broker_transport_options`: the filesystem broker's folders (created here),
+        or Redis's visibility timeout."""
+        if self.broker_url.startswith("filesystem://"):
+            queue = self.data_dir / "broker" / "queue"
+            control = self.data_dir / "broker" / "control"
+            for folder in (queue, control):
+                folder.mkdir(parents=True, exist_ok=True)
+            # One folder for in and out: producers (API) and consumers (workers) share it.
+            return {
+                "data_folder_in": str(queue),
+                "data_folder_out": str(queue),
+                "control_folder": str(control),
+            }
+        if self.broker_url.startswith("redis"):
+            return {"visibility_timeout": self.visibility_timeout_seconds}
+        return {}
+
+
+def _database_url(url: str, data_dir: Path) -> str:
+    if not url:
+        return f"sqlite:///{data_dir / 'digin.db'}"
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    if url.startswith("postgresql+psycopg://"):
+        return url
+    for prefix in ("sqlite:///", "sqlite+pysqlite:///"):
+        if url.startswith(prefix) and url != prefix:  # absolute: API and workers agree on it
+            return f"sqlite:///{Path(url.removeprefix(prefix)).expanduser().resolve()}"
+    raise ValueError(
+        f"DIGIN_DATABASE_URL={url.split('@')[-1]!r}: supported are "
+        "postgresql://user:password@host:port/db and sqlite:///<file>"
+    )
+
+
+def _storage_url(url: str, data_dir: Path) -> str:
+    if not url:
+        return f"file://{data_dir / 'artifacts'}"
+    if url.startswith("file://"):
+        path = Path(url.removeprefix("file://")).expanduser().resolve()
+        return f"file://{path}"
+    if url.startswith("s3://"):
+        bucket = url.removeprefix("s3://").rstrip("/")
+        if not _BUCKET.match(bucket):
+            raise ValueError(
+                f"DIGIN_STORAGE_URL={url!r}: the bucket name must be 3-63 lowercase "
+                "letters, digits, dots or hyphens (s3://<bucket>, no path)"
+            )
+        return f"s3://{bucket}"
+    raise ValueError(f"DIGIN_STORAGE_URL={url!r}: supported are file://<dir> and s3://<bucket>")
+
+
+def fresh_settings(**overrides: Any) -> Settings:
+    """New Settings from the environment (no .env file) and `overrides`: for tests and tools."""
+    return Settings(_env_file=None, **overrides)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once (`get_settings.cache_clear()` re-reads them)."""
+    return Settings()
