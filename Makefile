@@ -3,11 +3,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 TINY   ?= tiny-models
 KIND   ?= guided
-PARAMS ?= examples/guided_tiny.json
+PARAMS ?= examples/guided_digits.json
 OUT    ?= out/$(KIND)
 DEVICE ?= cpu
 
-.PHONY: install run test lint format bench tiny
+ZOO    ?= core/zoo
+
+.PHONY: install run test lint format bench bench-zoo tiny zoo
 
 install:
 	python3.11 -m venv $(VENV) && . $(BIN)/activate && pip install torch==2.14.1 torchvision==0.29.1 && pip install -e '.[core,dev]'
@@ -15,7 +17,12 @@ install:
 tiny:
 	$(BIN)/digin make-tiny-models $(TINY)
 
-run: tiny
+# Retrain the bundled digits zoo from fixed seeds (about 25 min on 2 cores); options of the
+# command (planted patch, correlated class, rates): python -m core.digits.train --help
+zoo:
+	$(BIN)/python -m core.digits.train --out $(ZOO)
+
+run:
 	$(BIN)/digin run $(KIND) --params $(PARAMS) --out $(OUT) --device $(DEVICE)
 
 test:
@@ -31,4 +38,7 @@ format:
 	$(BIN)/ruff check --fix .
 
 bench: tiny
-	$(BIN)/python bench/core.py --models $(TINY)
+	$(BIN)/python bench/guidance.py --models $(TINY)
+
+bench-zoo:
+	$(BIN)/python bench/zoo.py --zoo $(ZOO)

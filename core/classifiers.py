@@ -220,7 +220,11 @@ def load_classifier(
             spec, parsed.arch, parsed.weights, class_names, clip_templates, device
         )
     else:
-        raise NotImplementedError("the digits model zoo is not built yet (issue 3)")
+        from core.digits.zoo import load_digits_classifier
+
+        classifier = load_digits_classifier(
+            parsed.arch, zoo_dir=parsed.weights, class_names=class_names, spec=spec
+        )
     return classifier.to(device)
 
 

@@ -210,11 +210,13 @@ def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> Diffusio
 
 def load_diffusion(spec: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
     """Dispatch on the spec's scheme (DESIGN §3.4)."""
-    scheme, _, rest = spec.partition(":")
-    if scheme == "diffusers" and rest:
-        return load_diffusers(rest, device=device)
-    if scheme == "digits":
-        raise NotImplementedError("the digits diffusion model is not built yet (issue 3)")
-    raise ValueError(
-        f"unknown diffusion model spec {spec!r}: use 'diffusers:<hub id or folder>' or 'digits'"
-    )
+    from core.registry import parse_spec
+
+    parsed = parse_spec(spec)
+    if parsed.kind != "diffusion":
+        raise ValueError(f"{spec!r} names a classifier, not a diffusion model")
+    if parsed.scheme == "digits":
+        from core.digits.zoo import load_digits_diffusion
+
+        return load_digits_diffusion(device=device, zoo_dir=parsed.weights, spec=spec)
+    return load_diffusers(parsed.name, device=device)

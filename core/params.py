@@ -2,21 +2,34 @@
 
 Torch-free (pydantic only). Each kind's model fills in its defaults, so the stored, normalised
 params say exactly what ran; `guidance` is the core's frozen `GuidanceConfig` itself.
+
+Models default to the bundled digits zoo (DESIGN §4), so a job runs offline without naming any.
+With a digits diffusion model, the guidance settings and prompts not given in the params are the
+zoo's (`core.digits.settings`) rather than the Stable Diffusion defaults of DESIGN §3.1.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.config import GuidanceConfig
+from core.digits import settings as digits_settings
 
 ClassRef = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)]
 ModelSpec = Annotated[str, Field(min_length=1, max_length=500)]
 
 DEFAULT_CLASS_PROMPT = "a photograph of a {class}"
 DEFAULT_PLAIN_PROMPT = "a photograph"
+DEFAULT_DIFFUSION = "digits"
+DEFAULT_CLASSIFIER = "digits:cnn"
+
+
+def is_digits_diffusion(spec: str) -> bool:
+    """Whether `spec` names the zoo's diffusion model ('digits' or 'digits@<dir>')."""
+    return spec == "digits" or spec.startswith("digits@")
 
 
 class _Generative(BaseModel):
@@ -24,10 +37,15 @@ class _Generative(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    diffusion: ModelSpec = Field(description="diffusion model spec, e.g. 'diffusers:<dir>'")
+    diffusion: ModelSpec = Field(
+        default=DEFAULT_DIFFUSION,
+        description="diffusion model spec, e.g. 'diffusers:<dir>'; default: the digits zoo's",
+    )
     prompt: Annotated[str, Field(max_length=1000)] | None = Field(
         default=None,
-        description="prompt template; '{class}' is replaced by the item's class name",
+        description="prompt template; '{class}' is replaced by the item's class name; default: "
+        "'a photograph of a {class}' ('a handwritten digit {class}' for the digits zoo), or "
+        "without a class 'a photograph' ('a handwritten digit')",
     )
     negative_prompt: Annotated[str, Field(max_length=1000)] = Field(
         default="", description="prompt of the unconditional branch (∅); '' = the null text"
@@ -41,27 +59,53 @@ class _Generative(BaseModel):
     clip_templates: Literal["openai", "simple"] = Field(
         default="openai", description="prompt templates of zero-shot CLIP classifiers"
     )
-    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    guidance: GuidanceConfig = Field(
+        default_factory=GuidanceConfig,
+        description="DESIGN §3.1 settings; fields not given take the defaults (the digits zoo's "
+        "for a digits diffusion model)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _digits_guidance_defaults(cls, raw: Any) -> Any:
+        """The digits zoo's guidance settings under the fields the params give."""
+        if not isinstance(raw, dict):
+            return raw
+        diffusion = raw.get("diffusion", DEFAULT_DIFFUSION)
+        guidance = raw.get("guidance", {})
+        digits = isinstance(diffusion, str) and is_digits_diffusion(diffusion)
+        if digits and isinstance(guidance, dict):
+            base = asdict(digits_settings.DIGITS_GUIDANCE)
+            return {**raw, "guidance": {**base, **guidance}}
+        return raw
+
+    @model_validator(mode="after")
+    def _default_prompt(self) -> _Generative:
+        """Fill in the prompt template, so the stored params name the prompt that ran."""
+        if self.prompt is None:
+            digits = is_digits_diffusion(self.diffusion)
+            if getattr(self, "classes", None) is None:
+                self.prompt = digits_settings.PLAIN_PROMPT if digits else DEFAULT_PLAIN_PROMPT
+            else:
+                self.prompt = digits_settings.CLASS_PROMPT if digits else DEFAULT_CLASS_PROMPT
+        return self
 
     def prompt_for(self, class_name: str | None) -> str:
-        template = self.prompt
-        if template is None:
-            template = DEFAULT_PLAIN_PROMPT if class_name is None else DEFAULT_CLASS_PROMPT
-        return template.replace("{class}", class_name or "")
+        return (self.prompt or "").replace("{class}", class_name or "")
 
 
 class GuidedParams(_Generative):
     """`guided`: images of class y that the classifier is confident about, CE(f(x), y)."""
 
-    classifier: ModelSpec
+    classifier: ModelSpec = DEFAULT_CLASSIFIER
     classes: list[ClassRef] = Field(min_length=1, max_length=1000)
 
 
 class DisagreementParams(_Generative):
     """`disagreement`: images of class y that classifier1 finds and classifier2 does not."""
 
-    classifier1: ModelSpec
-    classifier2: ModelSpec
+    classifier1: ModelSpec = "digits:cnn-spurious"
+    classifier2: ModelSpec = DEFAULT_CLASSIFIER
     classes: list[ClassRef] = Field(min_length=1, max_length=1000)
     loss: Literal["conf", "log_conf", "logits"] = "conf"
 
@@ -69,7 +113,7 @@ class DisagreementParams(_Generative):
 class NeuronParams(_Generative):
     """`neuron`: images that drive a penultimate unit up (or down while keeping a class)."""
 
-    classifier: ModelSpec
+    classifier: ModelSpec = DEFAULT_CLASSIFIER
     neurons: list[Annotated[int, Field(ge=0)]] = Field(min_length=1, max_length=1000)
     classes: list[ClassRef] | None = Field(
         default=None,

@@ -7,7 +7,8 @@ model allow-list. Spec grammar, one scheme per loader:
     timm:<name>                              timm model with its pretrained weights
     timm:<arch>@<file.safetensors | s3 URI>  timm architecture with a user's own weights
     open_clip:<arch>/<pretrained tag | file> zero-shot CLIP classifier over class names
-    digits | digits:<name>                   the bundled digits zoo (diffusion | classifier)
+    digits[@<dir>] | digits:<name>[@<dir>]   the bundled digits zoo (diffusion | classifier);
+                                             `@<dir>` reads another zoo folder
 
 The curated models live in ``core/data/registry.json``; any other well-formed spec is allowed too
 (unless the service's allow-list says otherwise).
@@ -17,8 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -36,11 +36,13 @@ SPEC_FORMS = (
     "timm:<name>",
     "timm:<arch>@<file.safetensors>",
     "open_clip:<arch>/<pretrained tag>",
-    "digits",
-    "digits:<name>",
+    "digits[@<zoo dir>]",
+    "digits:<name>[@<zoo dir>]",
 )
 ZOO_DIR = Path(__file__).parent / "zoo"  # the bundled digits zoo (DESIGN §4)
-_DIGITS_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+ZOO_ENV = "DIGIN_ZOO_DIR"  # setting: another zoo folder for every digits spec without '@'
+DIGITS_DIFFUSION = "digits"
+DIGITS_CLASSIFIERS = ("cnn", "mlp", "cnn-spurious", "judge")
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
@@ -50,17 +52,20 @@ class ModelSpec:
 
     scheme: Scheme
     name: str  # everything after "<scheme>:"; "" for the bundled `digits` diffusion model
-    arch: str | None = None  # timm model name (before '@') / open_clip architecture
-    weights: str | None = None  # timm: weights file or URI after '@'; open_clip: tag or file
+    arch: str | None = None  # timm/digits model name (before '@') / open_clip architecture
+    weights: str | None = None  # timm: weights file or URI after '@'; open_clip: tag or file;
+    # digits: the zoo folder after '@' (None: $DIGIN_ZOO_DIR or the bundled zoo)
 
     @property
     def kind(self) -> Kind:
-        if self.scheme == "diffusers" or (self.scheme == "digits" and not self.name):
+        if self.scheme == "diffusers" or self.arch == DIGITS_DIFFUSION:
             return "diffusion"
         return "classifier"
 
     def __str__(self) -> str:
-        return f"{self.scheme}:{self.name}" if self.name else self.scheme
+        if self.scheme == "digits" and not self.name:  # the diffusion model: digits[@<dir>]
+            return f"digits@{self.weights}" if self.weights else "digits"
+        return f"{self.scheme}:{self.name}"
 
 
 def parse_spec(spec: str) -> ModelSpec:
@@ -76,8 +81,10 @@ def parse_spec(spec: str) -> ModelSpec:
         raise invalid("expected a non-empty string")
     if spec != spec.strip():
         raise invalid("leading or trailing whitespace")
-    if spec == "digits":
-        return ModelSpec("digits", "")
+    if spec == "digits" or spec.startswith("digits@"):
+        if spec == "digits@":
+            raise invalid("no zoo folder after '@'")
+        return ModelSpec("digits", "", DIGITS_DIFFUSION, _zoo_dir(spec[7:], invalid))
     scheme, sep, rest = spec.partition(":")
     if not sep:
         raise invalid("no scheme (expected '<scheme>:<name>')")
@@ -105,9 +112,32 @@ def parse_spec(spec: str) -> ModelSpec:
         if not arch or not tag:
             raise invalid("expected 'open_clip:<arch>/<pretrained tag>'")
         return ModelSpec("open_clip", rest, arch=arch, weights=tag)
-    if not _DIGITS_NAME.fullmatch(rest):
-        raise invalid("a digits model name is lowercase letters, digits, '-' and '_'")
-    return ModelSpec("digits", rest)
+    name, at, folder = rest.partition("@")
+    if at and not folder:
+        raise invalid("no zoo folder after '@'")
+    if name not in DIGITS_CLASSIFIERS:
+        raise invalid(
+            f"unknown digits classifier {name!r}; the zoo has {', '.join(DIGITS_CLASSIFIERS)} "
+            "('digits:<name>') and the diffusion model 'digits'"
+        )
+    return ModelSpec("digits", rest, name, _zoo_dir(folder, invalid))
+
+
+def _zoo_dir(folder: str, invalid: Callable[[str], ValueError]) -> str | None:
+    """The zoo folder after 'digits…@' ('' for no '@': None)."""
+    if folder.strip() != folder:
+        raise invalid("the zoo folder after '@' has leading or trailing whitespace")
+    return folder or None
+
+
+def zoo_dir(folder: str | os.PathLike | None = None) -> Path:
+    """The digits zoo folder: `folder` (a spec's '@<dir>'), else $DIGIN_ZOO_DIR, else the zoo
+    shipped in the package (core/zoo)."""
+    if folder:
+        return Path(folder).expanduser()
+    if env := os.environ.get(ZOO_ENV):
+        return Path(env).expanduser()
+    return ZOO_DIR
 
 
 class ModelInfo(BaseModel):
@@ -147,10 +177,11 @@ def list_schemes() -> list[SchemeInfo]:
 
 def list_models() -> list[ModelInfo]:
     """The curated models, each with whether its weights are present on this machine."""
-    return [
-        ModelInfo(**entry, available=_source_available(entry["source"]))
-        for entry in _registry()["models"]
-    ]
+    out = []
+    for entry in _registry()["models"]:
+        source = weights_source(entry["spec"])  # digits: in the zoo folder in use
+        out.append(ModelInfo(**(entry | {"source": source}), available=_source_available(source)))
+    return out
 
 
 def hf_hub_cache() -> Path:
@@ -169,6 +200,8 @@ def weights_source(spec: str | ModelSpec) -> str | None:
     name without a pretrained tag, an open_clip pretrained tag that is not curated).
     """
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    if parsed.scheme == "digits":
+        return str(zoo_dir(parsed.weights) / f"{parsed.arch}.safetensors")
     for entry in _registry()["models"]:
         if entry["spec"] == str(parsed):
             return entry["source"]
@@ -185,7 +218,7 @@ def weights_source(spec: str | ModelSpec) -> str | None:
     if parsed.scheme == "open_clip":
         tag = parsed.weights or ""
         return tag if tag.endswith(_WEIGHT_FILE_SUFFIXES) or "/" in tag else None
-    return str(ZOO_DIR)
+    raise AssertionError(parsed.scheme)
 
 
 def is_available(spec: str | ModelSpec) -> bool:

@@ -71,8 +71,14 @@ def make_tiny_models_command(
 @app.command()
 def run(
     kind: Annotated[str, typer.Argument(help="Job kind: guided, disagreement or neuron.")],
-    params: Annotated[Path, typer.Option("--params", help="JSON file of the kind's params.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for result.json and images.")],
+    params: Annotated[
+        Path | None,
+        typer.Option(
+            "--params",
+            help="JSON file of the kind's params; models not named default to the digits zoo.",
+        ),
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda (cuda:N).")] = "cpu",
     seed: Annotated[int, typer.Option(help="Seed of item 0; item i uses seed + i.")] = 0,
     max_batch: Annotated[int, typer.Option(help="Items optimised together in one run.")] = 8,
@@ -81,7 +87,7 @@ def run(
     from core.params import ParamsError, validate_params
 
     try:
-        raw = json.loads(params.read_text())
+        raw = {} if params is None else json.loads(params.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise typer.BadParameter(f"cannot read {params}: {exc}", param_hint="--params") from None
     if not isinstance(raw, dict):

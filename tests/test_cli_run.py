@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from PIL import Image
 from typer.testing import CliRunner
 
 from digin.cli import app
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FAST = {"ddim_steps": 3, "iterations": 2, "loss_steps": 2, "num_cutouts": 2, "lr": 0.05}
 
 
@@ -76,3 +78,37 @@ def test_run_bad_params_names_the_field(tmp_path):
         app, ["run", "guided", "--params", str(tmp_path / "broken.json"), "--out", "o"]
     )
     assert result.exit_code == 2 and "cannot read" in result.output
+
+
+def test_run_digits_example_offline_with_zoo_defaults(tmp_path):
+    """The README's demo: the digits example runs on the bundled zoo with no model download."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["run", "guided", "--params", str(EXAMPLES / "guided_digits.json"), "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["models"] == {"diffusion": "digits", "classifier": "digits:cnn"}
+    assert [it["class_name"] for it in summary["items"]][:3] == ["zero", "one", "two"]
+    assert Image.open(out / "item_007.png").size == (16, 16)
+
+
+def test_run_without_params_names_the_missing_field(tmp_path):
+    result = CliRunner().invoke(app, ["run", "guided", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "classes: Field required" in result.output
+
+
+def test_run_fills_in_the_zoo_models_settings_and_prompt(tmp_path):
+    params = {"classes": ["7"], "guidance": {"iterations": 1}}
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["run", "guided", "--params", str(_write(tmp_path / "p.json", params)),
+              "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["params"]["diffusion"] == "digits"
+    assert summary["params"]["prompt"] == "a handwritten digit {class}"
+    assert summary["params"]["guidance"]["ddim_steps"] == 5  # the zoo's, not SD's 20
+    assert summary["items"][0]["prompt"] == "a handwritten digit seven"

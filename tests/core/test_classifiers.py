@@ -239,6 +239,10 @@ def test_diffusion_specs_are_not_classifiers(tiny_models):
         load_classifier(tiny_models["sd"])
 
 
-def test_digits_zoo_not_built_yet():
-    with pytest.raises(NotImplementedError, match=r"digits model zoo is not built yet \(issue 3\)"):
-        load_classifier("digits:mlp")
+def test_digits_specs_load_the_zoo_classifiers():
+    clf = load_classifier("digits:mlp")
+    assert clf.spec == "digits:mlp" and clf.input_size == 16 and len(clf.class_names) == 10
+    with pytest.raises(ValueError, match="unknown digits classifier 'vgg'"):
+        load_classifier("digits:vgg")
+    with pytest.raises(ValueError, match="names a diffusion model"):
+        load_classifier("digits")

@@ -6,6 +6,8 @@ import pytest
 
 from core.registry import (
     SCHEMES,
+    ZOO_DIR,
+    ZOO_ENV,
     ModelSpec,
     hf_hub_cache,
     is_allowed,
@@ -14,6 +16,7 @@ from core.registry import (
     list_schemes,
     parse_spec,
     weights_source,
+    zoo_dir,
 )
 
 
@@ -76,8 +79,22 @@ from core.registry import (
             ),
             "classifier",
         ),
-        ("digits", ModelSpec("digits", ""), "diffusion"),
-        ("digits:cnn-spurious", ModelSpec("digits", "cnn-spurious"), "classifier"),
+        ("digits", ModelSpec("digits", "", arch="digits"), "diffusion"),
+        (
+            "digits@/zoos/v2",
+            ModelSpec("digits", "", arch="digits", weights="/zoos/v2"),
+            "diffusion",
+        ),
+        (
+            "digits:cnn-spurious",
+            ModelSpec("digits", "cnn-spurious", arch="cnn-spurious"),
+            "classifier",
+        ),
+        (
+            "digits:mlp@my zoo",
+            ModelSpec("digits", "mlp@my zoo", arch="mlp", weights="my zoo"),
+            "classifier",
+        ),
     ],
 )
 def test_parse_spec(spec, expected, kind):
@@ -102,6 +119,10 @@ def test_parse_spec(spec, expected, kind):
         "open_clip:ViT-B-16/",
         "digits:",
         "digits:Big CNN",
+        "digits:resnet",
+        "digits@",
+        "digits:cnn@",
+        "digits:cnn@ /zoo",
         " timm:resnet50",
     ],
 )
@@ -131,6 +152,7 @@ CURATED = {
     "open_clip:ViT-B-16/laion2b_s34b_b88k",
     "open_clip:ViT-B-32/laion2b_s34b_b79k",
 }
+DIGITS = {"digits", "digits:cnn", "digits:mlp", "digits:cnn-spurious", "digits:judge"}
 
 
 @pytest.fixture
@@ -148,13 +170,30 @@ def fake_download(cache, repo_id):
 
 def test_curated_models_parse_and_are_well_formed(hub_cache):
     models = list_models()
-    assert {m.spec for m in models} == CURATED
+    assert {m.spec for m in models} == CURATED | DIGITS
     for m in models:
         assert parse_spec(m.spec).kind == m.kind
-        assert m.source and m.source.startswith("hf-hub:")
         assert m.resolution and m.resolution > 0
         assert (m.num_classes is None) == (m.kind == "diffusion")
-        assert not m.available  # the cache is empty
+        if m.spec in CURATED:
+            assert m.source and m.source.startswith("hf-hub:")
+            assert not m.available  # the cache is empty
+        else:  # the bundled zoo, shipped with the package
+            assert m.source == str(ZOO_DIR / f"{parse_spec(m.spec).arch}.safetensors")
+            assert m.available
+
+
+def test_digits_specs_read_the_zoo_folder_of_the_spec_or_the_setting(tmp_path, monkeypatch):
+    monkeypatch.delenv(ZOO_ENV, raising=False)
+    assert zoo_dir() == ZOO_DIR
+    assert weights_source("digits:judge") == str(ZOO_DIR / "judge.safetensors")
+    monkeypatch.setenv(ZOO_ENV, str(tmp_path))
+    assert zoo_dir() == tmp_path
+    assert weights_source("digits") == str(tmp_path / "digits.safetensors")
+    assert not is_available("digits:cnn")  # nothing trained there
+    assert {m.spec for m in list_models() if m.available} == set()
+    assert weights_source(f"digits:cnn@{ZOO_DIR}") == str(ZOO_DIR / "cnn.safetensors")
+    assert is_available(f"digits:cnn@{ZOO_DIR}")  # '@' wins over the setting
 
 
 def test_schemes_section_covers_every_scheme():
@@ -170,7 +209,7 @@ def test_available_when_the_hub_cache_holds_a_snapshot(hub_cache):
     fake_download(hub_cache, "timm/resnet50.a1_in1k")
     fake_download(hub_cache, "timm/vit_large_patch16_224.augreg_in21k_ft_in1k")
     available = {m.spec for m in list_models() if m.available}
-    assert available == {"timm:resnet50.a1_in1k", "timm:vit_large_patch16_224"}
+    assert available == {"timm:resnet50.a1_in1k", "timm:vit_large_patch16_224"} | DIGITS
 
 
 def test_hub_cache_location_follows_huggingface_env(tmp_path, monkeypatch):

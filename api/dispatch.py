@@ -1,0 +1,67 @@
+"""The Celery app shared by the API (sends) and the workers (consume): DESIGN §5.3.
+
+Torch-free: the API imports this module to enqueue; `worker/` registers the tasks on the same app
+under the names below. Celery's own task state is never shown to users and no result backend is
+used: the job row is the truth (`api.repo`). Settings that keep long GPU tasks from being lost or
+run twice:
+
+- `task_acks_late` + `worker_prefetch_multiplier=1`: a task is acknowledged after it ran, and a
+  worker process reserves one task at a time;
+- `task_reject_on_worker_lost`: a task whose process died (SIGKILL, OOM killer) goes back to the
+  queue; the attempt cap on the job row stops message loops;
+- a hard `task_time_limit` below the broker's visibility timeout (Redis redelivers an
+  unacknowledged task to a second worker when it passes), checked by `api.settings`;
+- `worker_cancel_long_running_tasks_on_connection_loss`: a late-ack task is not run twice after
+  a broker connection loss;
+- two queues, `interactive` (jobs) and `sweep` (batches), so a sweep cannot starve a user.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from celery import Celery
+from kombu import Queue
+
+if TYPE_CHECKING:
+    from api.settings import Settings
+
+TASK_RUN_JOB = "digin.run_job"  # args: (job_id: str,)
+TASK_REAP = "digin.reap"  # periodic: re-queue stale running jobs, re-send never-dispatched ones
+QUEUES = ("interactive", "sweep")
+SOFT_LIMIT_MARGIN_S = 60  # SoftTimeLimitExceeded this long before the hard kill
+
+
+def make_celery(settings: Settings, *, name: str = "digin") -> Celery:
+    """A Celery app for the broker of `settings`, with the reliability settings above."""
+    app = Celery(name, broker=settings.broker_url, set_as_current=False)
+    hard = settings.task_time_limit_seconds
+    app.conf.update(
+        broker_transport_options=settings.broker_transport_options(),
+        broker_connection_retry_on_startup=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_time_limit=hard,
+        task_soft_time_limit=max(1, hard - SOFT_LIMIT_MARGIN_S),
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        task_serializer="json",
+        accept_content=["json"],
+        task_queues=[Queue(q) for q in QUEUES],
+        task_default_queue="interactive",
+        task_create_missing_queues=False,
+        worker_hijack_root_logger=False,
+        timezone="UTC",
+        enable_utc=True,
+    )
+    return app
+
+
+def enqueue(app: Celery, *, job_id: str, queue: str, priority: int = 0) -> None:
+    """Send one job to `queue`. Call only after the job row is committed (a worker that runs
+    the task first must find the row); then mark the row enqueued."""
+    if queue not in QUEUES:
+        raise ValueError(f"queue must be one of {QUEUES}, got {queue!r}")
+    app.send_task(TASK_RUN_JOB, args=[str(job_id)], queue=queue, priority=priority)

@@ -1,0 +1,85 @@
+"""Semantic tests on the shipped digits zoo: explanations whose right answer we know (issue 3).
+
+Each runs an example params file (`examples/*_digits.json`, the zoo's guidance settings of
+`core.digits.settings.DIGITS_GUIDANCE`) through `core.jobs.run_job` and judges the result with a
+plain function of the images: the independent judge classifier, or the patch detector.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from core.classes import resolve_class
+from core.config import GuidanceConfig
+from core.digits.data import CLASS_NAMES, load_images, make_splits
+from core.digits.evaluate import patch_unit
+from core.digits.semantic import judge_agreement, patch_rates
+from core.digits.settings import CLASS_PROMPT, DIGITS_GUIDANCE, PLAIN_PROMPT
+from core.digits.zoo import card_patch, read_card
+from core.jobs import ModelCache, run_job
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+KINDS = ("guided", "disagreement", "neuron")
+
+
+def example(kind: str) -> dict:
+    return json.loads((EXAMPLES / f"{kind}_digits.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cache():
+    return ModelCache()  # specs 'digits…' load the shipped zoo (core/zoo)
+
+
+@pytest.fixture(scope="module")
+def spurious_card():
+    return read_card("cnn-spurious")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_examples_use_the_zoo_guidance_settings(kind):
+    params = example(kind)
+    assert params["diffusion"] == "digits"
+    assert GuidanceConfig(**params["guidance"]) == DIGITS_GUIDANCE
+    assert params["prompt"] in (CLASS_PROMPT, PLAIN_PROMPT)
+
+
+def test_examples_name_the_shipped_correlated_class_and_patch_unit(cache, spurious_card):
+    k = spurious_card["training"]["patch_plan"]["correlated_class"]
+    (ref,) = example("disagreement")["classes"]
+    assert resolve_class(ref, CLASS_NAMES) == k
+    x, y = load_images()
+    test = make_splits(y).test
+    clf = cache.classifier("digits:cnn-spurious", "cpu", "openai")
+    unit, _ = patch_unit(clf, x[test], y[test], card_patch(spurious_card), k)
+    assert example("neuron")["neurons"] == [unit] == [spurious_card["metrics"]["patch_unit"]]
+
+
+def test_guided_cnn_towards_each_class_convinces_the_judge(cache):
+    params = example("guided")
+    assert params["classifier"] == "digits:cnn" and len(params["classes"]) == 10
+    result = run_job("guided", params, cache=cache, max_batch=32)
+    judge = cache.classifier("digits:judge", "cpu", "openai")
+    agreement, _ = judge_agreement(result, judge)
+    assert agreement >= 0.90
+
+
+def test_disagreement_spurious_vs_clean_draws_the_patch(cache, spurious_card):
+    params = example("disagreement")
+    assert (params["classifier1"], params["classifier2"]) == ("digits:cnn-spurious", "digits:cnn")
+    result = run_job("disagreement", params, cache=cache, max_batch=32)
+    guided, unguided = patch_rates(result, card_patch(spurious_card))
+    assert guided >= 0.80
+    assert guided >= unguided + 0.4  # far above the rate of the unguided samples
+
+
+def test_neuron_of_the_patch_unit_draws_the_patch(cache, spurious_card):
+    params = example("neuron")
+    assert params["classifier"] == "digits:cnn-spurious" and params["mode"] == "activate"
+    result = run_job("neuron", params, cache=cache, max_batch=32)
+    guided, unguided = patch_rates(result, card_patch(spurious_card))
+    assert guided >= 0.80
+    assert guided >= unguided + 0.4
