@@ -8,11 +8,17 @@ dropped at the end; the tests that need it are skipped, with the reason, when it
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, create_engine, delete, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -104,3 +110,99 @@ def tenant(session: Session) -> Tenant:
     tenant = repo.ensure_tenant(session, name="acme")
     session.commit()
     return tenant
+
+
+# --- the FastAPI app (tests/api/test_app_*.py) ---------------------------------------------------
+REDIS_TEST_URL = os.environ.get("DIGIN_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+
+
+@dataclass
+class Broker:
+    """The broker the app sends to: Redis (a dedicated DB, flushed per test) beside
+    PostgreSQL, the filesystem broker in the test's data folder beside SQLite."""
+
+    url: str
+    folder: Path | None = None  # filesystem: where the messages are written
+    redis: Any = None
+
+    def raw_messages(self, queue: str = "interactive") -> list[bytes]:
+        if self.redis is not None:
+            return list(self.redis.lrange(queue, 0, -1))
+        assert self.folder is not None
+        return [p.read_bytes() for p in sorted(self.folder.glob(f"*.{queue}.msg"))]
+
+    def job_ids(self, queue: str = "interactive") -> list[str]:
+        """The job ids of the `digin.run_job` messages waiting in `queue`."""
+        ids = []
+        for raw in self.raw_messages(queue):
+            message = json.loads(raw)
+            assert message["headers"]["task"] == "digin.run_job"
+            args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+            ids.append(args[0])
+        return ids
+
+
+@pytest.fixture
+def broker(db_url: str, tmp_path: Path) -> Iterator[Broker]:
+    if not db_url.startswith("postgresql"):
+        yield Broker("filesystem://", folder=tmp_path / "data" / "broker" / "queue")
+        return
+    import redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        client.close()
+        pytest.skip(f"Redis not reachable at {REDIS_TEST_URL}: {exc}")
+    client.flushdb()
+    try:
+        yield Broker(REDIS_TEST_URL, redis=client)
+    finally:
+        client.flushdb()
+        client.close()
+
+
+AppFactory = Callable[..., TestClient]
+
+
+@pytest.fixture
+def make_client(
+    engine: Engine, db_url: str, broker: Broker, tmp_path: Path
+) -> Iterator[AppFactory]:
+    """Builds the app on the test's database and broker (auth on, local storage in the test's
+    data folder unless overridden) and returns a started TestClient."""
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        from api.app import create_app
+        from api.settings import fresh_settings
+
+        values = {"data_dir": tmp_path / "data", "database_url": db_url,
+                  "broker_url": broker.url, "auth": "on"}  # fmt: skip
+        client = TestClient(create_app(fresh_settings(**(values | overrides))))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: AppFactory) -> TestClient:
+    return make_client()
+
+
+@pytest.fixture
+def auth(sessions: sessionmaker[Session]) -> Callable[[str], dict[str, str]]:
+    """`auth("acme")`: headers with a new API key of tenant acme (created if missing)."""
+
+    def make(tenant_name: str) -> dict[str, str]:
+        with sessions() as session:
+            _, secret = repo.create_api_key(session, tenant_name=tenant_name)
+            session.commit()
+        return {"Authorization": f"Bearer {secret}"}
+
+    return make

@@ -1,0 +1,239 @@
+"""The FastAPI application of the job service (DESIGN §5.2): `create_app(settings)`.
+
+The app owns its engine, session factory, storage client and Celery app (a producer only: the
+workers live in `worker/`), made from the settings here and closed at shutdown. Middleware, from
+the outside in: request metrics, then the body-size limit; errors of every kind are problem+json
+(`api.problems`). Embedded mode without auth serves only on a loopback address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, NamedTuple
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.db import make_engine, session_factory
+from api.deps import Services
+from api.dispatch import make_celery
+from api.images import FIELD as IMAGE_FIELD
+from api.metrics import Metrics, MetricsMiddleware
+from api.problems import (
+    PROBLEM_MEDIA_TYPE,
+    Problem,
+    install_problem_handlers,
+    problem_response,
+)
+from api.routes import ROUTERS
+from api.settings import Settings, get_settings
+from api.storage import LocalStorage, storage_from_settings
+
+log = logging.getLogger(__name__)
+
+IMAGES_PATH = "/v1/images"
+MULTIPART_SLACK = 64 * 1024  # room for the multipart framing around an image of the limit
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_binding(settings: Settings) -> None:
+    """Auth off (embedded mode) means anyone who can connect acts as the `local` tenant: only
+    a loopback address is allowed then."""
+    if not settings.auth_enabled and not is_loopback(settings.host):
+        raise ValueError(
+            f"DIGIN_HOST={settings.host!r} with DIGIN_AUTH=off would serve every job without "
+            "authentication to the network: bind to a loopback address (127.0.0.1, ::1, "
+            "localhost), or set DIGIN_AUTH=on and create API keys with `digin keys create`"
+        )
+
+
+def _app_version() -> str:
+    try:
+        return version("digin")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def _operation_id(route: APIRoute) -> str:
+    """`jobs-create_job`: readable names for generated clients."""
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for `settings` (default: `get_settings()`, the environment)."""
+    settings = settings or get_settings()
+    check_binding(settings)
+    engine = make_engine(settings.database_url)
+    sessions = session_factory(engine)
+    storage = storage_from_settings(settings)
+    if isinstance(storage, LocalStorage):
+        storage.ensure_bucket()  # the artifact folder (S3 buckets are made by deployment)
+    services = Services(
+        settings=settings,
+        engine=engine,
+        sessions=sessions,
+        storage=storage,
+        celery=make_celery(settings, name="digin-api"),
+        metrics=Metrics(sessions),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        services.celery.close()
+        services.engine.dispose()
+
+    app = FastAPI(
+        title="DiG-IN",
+        version=_app_version(),
+        summary="Diffusion guidance for investigating image classifiers, as a job service",
+        description="Submit explanation jobs, poll them, fetch their images. Errors are "
+        "`application/problem+json` (RFC 9457). Auth: `Authorization: Bearer <API key>` "
+        "(not needed in embedded mode).",
+        lifespan=lifespan,
+        docs_url="/docs",
+        redoc_url=None,
+        generate_unique_id_function=_operation_id,
+    )
+    app.state.services = services
+    install_problem_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
+    app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: sees all
+    for router in ROUTERS:
+        app.include_router(router)
+    app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+# --- the request body limit ---------------------------------------------------------------------
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimit(NamedTuple):
+    enforced: int  # bytes of request body allowed
+    field: str  # what the problem names
+    setting: str  # the setting behind it, for the message
+    value: int  # the setting's value
+
+
+class BodyLimitMiddleware:
+    """413 for a body over its limit: refused at once from `Content-Length`, else counted
+    while it streams in (the 413 goes out as soon as the limit is crossed and whatever the
+    app would have answered is dropped). Uploads to /v1/images are held to the image limit
+    (plus multipart framing; the route checks the file itself); everything else to
+    `max_body_bytes`. No route sees a body over its limit, so nothing is written."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.body = BodyLimit(
+            settings.max_body_bytes, "body", "max_body_bytes", settings.max_body_bytes
+        )
+        image = settings.max_image_bytes
+        self.image = BodyLimit(image + MULTIPART_SLACK, IMAGE_FIELD, "max_image_bytes", image)
+
+    def limit(self, scope: Scope) -> BodyLimit:
+        if scope["path"].rstrip("/") == IMAGES_PATH and self.image.enforced < self.body.enforced:
+            return self.image
+        return self.body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit(scope)
+        length = _content_length(scope)
+        if length is not None and length > limit.enforced:
+            await refuse(scope, receive, send, limit, f"the request body is {length} bytes")
+            return
+        received, refused, started = 0, False, False
+
+        async def counting_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit.enforced:
+                    if not started and not refused:
+                        refused = True
+                        text = f"the request body is over {limit.enforced} bytes"
+                        await refuse(scope, receive, send, limit, text)
+                    raise BodyTooLarge(f"request body over {limit.enforced} bytes")
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the 413 was sent; drop the app's answer
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not refused:
+                raise
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, limit: BodyLimit, what: str) -> None:
+    setting = f"{limit.setting}={limit.value} (DIGIN_{limit.setting.upper()})"
+    message = f"{what}; the limit is {setting}"
+    response = problem_response(
+        Request(scope, receive), 413, "content-too-large", f"{limit.field}: {message}",
+        errors=[{"field": limit.field, "message": message}], headers={"Connection": "close"},
+        limit=limit.value,
+    )  # fmt: skip
+    await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for key, value in scope.get("headers", ()):
+        if key == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+# --- OpenAPI: every error response is the problem schema -----------------------------------------
+def problem_openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title,
+        version=app.version,
+        summary=app.summary,
+        description=app.description,
+        routes=app.routes,
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    components.update(problem.pop("$defs", {}))
+    components["Problem"] = problem
+    content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for status, response in operation.get("responses", {}).items():
+                if str(status)[0] in "45":
+                    response["content"] = content
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+    app.openapi_schema = schema
+    return schema

@@ -1,0 +1,127 @@
+"""Prometheus metrics of the API (`GET /metrics`, DESIGN §5.2).
+
+Per app (its own registry, so several apps in one process do not collide):
+- `digin_http_requests_total{method, route, status}` and
+  `digin_http_request_duration_seconds{method, route}`, labelled by route *template*
+  (`/v1/jobs/{job_id}`), never the raw path;
+- `digin_jobs{status, kind}` and `digin_queue_depth{queue}`: read from the job table at scrape
+  time (the row is the truth; the broker's own queues are not counted);
+- `digin_jobs_created_total{kind}`, `digin_enqueue_failures_total{queue}`,
+  `digin_images_uploaded_total`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api import repo
+from api.db import QUEUES, STATUSES
+from core.params import KINDS
+
+log = logging.getLogger(__name__)
+
+UNMATCHED = "unmatched"  # requests no route matched (404s, refused bodies)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class JobCollector(Collector):
+    """Job counts by status and kind, and queue depths, from the database per scrape."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # nothing is read at registration
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(
+            "digin_jobs_scrape_ok", "1 if the job counts below could be read from the database"
+        )
+        try:
+            with self.sessions() as session:
+                counts = repo.job_counts(session)
+                depths = repo.queue_depths(session)
+        except Exception as exc:
+            log.warning("metrics: cannot read job counts: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        jobs = GaugeMetricFamily("digin_jobs", "Jobs by status and kind", labels=["status", "kind"])
+        kinds = sorted(set(KINDS) | {kind for _, kind in counts})
+        for status in STATUSES:
+            for kind in kinds:
+                jobs.add_metric([status, kind], counts.get((status, kind), 0))
+        yield jobs
+        depth = GaugeMetricFamily(
+            "digin_queue_depth", "Queued jobs per queue (from the job table)", labels=["queue"]
+        )
+        for queue in sorted(set(QUEUES) | set(depths)):
+            depth.add_metric([queue], depths.get(queue, 0))
+        yield depth
+
+
+class Metrics:
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "digin_http_requests", "HTTP requests by route template and status",
+            ["method", "route", "status"], registry=self.registry,
+        )  # fmt: skip
+        self.latency = Histogram(
+            "digin_http_request_duration_seconds", "HTTP request latency by route template",
+            ["method", "route"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.jobs_created = Counter(
+            "digin_jobs_created", "Jobs created by this API process", ["kind"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.enqueue_failures = Counter(
+            "digin_enqueue_failures", "Job messages the broker refused (the reaper re-sends them)",
+            ["queue"], registry=self.registry,
+        )  # fmt: skip
+        self.images_uploaded = Counter(
+            "digin_images_uploaded", "Start images accepted", registry=self.registry
+        )
+        self.registry.register(JobCollector(sessions))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsMiddleware:
+    """Counts and times every HTTP request by its route template (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500  # unless a response starts
+        start = time.perf_counter()
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or UNMATCHED
+            method = scope["method"]
+            self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(method, template, str(status)).inc()

@@ -1,0 +1,13 @@
+"""The API's routers: `/v1` (jobs, images, models) and the unversioned system routes.
+
+Each router carries its full prefix (`/v1/jobs`), so a route's own path is its template, the
+label of the request metrics.
+"""
+
+from fastapi import APIRouter
+
+from api.routes import images, jobs, models, system
+
+ROUTERS: list[APIRouter] = [jobs.router, images.router, models.router, system.router]
+
+__all__ = ["ROUTERS"]

@@ -1,0 +1,292 @@
+"""`/v1/jobs`: submit, read, list, cancel, and the artifacts of a job (DESIGN §5.2).
+
+Every query is scoped to the caller's tenant; another tenant's job is a 404. A submission is
+validated, written and committed before its message is sent (DESIGN §5.3); a broker that is
+down leaves the job queued for the reaper to re-send, and the client still gets its 202.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import uuid
+from datetime import timedelta
+from pathlib import PurePosixPath
+from typing import Annotated, Any
+
+from celery import Celery
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import FileResponse, RedirectResponse
+from sqlalchemy.orm import Session
+
+from api import repo
+from api.db import SUCCEEDED, TERMINAL, Job, Tenant, utcnow
+from api.deps import CeleryDep, MetricsDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.dispatch import enqueue
+from api.metrics import Metrics
+from api.problems import ProblemError, field_problem, not_found, problem_responses
+from api.repo.jobs import MAX_PAGE
+from api.schemas import (
+    ArtifactList,
+    ArtifactPublic,
+    JobCreate,
+    JobList,
+    JobPublic,
+    JobStatus,
+    artifact_path,
+)
+from api.storage import LocalStorage
+from core.params import KINDS
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+QUEUE = "interactive"  # single jobs; sweeps (batches) use "sweep"
+POLL_AFTER_S = 2  # Retry-After on jobs that are not finished
+DEFAULT_PAGE = 50
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="the same key with the same body returns the same job; with another "
+        "body it is a 422",
+    ),
+]
+
+StatusFilter = Annotated[
+    list[JobStatus] | None, Query(description="repeat for several: ?status=queued&status=running")
+]
+KindFilter = Annotated[str | None, Query(json_schema_extra={"enum": list(KINDS)})]
+Cursor = Annotated[str | None, Query(max_length=512, description="the previous page's next_cursor")]
+
+
+def root(request: Request) -> str:
+    return str(request.scope.get("root_path", "")).rstrip("/")
+
+
+def find_job(session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
+    job = repo.get_job(session, tenant_id=tenant.id, job_id=job_id)
+    if job is None:
+        raise not_found("job", job_id)
+    return job
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Submit a job",
+    response_description="accepted: the queued job (`Location` is its URL, `Retry-After` the "
+    "polling interval); a replayed Idempotency-Key returns the original job",
+    responses=problem_responses(401, 413, 422, 429),
+)
+def create_job(
+    body: JobCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    metrics: MetricsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    # 1. Validate: params normalised, models well-formed and allowed
+    params = body.normalised_params(settings.model_allow_list)
+    # 2. Write the row (or find the idempotent original) and commit
+    try:
+        job, created = repo.create_job(
+            session,
+            tenant_id=tenant.id,
+            kind=body.kind,
+            params=params,
+            seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
+            priority=body.priority,
+            queue=QUEUE,
+            max_attempts=settings.max_attempts,
+            idempotency_key=idempotency_key,
+            request_hash=body.request_hash(params) if idempotency_key else None,
+            metadata=body.metadata,
+            max_queued=settings.max_queued_per_tenant,
+        )
+    except repo.IdempotencyConflict as exc:
+        raise field_problem(422, "idempotency-key-reused", "Idempotency-Key", str(exc)) from None
+    except repo.TenantLimitExceeded as exc:
+        raise ProblemError(
+            429, "tenant-limit", f"{exc}; finish or cancel jobs first",
+            headers={"Retry-After": str(exc.retry_after)}, limit=exc.limit,
+        ) from None  # fmt: skip
+    session.commit()
+    # 3. Send the message (after the commit), then record it
+    if created:
+        metrics.jobs_created.labels(job.kind).inc()
+        dispatch(session, celery, job, metrics)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    public = JobPublic.from_job(job, base=root(request))
+    response.headers["Location"] = public.urls.self
+    response.headers["Retry-After"] = str(POLL_AFTER_S)
+    return public
+
+
+def dispatch(session: Session, celery: Celery, job: Job, metrics: Metrics) -> None:
+    """Enqueue a committed job and mark it enqueued; a broker error leaves it for the reaper."""
+    try:
+        enqueue(celery, job_id=str(job.id), queue=job.queue, priority=job.priority)
+    except Exception as exc:
+        metrics.enqueue_failures.labels(job.queue).inc()
+        log.warning(
+            "job %s is queued but its message could not be sent (%s: %s); the reaper re-sends it",
+            job.id, type(exc).__name__, exc,
+        )  # fmt: skip
+        return
+    repo.mark_enqueued(session, job_id=job.id)
+    session.commit()
+
+
+@router.get("", summary="List jobs", responses=problem_responses(401, 422))
+def list_jobs(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    status: StatusFilter = None,
+    kind: KindFilter = None,
+    batch_id: uuid.UUID | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    cursor: Cursor = None,
+) -> JobList:
+    if kind is not None and kind not in KINDS:
+        raise field_problem(422, "validation", "kind", f"must be one of {list(KINDS)}")
+    try:
+        jobs, next_cursor = repo.list_jobs(
+            session, tenant_id=tenant.id, limit=limit, status=status, kind=kind,
+            batch_id=batch_id, cursor=cursor,
+        )  # fmt: skip
+    except repo.InvalidCursor as exc:
+        message = str(exc).removeprefix("cursor: ")
+        raise field_problem(422, "validation", "cursor", message) from None
+    if next_cursor is not None:
+        url = request.url.include_query_params(cursor=next_cursor)
+        response.headers["Link"] = f'<{root(request)}{url.path}?{url.query}>; rel="next"'
+    base = root(request)
+    return JobList(data=[JobPublic.from_job(j, base=base) for j in jobs], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", summary="Get a job", responses=problem_responses(401, 404, 422))
+def get_job(
+    job_id: uuid.UUID, request: Request, response: Response, session: SessionDep, tenant: TenantDep
+) -> JobPublic:
+    job = find_job(session, tenant, job_id)
+    if job.status not in TERMINAL:
+        response.headers["Retry-After"] = str(POLL_AFTER_S)
+    return JobPublic.from_job(job, base=root(request))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    summary="Cancel a job",
+    response_description="the job: a queued job is canceled at once, a running one is "
+    "`canceling` until its worker stops (within one optimisation iteration); a finished job "
+    "is returned unchanged",
+    responses=problem_responses(401, 404, 422),
+)
+def cancel_job(
+    job_id: uuid.UUID, request: Request, session: SessionDep, tenant: TenantDep
+) -> JobPublic:
+    outcome = repo.request_cancel(session, tenant_id=tenant.id, job_id=job_id)
+    if outcome is None:
+        raise not_found("job", job_id)
+    session.commit()
+    return JobPublic.from_job(outcome[0], base=root(request))
+
+
+# --- artifacts ----------------------------------------------------------------------------------
+def stored_artifacts(job: Job, tenant: Tenant) -> list[dict[str, Any]]:
+    """The artifacts the worker recorded for a succeeded job, with their storage keys; only
+    keys under the job's own folder are served."""
+    if job.status != SUCCEEDED or not job.result:
+        return []
+    folder = f"{tenant.name}/jobs/{job.id}/"
+    entries = []
+    for entry in job.result.get("artifacts") or []:
+        key = str(entry.get("key") or "")
+        if not key.startswith(folder) or not entry.get("name"):
+            log.error("job %s: artifact %r is not under %s; not served", job.id, entry, folder)
+            continue
+        entries.append(entry)
+    return entries
+
+
+@router.get(
+    "/{job_id}/artifacts",
+    summary="List a job's artifacts with fresh URLs",
+    response_description="every read mints new URLs: presigned (S3, valid "
+    "DIGIN_URL_EXPIRY_SECONDS) or this API's download route (local storage)",
+    responses=problem_responses(401, 404, 422),
+)
+def list_artifacts(
+    job_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> ArtifactList:
+    job = find_job(session, tenant, job_id)
+    expiry = settings.url_expiry_seconds
+    data = []
+    for entry in stored_artifacts(job, tenant):
+        url = storage.url(entry["key"], expires=expiry)
+        data.append(
+            ArtifactPublic(
+                name=entry["name"],
+                content_type=entry.get("content_type") or "application/octet-stream",
+                size=entry.get("size"),
+                url=url or artifact_path(job.id, entry["name"], base=root(request)),
+                expires_at=utcnow() + timedelta(seconds=expiry) if url else None,
+            )
+        )
+    return ArtifactList(job_id=job.id, status=job.status, data=data)
+
+
+@router.get(
+    "/{job_id}/artifacts/{name:path}",
+    summary="Download an artifact",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "the bytes (local storage, streamed)",
+            "content": {"image/png": {}, "application/json": {}},
+        },
+        307: {"description": "S3: redirect to a short-lived presigned URL"},
+        **problem_responses(401, 404),
+    },
+)
+def get_artifact(
+    job_id: uuid.UUID,
+    name: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+) -> Response:
+    job = find_job(session, tenant, job_id)
+    entry = next((e for e in stored_artifacts(job, tenant) if e["name"] == name), None)
+    if entry is None:
+        raise ProblemError(404, "not-found", f"job {job_id} has no artifact named {name!r}")
+    content_type = entry.get("content_type") or "application/octet-stream"
+    url = storage.url(entry["key"], expires=settings.url_expiry_seconds)
+    if url is not None:
+        return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
+    if isinstance(storage, LocalStorage):
+        path = storage.path(entry["key"])
+        if not path.is_file():
+            raise ProblemError(404, "not-found", f"artifact {name!r} of job {job_id} is missing")
+        return FileResponse(
+            path, media_type=content_type, filename=PurePosixPath(name).name,
+            content_disposition_type="inline",
+        )  # fmt: skip
+    return Response(storage.get(entry["key"]), media_type=content_type)

@@ -1,0 +1,359 @@
+"""Request and response schemas of the REST API (DESIGN §5.1, §5.2), layered as in the
+full-stack FastAPI template: `JobCreate` (what a client sends), `JobPublic` (what it reads),
+`JobList` (a page), plus artifacts, images, models and health.
+
+Responses show the job row, never Celery's task state, and never storage keys: artifacts are
+named, and their URLs are minted per read (`GET /v1/jobs/{id}/artifacts`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Literal, get_args
+from urllib.parse import quote
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    StringConstraints,
+    field_validator,
+)
+
+from api.db import STATUSES, Image, Job
+from api.problems import ProblemError
+from core.params import KINDS, ParamsError, validate_params
+from core.registry import ModelInfo, SchemeInfo, is_allowed, parse_spec
+
+JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
+assert set(get_args(JobStatus)) == set(STATUSES), "JobStatus must list api.db's STATUSES"
+
+MAX_SEED = 2**53 - 1  # exact in JSON numbers (JavaScript clients); item i uses seed + i
+MAX_PRIORITY = 9
+MAX_METADATA_KEYS = 50
+MAX_METADATA_BYTES = 8192
+
+MetadataKey = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+MAX_METADATA_STRING = 500
+
+
+def _metadata_value(value: Any) -> Any:
+    """A JSON scalar: one error per bad value (not one per member of a union)."""
+    if isinstance(value, str):
+        if len(value) > MAX_METADATA_STRING:
+            raise ValueError(f"at most {MAX_METADATA_STRING} characters, got {len(value)}")
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+    elif value is not None and not isinstance(value, (bool, int)):
+        raise ValueError("must be a string, a number, a boolean or null")
+    return value
+
+
+MetadataValue = Annotated[
+    Any, PlainValidator(_metadata_value, json_schema_input_type=str | int | float | bool | None)
+]
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+class JobCreate(BaseModel):
+    """A new job (`POST /v1/jobs`). `params` are the kind's parameters (see `core.params`),
+    validated and stored with every default filled in."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"example": {"kind": "guided", "params": {"classes": [3]}, "seed": 0}},
+    )
+
+    kind: str = Field(
+        description="the objective (DESIGN §3.2)", json_schema_extra={"enum": list(KINDS)}
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the kind's parameters; defaults are filled in"
+    )
+    seed: int | None = Field(
+        None, ge=0, le=MAX_SEED, description="seed of item 0 (item i: seed + i); default: random"
+    )
+    priority: int = Field(
+        0, ge=0, le=MAX_PRIORITY, description="broker priority, 0 (first) to 9 (last)"
+    )
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        None,
+        max_length=MAX_METADATA_KEYS,
+        description=f"the client's own labels, returned as given: at most {MAX_METADATA_KEYS} "
+        f"keys of 64 characters, strings of {MAX_METADATA_STRING}, {MAX_METADATA_BYTES} bytes "
+        "as JSON",
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; must be one of {list(KINDS)}")
+        return kind
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            size = len(json.dumps(value, separators=(",", ":")).encode())
+            if size > MAX_METADATA_BYTES:
+                raise ValueError(
+                    f"metadata is {size} bytes as JSON; the limit is {MAX_METADATA_BYTES}"
+                )
+        return value
+
+    def normalised_params(self, allow_list: list[str] | None) -> dict[str, Any]:
+        """The params validated by the kind's model with every default filled in (what is
+        stored and what runs), their model specs well-formed, of the right kind and on the
+        allow-list; else a 422 problem naming each field (`params.guidance.iterations`)."""
+        try:
+            model = validate_params(self.kind, self.params)
+        except ParamsError as exc:
+            errors = [
+                e if e["field"] == "kind" else {**e, "field": f"params.{e['field']}"}
+                for e in exc.errors
+            ]
+            raise params_problem(errors) from None
+        params: dict[str, Any] = model.model_dump(mode="json")
+        errors = [
+            {"field": field, "message": message}
+            for field, spec, expected in model_specs(params)
+            if (message := check_model_spec(spec, expected, allow_list))
+        ]
+        if errors:
+            raise params_problem(errors)
+        return params
+
+    def request_hash(self, params: dict[str, Any]) -> str:
+        """What an Idempotency-Key guards: this request with its normalised `params` (so `{}`
+        and the same params spelled out with their defaults are the same request)."""
+        canonical = {
+            "kind": self.kind,
+            "params": params,
+            "seed": self.seed,
+            "priority": self.priority,
+            "metadata": self.metadata,
+        }
+        text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def params_problem(errors: list[dict[str, str]]) -> ProblemError:
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return ProblemError(422, "invalid-params", detail, errors=errors)
+
+
+def model_specs(params: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(field, spec, expected kind) of every model the params name: `diffusion` takes a
+    diffusion model, `classifier*` fields (a spec or a list of specs) take classifiers."""
+    found = []
+    for name, value in params.items():
+        if name == "diffusion":
+            expected = "diffusion"
+        elif name.startswith("classifier"):
+            expected = "classifier"
+        else:
+            continue
+        if isinstance(value, str):
+            found.append((f"params.{name}", value, expected))
+        elif isinstance(value, list):
+            found += [(f"params.{name}.{i}", v, expected) for i, v in enumerate(value)
+                      if isinstance(v, str)]  # fmt: skip
+    return found
+
+
+def check_model_spec(spec: str, expected: str, allow_list: list[str] | None) -> str | None:
+    """What is wrong with `spec` in a field taking an `expected` model, or None."""
+    try:
+        parsed = parse_spec(spec)
+    except ValueError as exc:
+        return str(exc)
+    if parsed.kind != expected:
+        return f"{spec!r} is a {parsed.kind} model; this field takes a {expected} model"
+    if not is_allowed(spec, allow_list):
+        return (
+            f"model {spec!r} is not on this service's allow-list "
+            f"(DIGIN_MODEL_ALLOW_LIST: {', '.join(allow_list or [])}); see GET /v1/models"
+        )
+    return None
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    step: int | None = Field(None, description="optimisation steps done")
+    total: int | None = Field(None, description="steps in all")
+    stage: str | None = Field(None, description="what the worker is doing (loading, guiding, …)")
+
+
+class JobError(BaseModel):
+    code: str = Field(description="e.g. gpu_oom, worker_lost, invalid_params")
+    message: str
+    retryable: bool
+
+
+class ArtifactRef(BaseModel):
+    """A stored output of a job (its URL: `GET /v1/jobs/{id}/artifacts`)."""
+
+    name: str = Field(description="e.g. grid.png, item_000.png, result.json")
+    content_type: str
+    size: int | None = Field(None, description="bytes")
+
+
+class JobResult(BaseModel):
+    summary: dict[str, Any] = Field(description="the core's result summary (metrics per item)")
+    artifacts: list[ArtifactRef]
+
+
+class WorkerInfo(BaseModel):
+    host: str | None = None
+    gpu: str | None = None
+
+
+class JobUrls(BaseModel):
+    self: str = Field(description="this job (GET)")
+    cancel: str = Field(description="POST to cancel")
+    artifacts: str = Field(description="its artifacts with fresh URLs (GET)")
+
+
+class JobPublic(BaseModel):
+    """A job as its tenant sees it; the job row is the truth (Celery state is never shown)."""
+
+    id: uuid.UUID
+    kind: str
+    status: JobStatus
+    params: dict[str, Any] = Field(description="validated, with every default filled in")
+    seed: int
+    priority: int
+    queue: str
+    batch_id: uuid.UUID | None
+    metadata: dict[str, Any] | None
+    attempts: int
+    max_attempts: int
+    progress: Progress | None
+    result: JobResult | None
+    error: JobError | None
+    cancel_requested: bool
+    created_at: datetime
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    heartbeat_at: datetime | None
+    finished_at: datetime | None
+    worker: WorkerInfo | None
+    urls: JobUrls
+
+    @classmethod
+    def from_job(cls, job: Job, *, base: str = "") -> JobPublic:
+        """`base`: the root path the API is served under ('' unless behind a prefix)."""
+        path = f"{base}/v1/jobs/{job.id}"
+        result = None
+        if job.result is not None:
+            artifacts = [
+                ArtifactRef(name=a["name"], content_type=a.get("content_type") or
+                            "application/octet-stream", size=a.get("size"))
+                for a in job.result.get("artifacts") or []
+            ]  # fmt: skip
+            result = JobResult(summary=job.result.get("summary") or {}, artifacts=artifacts)
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,
+            params=job.params,
+            seed=job.seed,
+            priority=job.priority,
+            queue=job.queue,
+            batch_id=job.batch_id,
+            metadata=job.meta,
+            attempts=job.attempts,
+            max_attempts=job.max_attempts,
+            progress=Progress.model_validate(job.progress) if job.progress else None,
+            result=result,
+            error=JobError.model_validate(job.error) if job.error else None,
+            cancel_requested=job.cancel_requested,
+            created_at=job.created_at,
+            enqueued_at=job.enqueued_at,
+            started_at=job.started_at,
+            heartbeat_at=job.heartbeat_at,
+            finished_at=job.finished_at,
+            worker=WorkerInfo.model_validate(job.worker) if job.worker else None,
+            urls=JobUrls(self=path, cancel=f"{path}/cancel", artifacts=f"{path}/artifacts"),
+        )
+
+
+class JobList(BaseModel):
+    """One page of jobs, newest first; pass `next_cursor` as `cursor` for the next page."""
+
+    data: list[JobPublic]
+    next_cursor: str | None = Field(description="null on the last page")
+
+
+# --- artifacts ------------------------------------------------------------------------------------
+class ArtifactPublic(ArtifactRef):
+    url: str = Field(
+        description="a short-lived presigned URL (S3), or this API's download route (local)"
+    )
+    expires_at: datetime | None = Field(description="when `url` stops working (null: never)")
+
+
+class ArtifactList(BaseModel):
+    job_id: uuid.UUID
+    status: JobStatus
+    data: list[ArtifactPublic] = Field(description="empty until the job has succeeded")
+
+
+def artifact_path(job_id: uuid.UUID, name: str, *, base: str = "") -> str:
+    return f"{base}/v1/jobs/{job_id}/artifacts/{quote(name)}"
+
+
+# --- images ---------------------------------------------------------------------------------------
+class ImagePublic(BaseModel):
+    """An uploaded start image; its `id` is what job params refer to."""
+
+    id: uuid.UUID
+    sha256: str
+    format: str
+    width: int
+    height: int
+    size_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def from_image(cls, image: Image) -> ImagePublic:
+        return cls(
+            id=image.id,
+            sha256=image.sha256,
+            format=image.format,
+            width=image.width,
+            height=image.height,
+            size_bytes=image.size_bytes,
+            created_at=image.created_at,
+        )
+
+
+# --- models and health ----------------------------------------------------------------------------
+class ModelPublic(ModelInfo):
+    allowed: bool = Field(description="on this service's model allow-list")
+
+
+class ModelList(BaseModel):
+    models: list[ModelPublic] = Field(description="the curated models")
+    schemes: list[SchemeInfo] = Field(description="every spec form a job may name")
+    allow_list: list[str] | None = Field(
+        description="specs jobs may use ('*' ends a prefix); null: any well-formed spec"
+    )
+    kinds: list[str]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ok"] = "ok"
+    checks: dict[str, str] = Field(description="each dependency: 'ok'")
