@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 if TYPE_CHECKING:
     from api.settings import Settings
@@ -49,7 +49,7 @@ def make_celery(settings: Settings, *, name: str = "digin") -> Celery:
         task_store_errors_even_if_ignored=False,
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[Queue(q) for q in QUEUES],
+        task_queues=[Queue(q) for q in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue="interactive",
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,

@@ -28,7 +28,7 @@ from pydantic import (
 from api.db import STATUSES, Image, Job
 from api.problems import ProblemError
 from core.params import KINDS, ParamsError, validate_params
-from core.registry import ModelInfo, SchemeInfo, is_allowed, parse_spec
+from core.registry import ModelInfo, SchemeInfo, is_allowed, names_server_path, parse_spec
 
 JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
 assert set(get_args(JobStatus)) == set(STATUSES), "JobStatus must list api.db's STATUSES"
@@ -108,10 +108,14 @@ class JobCreate(BaseModel):
                 )
         return value
 
-    def normalised_params(self, allow_list: list[str] | None) -> dict[str, Any]:
+    def normalised_params(
+        self, allow_list: list[str] | None, *, allow_paths: bool = True
+    ) -> dict[str, Any]:
         """The params validated by the kind's model with every default filled in (what is
         stored and what runs), their model specs well-formed, of the right kind and on the
-        allow-list; else a 422 problem naming each field (`params.guidance.iterations`)."""
+        allow-list; else a 422 problem naming each field (`params.guidance.iterations`).
+        `allow_paths` False (production): specs naming a path on the server must be on the
+        allow-list explicitly."""
         try:
             model = validate_params(self.kind, self.params)
         except ParamsError as exc:
@@ -124,7 +128,7 @@ class JobCreate(BaseModel):
         errors = [
             {"field": field, "message": message}
             for field, spec, expected in model_specs(params)
-            if (message := check_model_spec(spec, expected, allow_list))
+            if (message := check_model_spec(spec, expected, allow_list, allow_paths=allow_paths))
         ]
         if errors:
             raise params_problem(errors)
@@ -168,7 +172,9 @@ def model_specs(params: dict[str, Any]) -> list[tuple[str, str, str]]:
     return found
 
 
-def check_model_spec(spec: str, expected: str, allow_list: list[str] | None) -> str | None:
+def check_model_spec(
+    spec: str, expected: str, allow_list: list[str] | None, *, allow_paths: bool = True
+) -> str | None:
     """What is wrong with `spec` in a field taking an `expected` model, or None."""
     try:
         parsed = parse_spec(spec)
@@ -176,6 +182,11 @@ def check_model_spec(spec: str, expected: str, allow_list: list[str] | None) -> 
         return str(exc)
     if parsed.kind != expected:
         return f"{spec!r} is a {parsed.kind} model; this field takes a {expected} model"
+    if not allow_paths and names_server_path(parsed) and allow_list is None:
+        return (
+            f"model {spec!r} reads weights from a path on the server; in production mode such "
+            "specs must be on the allow-list (DIGIN_MODEL_ALLOW_LIST)"
+        )
     if not is_allowed(spec, allow_list):
         return (
             f"model {spec!r} is not on this service's allow-list "

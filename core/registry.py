@@ -221,6 +221,17 @@ def weights_source(spec: str | ModelSpec) -> str | None:
     raise AssertionError(parsed.scheme)
 
 
+def names_server_path(spec: str | ModelSpec) -> bool:
+    """Whether ``spec`` reads weights from a path on the machine that runs it (a local pipeline
+    folder, weights file or zoo folder) rather than a hub, a URI or the bundled zoo. A service
+    in production refuses such specs from tenants unless the allow-list names them."""
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    if parsed.scheme == "digits":
+        return parsed.weights is not None
+    source = weights_source(parsed)
+    return source is not None and not source.startswith("hf-hub:") and "://" not in source
+
+
 def is_available(spec: str | ModelSpec) -> bool:
     """Whether the weights of ``spec`` are present locally (never downloads anything)."""
     source = weights_source(spec)

@@ -94,7 +94,9 @@ def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     # 1. Validate: params normalised, models well-formed and allowed
-    params = body.normalised_params(settings.model_allow_list)
+    params = body.normalised_params(
+        settings.model_allow_list, allow_paths=settings.mode == "embedded"
+    )
     # 2. Write the row (or find the idempotent original) and commit
     try:
         job, created = repo.create_job(

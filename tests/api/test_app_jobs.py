@@ -338,3 +338,14 @@ def test_missing_invalid_and_revoked_keys_are_401(
     assert job_count(sessions) == 0
     for path in ("/v1/models", "/v1/images/" + str(uuid.uuid4())):
         assert_problem(client.get(path), 401)
+
+
+def test_server_path_specs_need_the_allow_list_in_production():
+    from api.schemas import check_model_spec
+
+    spec = "digits:cnn@/etc"
+    assert check_model_spec(spec, "classifier", None) is None  # embedded mode: the user's machine
+    message = check_model_spec(spec, "classifier", None, allow_paths=False)
+    assert message and "path on the server" in message and "DIGIN_MODEL_ALLOW_LIST" in message
+    assert check_model_spec(spec, "classifier", ["digits:*"], allow_paths=False) is None
+    assert check_model_spec("digits:cnn", "classifier", None, allow_paths=False) is None

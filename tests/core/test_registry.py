@@ -14,6 +14,7 @@ from core.registry import (
     is_available,
     list_models,
     list_schemes,
+    names_server_path,
     parse_spec,
     weights_source,
     zoo_dir,
@@ -255,3 +256,24 @@ def test_is_allowed():
     assert is_allowed("open_clip:ViT-B-16/laion2b_s34b_b88k", ["*"])
     with pytest.raises(TypeError):
         is_allowed("timm:resnet50", "timm:*")
+
+
+@pytest.mark.parametrize(
+    ("spec", "local"),
+    [
+        ("digits", False),
+        ("digits:cnn", False),
+        ("digits:cnn@/srv/zoo", True),
+        ("digits@zoo", True),
+        ("diffusers:CompVis/stable-diffusion-v1-4", False),
+        ("diffusers:/models/sd", True),
+        ("diffusers:./sd", True),
+        ("timm:resnet50.a1_in1k", False),
+        ("timm:resnet50@/weights/ft.safetensors", True),
+        ("timm:resnet50@s3://bucket/ft.safetensors", False),
+        ("open_clip:ViT-B-16/laion2b_s34b_b88k", False),
+        ("open_clip:ViT-B-16/weights/clip.safetensors", True),
+    ],
+)
+def test_names_server_path(spec, local):
+    assert names_server_path(spec) is local
