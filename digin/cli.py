@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from core.registry import list_models, list_schemes
+from digin.service import register as register_service_commands
 
 app = typer.Typer(
     name="digin",
@@ -116,6 +117,8 @@ def run(
     paths = write_outputs(result, out)
     typer.echo(f"wrote {len(paths)} files to {out} (grid: {paths['grid.png']})")
 
+
+register_service_commands(app)  # migrate, keys, worker, reaper, api, serve
 
 if __name__ == "__main__":
     app()

@@ -1,0 +1,39 @@
+"""The workers' Celery app: `celery -A worker.app:app worker` (or `digin worker`).
+
+The shared app of `api.dispatch` (same broker, queues and reliability settings as the API that
+sends) with the tasks of `worker.tasks` registered, logs as JSON lines, and a beat schedule for
+the reaper (`digin worker --beat`, or `celery -A worker.app:app beat`). Importing this module
+reads the settings and nothing else: no database, no models, no CUDA.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import setup_logging
+
+from api.dispatch import TASK_REAP, make_celery
+from api.settings import get_settings
+from worker.logs import configure_logging
+from worker.reaper import reaper_interval
+from worker.tasks import register_tasks
+
+settings = get_settings()
+app = make_celery(settings)
+tasks = register_tasks(app)
+
+interval = reaper_interval(settings)
+app.conf.beat_schedule = {
+    "digin-reap": {
+        "task": TASK_REAP,
+        "schedule": interval,
+        # queued behind a running job on a busy worker: drop rounds that waited too long
+        "options": {"expires": interval},
+    }
+}
+
+
+@setup_logging.connect  # type: ignore[untyped-decorator]
+def _json_logs(loglevel: Any = None, **_: Any) -> None:
+    """Celery's own logging setup, replaced by JSON lines (`worker.logs`)."""
+    configure_logging(loglevel or "INFO")
