@@ -29,7 +29,7 @@ from api.db import Job
 from api.dispatch import enqueue
 from api.settings import Settings, fresh_settings
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
-from tests.worker.helpers import ROOT, ParamsFactory, normalised, params_factory
+from tests.worker.helpers import ROOT, ParamsFactory, digits_params, normalised
 
 REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_E2E_URL", "redis://127.0.0.1:6379/12")
 WORKER_READY_S = 90.0
@@ -79,8 +79,8 @@ def s3_endpoint() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def e2e_params(request: pytest.FixtureRequest) -> ParamsFactory:
-    return params_factory(request)
+def e2e_params() -> ParamsFactory:
+    return digits_params
 
 
 @dataclass

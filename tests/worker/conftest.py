@@ -18,7 +18,7 @@ from tests.api.conftest import (  # noqa: F401 - fixtures
     sqlite_url,
     tenant,
 )
-from tests.worker.helpers import ParamsFactory, params_factory
+from tests.worker.helpers import ParamsFactory, digits_params
 
 
 @pytest.fixture(scope="session")
@@ -34,5 +34,5 @@ def model_cache() -> Any:
 
 
 @pytest.fixture(scope="session")
-def job_params(request: pytest.FixtureRequest) -> ParamsFactory:
-    return params_factory(request)
+def job_params() -> ParamsFactory:
+    return digits_params

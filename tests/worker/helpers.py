@@ -8,32 +8,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-DIGITS_DIFFUSION = ROOT / "core" / "zoo" / "digits.safetensors"
 
 ParamsFactory = Callable[..., dict[str, Any]]
 
 
-def params_factory(request: pytest.FixtureRequest) -> ParamsFactory:
-    """`make(iterations=2, **extra)`: raw params of a `guided` job that runs in seconds: the
-    bundled digits zoo ({"classes": ["seven"]}) when its diffusion model is there, else the
-    tiny random-weight models (tests/conftest.py `tiny_models`)."""
-    if DIGITS_DIFFUSION.exists():
-        base: dict[str, Any] = {"classes": ["seven"]}
-        guidance: dict[str, Any] = {}
-    else:
-        tiny = request.getfixturevalue("tiny_models")
-        base = {"diffusion": tiny["sd"], "classifier": tiny["classifier"], "classes": [1],
-                "resolution": 32}  # fmt: skip
-        guidance = {"ddim_steps": 2, "loss_steps": 1, "num_cutouts": 1}
-
-    def make(iterations: int = 2, **extra: Any) -> dict[str, Any]:
-        return {**base, "guidance": {**guidance, "iterations": iterations}, **extra}
-
-    return make
+def digits_params(iterations: int = 2, **extra: Any) -> dict[str, Any]:
+    """Raw params of a `guided` job on the bundled digits zoo (the default models) that runs
+    in about a second on a CPU."""
+    return {"classes": ["seven"], "guidance": {"iterations": iterations}, **extra}
 
 
 def normalised(kind: str, raw: dict[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """The job task in process (`worker.runner.execute_job`) on real PostgreSQL and SQLite, real
-local storage and a real (tiny or digits) model: every path of the task's state machine."""
+local storage and the bundled digits zoo: every path of the task's state machine."""
 
 from __future__ import annotations
 
