@@ -18,10 +18,10 @@ run twice:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 if TYPE_CHECKING:
     from api.settings import Settings
@@ -49,7 +49,9 @@ def make_celery(settings: Settings, *, name: str = "digin") -> Celery:
         task_store_errors_even_if_ignored=False,
         task_serializer="json",
         accept_content=["json"],
-        task_queues=[Queue(q) for q in QUEUES],  # type: ignore[no-untyped-call]
+        # each queue its own exchange and routing key: bare Queue(q) makes Celery route every
+        # queue through the default one, so a sweep message lands in `interactive` too
+        task_queues=[Queue(q, Exchange(q), routing_key=q) for q in QUEUES],  # type: ignore[no-untyped-call]
         task_default_queue="interactive",
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
@@ -59,9 +61,15 @@ def make_celery(settings: Settings, *, name: str = "digin") -> Celery:
     return app
 
 
-def enqueue(app: Celery, *, job_id: str, queue: str, priority: int = 0) -> None:
-    """Send one job to `queue`. Call only after the job row is committed (a worker that runs
-    the task first must find the row); then mark the row enqueued."""
+def enqueue(
+    app: Celery, *, job_id: str, queue: str, priority: int = 0, countdown: float = 0.0
+) -> None:
+    """Send one job to `queue` (after `countdown` seconds if > 0). Call only after the job row
+    is committed (a worker that runs the task first must find the row); then mark the row
+    enqueued."""
     if queue not in QUEUES:
         raise ValueError(f"queue must be one of {QUEUES}, got {queue!r}")
-    app.send_task(TASK_RUN_JOB, args=[str(job_id)], queue=queue, priority=priority)
+    options: dict[str, Any] = {"queue": queue, "routing_key": queue, "priority": priority}
+    if countdown > 0:
+        options["countdown"] = countdown
+    app.send_task(TASK_RUN_JOB, args=[str(job_id)], **options)

@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     queued_stale_seconds: int = Field(1800, ge=10)
     task_time_limit_seconds: int = Field(3000, ge=10)
     visibility_timeout_seconds: int = Field(3600, ge=10)
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="worker device: auto (cuda if the worker sees a GPU, else cpu), cpu, cuda[:N]",
+    )
+    max_batch: int = Field(8, ge=1, le=256, description="items a worker optimises in one run")
 
     @field_validator("image_formats", "model_allow_list", mode="before")
     @classmethod

@@ -243,6 +243,11 @@ def api_command(
     """Serve the HTTP API with uvicorn (run `digin migrate` first)."""
     import uvicorn
 
+    # The app checks the host it serves on (auth off only on loopback): it must see --host.
+    if host is not None:
+        os.environ["DIGIN_HOST"] = host
+    if port is not None:
+        os.environ["DIGIN_PORT"] = str(port)
     settings = _settings()
     uvicorn.run(
         "api.app:create_app",

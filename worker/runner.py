@@ -66,7 +66,7 @@ class WorkerContext:
     def resolve_device(self) -> str:
         """Decided in the worker process itself: CUDA is never touched in a parent that forks."""
         if self.device is None:
-            wanted = os.environ.get("DIGIN_DEVICE") or getattr(self.settings, "device", None)
+            wanted = self.settings.device  # DIGIN_DEVICE
             if wanted and wanted != "auto":
                 self.device = str(wanted)
             else:

@@ -35,11 +35,7 @@ def celery_enqueuer(app: Celery) -> Enqueue:
     """Send run-job messages through `app` (after the row is committed), with a delay if any."""
 
     def send(*, job_id: uuid.UUID, queue: str, priority: int, countdown: float = 0.0) -> None:
-        if countdown > 0:
-            options = {"queue": queue, "priority": priority, "countdown": countdown}
-            app.send_task(TASK_RUN_JOB, args=[str(job_id)], **options)
-        else:
-            enqueue(app, job_id=str(job_id), queue=queue, priority=priority)
+        enqueue(app, job_id=str(job_id), queue=queue, priority=priority, countdown=countdown)
 
     return send
 
@@ -51,6 +47,7 @@ def make_context(app: Celery, settings: Settings | None = None) -> WorkerContext
         sessions=session_factory(make_engine(settings.database_url)),
         storage=storage_from_settings(settings),
         enqueue=celery_enqueuer(app),
+        max_batch=settings.max_batch,
     )
 
 
