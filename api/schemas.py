@@ -130,6 +130,15 @@ class JobCreate(BaseModel):
             for field, spec, expected in model_specs(params)
             if (message := check_model_spec(spec, expected, allow_list, allow_paths=allow_paths))
         ]
+        if not allow_paths:  # production: tenants never read the server's files
+            errors += [
+                {
+                    "field": field,
+                    "message": "paths on the server are not accepted in production mode; "
+                    "upload images (POST /v1/images) and pass their ids",
+                }
+                for field in server_paths(params)
+            ]
         if errors:
             raise params_problem(errors)
         return params
@@ -153,11 +162,16 @@ def params_problem(errors: list[dict[str, str]]) -> ProblemError:
     return ProblemError(422, "invalid-params", detail, errors=errors)
 
 
-def model_specs(params: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(field, spec, expected kind) of every model the params name: `diffusion` takes a
-    diffusion model, `classifier*` fields (a spec or a list of specs) take classifiers."""
+def model_specs(params: dict[str, Any], prefix: str = "params") -> list[tuple[str, str, str]]:
+    """(field, spec, expected kind) of every model the params name, nested blocks included
+    (e.g. `visualization.diffusion`, `pca.classifier`): `diffusion` takes a diffusion model,
+    `classifier*` fields (a spec or a list of specs) take classifiers."""
     found = []
     for name, value in params.items():
+        field = f"{prefix}.{name}"
+        if isinstance(value, dict):
+            found += model_specs(value, field)
+            continue
         if name == "diffusion":
             expected = "diffusion"
         elif name.startswith("classifier"):
@@ -165,10 +179,31 @@ def model_specs(params: dict[str, Any]) -> list[tuple[str, str, str]]:
         else:
             continue
         if isinstance(value, str):
-            found.append((f"params.{name}", value, expected))
+            found.append((field, value, expected))
         elif isinstance(value, list):
-            found += [(f"params.{name}.{i}", v, expected) for i, v in enumerate(value)
+            found += [(f"{field}.{i}", v, expected) for i, v in enumerate(value)
                       if isinstance(v, str)]  # fmt: skip
+    return found
+
+
+PATH_FIELDS = ("folder", "pca", "image")  # params that may name a file or folder on the server
+
+
+def server_paths(params: dict[str, Any], prefix: str = "params") -> list[str]:
+    """Fields whose value names a file or folder on the machine that runs the job (an image
+    folder, a neural_pca result file, a start image path); bundled digits ('digits:…') are not
+    paths."""
+    found = []
+    for name, value in params.items():
+        field = f"{prefix}.{name}"
+        if isinstance(value, dict):
+            found += server_paths(value, field)
+        elif (
+            name in (*PATH_FIELDS, "images", "spurious", "class_images")  # image set short forms
+            and isinstance(value, str)
+            and not value.startswith("digits:")
+        ):
+            found.append(field)
     return found
 
 

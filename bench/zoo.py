@@ -9,6 +9,10 @@
 3. The semantic jobs of `examples/*_digits.json` (the zoo's guidance settings) with more items
    than the tests use: judge agreement (guided, bar ≥ 90 %) and patch rate (disagreement and
    neuron, bar ≥ 80 %, against the unguided rate), with their run times.
+4. Neural PCA and the spurious score (issue 4): |r| of a top-3 component of cnn-spurious with the
+   planted patch over train sevens, half patched (bar ≥ 0.8; digits:cnn for contrast), the patch
+   rate of that component's `pca_component` visualisations (bar ≥ 80 %), and the AUC of p(seven)
+   separating real sevens from patched other digits (bars: ≤ 0.7 for cnn-spurious, ≥ 0.9 for cnn).
 
     python bench/zoo.py [--zoo DIR] [--out bench/results/zoo.json] [--per-class 50] [--items 3]
 """
@@ -35,6 +39,79 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def bar(value: float, threshold: float) -> dict:
     return {"value": round(value, 4), "bar": threshold, "pass": value >= threshold}
+
+
+def pca_and_spurious(cache: ModelCache, spec, items: int) -> tuple[dict, dict]:
+    """Section 4 (issue 4): neural PCA of cnn-spurious for seven (|r| of the best of the top
+    three components with the planted patch; digits:cnn on the same images for contrast), that
+    component's `pca_component` visualisations (patch rate, guided vs. unguided), and the
+    spurious score of seven (patched other digits vs. real sevens) of each classifier, with
+    the mean over all ten classes for reference. Returns (figures, bars)."""
+    import tempfile
+
+    from core.output import write_outputs
+
+    def example(kind: str) -> dict:
+        return json.loads((ROOT / "examples" / f"{kind}_digits.json").read_text())
+
+    out: dict = {"neural_pca": {}, "spurious_score": {}}
+    bars: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for clf in ("digits:cnn-spurious", "digits:cnn"):
+            params = example("neural_pca") | {"classifier": clf}
+            params["visualization"]["components"] = 0
+            t0 = time.perf_counter()
+            result = run_job("neural_pca", params, cache=cache)
+            r = result.data["patch_correlation"]
+            best = max(range(3), key=lambda l: abs(r[l]))
+            out["neural_pca"][clf] = {
+                "images": result.data["num_images"],
+                "best_top3_component": best,
+                "abs_r": abs(r[best]),
+                "explained_variance_ratio_top3": result.data["pca"]["explained_variance_ratio"][:3],
+                "seconds": round(time.perf_counter() - t0, 2),
+            }
+            if clf == "digits:cnn-spurious":
+                bars["neural_pca: |r| of a top-3 component with the patch"] = bar(abs(r[best]), 0.8)
+                write_outputs(result, tmp)
+                params = example("pca_component") | {
+                    "pca": str(Path(tmp) / "result.json"), "components": [best],
+                    "images_per_class": 10 * items,
+                }  # fmt: skip
+                t0 = time.perf_counter()
+                job = run_job("pca_component", params, seed=1000, cache=cache, max_batch=32)
+                guided, unguided = patch_rates(job, spec)
+                out["pca_component"] = {
+                    "component": best,
+                    "items": len(job.items),
+                    "rate": guided,
+                    "unguided_rate": unguided,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+                bars["pca_component: patch present"] = bar(guided, 0.80) | {
+                    "unguided": round(unguided, 4)
+                }
+    for clf in ("digits:cnn-spurious", "digits:cnn", "digits:mlp"):
+        t0 = time.perf_counter()
+        seven = run_job("spurious_score", example("spurious_score") | {"classifier": clf},
+                        cache=cache)  # fmt: skip
+        every = run_job("spurious_score", example("spurious_score") | {"classifier": clf,
+                        "classes": list(range(10))}, cache=cache)  # fmt: skip
+        (score,) = seven.data["classes"]
+        out["spurious_score"][clf] = {
+            "auc_seven": score["auc"],
+            "mean_p_class": score["mean_p_class"],
+            "mean_p_spurious": score["mean_p_spurious"],
+            "mean_auc_all_classes": every.data["mean_auc"],
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
+    auc = out["spurious_score"]
+    bars["spurious_score: AUC of seven, cnn-spurious (at most)"] = {
+        "value": round(auc["digits:cnn-spurious"]["auc_seven"], 4), "bar": 0.7,
+        "pass": auc["digits:cnn-spurious"]["auc_seven"] <= 0.7,
+    }  # fmt: skip
+    bars["spurious_score: AUC of seven, cnn"] = bar(auc["digits:cnn"]["auc_seven"], 0.9)
+    return out, bars
 
 
 def main() -> None:
@@ -130,6 +207,10 @@ def main() -> None:
         "seconds": round(time.perf_counter() - t0, 1),
     }
     results["semantic"] = semantic
+
+    # 4. neural PCA, its component visualisations, spurious scores (issue 4)
+    results["pca_and_spurious"], pca_bars = pca_and_spurious(cache, spec, args.items)
+    bars |= pca_bars
     results["bars"] = bars
 
     width = max(map(len, bars))

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
@@ -24,6 +24,10 @@ from core.diffusion import DiffusionModel, load_diffusion
 from core.guidance import GuidanceResult, ProgressFn, StopFn, optimize
 from core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
 from core.params import DisagreementParams, GuidedParams, NeuronParams, validate_params
+
+if TYPE_CHECKING:
+    from core.analysis import AnalysisResult
+    from core.counterfactual.job import CounterfactualResult
 
 
 class ModelCache:
@@ -118,6 +122,11 @@ def metric_descriptions(kind: str, models: dict[str, str]) -> dict[str, str]:
             "p1": f"p(class | x) of {models['classifier1']}",
             "p2": f"p(class | x) of {models['classifier2']}",
         }
+    if kind == "pca_component":
+        return {
+            "alpha": f"α_l, the component's share of the class logit of {models['classifier']}",
+            "p": f"p(class | x) of {models['classifier']}",
+        }
     return {
         "activation": f"penultimate unit of {models['classifier']}",
         "p": f"p(class | x) of {models['classifier']} (keep modes)",
@@ -205,8 +214,25 @@ def run_job(
     max_batch: int = 8,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-) -> JobResult:
-    """Run one generative job; `progress(step, total, info)` counts iterations of all batches."""
+    image_resolver: Callable[[str], bytes] | None = None,
+) -> JobResult | AnalysisResult | CounterfactualResult:
+    """Run one generative job; `progress(step, total, info)` counts iterations of all batches.
+    The neural PCA and spurious-score kinds go to `core.analysis.run_analysis`, counterfactuals
+    to `core.counterfactual.job.run_counterfactual` (`image_resolver`: uploaded id → bytes)."""
+    if kind == "counterfactual":
+        from core.counterfactual.job import run_counterfactual  # it builds on this module
+
+        return run_counterfactual(
+            params, seed=seed, device=device, cache=cache or _DEFAULT_CACHE, max_batch=max_batch,
+            progress=progress, should_stop=should_stop, image_resolver=image_resolver,
+        )  # fmt: skip
+    if kind in ("neural_pca", "pca_component", "spurious_score"):
+        from core.analysis import run_analysis  # it builds on this module
+
+        return run_analysis(
+            kind, params, seed=seed, device=device, cache=cache, max_batch=max_batch,
+            progress=progress, should_stop=should_stop, resolver=image_resolver,
+        )  # fmt: skip
     t_start = time.perf_counter()
     if isinstance(params, dict):
         params = validate_params(kind, params)

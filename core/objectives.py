@@ -134,3 +134,36 @@ class NeuronObjective(Objective):
             return ObjectiveOutput(-act, metrics)
         sign = -1.0 if self.mode == "activate_keep_class" else 1.0
         return ObjectiveOutput(sign * 10.0 * act - 0.5 * logp, metrics)
+
+
+class ComponentObjective(Objective):
+    """`pca_component`: a neural PCA component's share of the class-k logit (core.pca),
+    α_l = ((a ⊙ w_k − μ)·v_l)(1·v_l), maximised; with keep_class > 0 the class is kept:
+    loss = −α_l − keep_class · log p(k|x)."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        classes: Tensor,
+        mean: Tensor,
+        directions: Tensor,
+        keep_class: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.classifiers = [classifier]
+        self.keep_class = keep_class
+        self.register_buffer("classes", classes.long(), persistent=False)  # (B,) class k
+        self.register_buffer("mean", mean.float().expand_as(directions), persistent=False)  # μ
+        self.register_buffer("directions", directions.float(), persistent=False)  # (B, F) v_l
+
+    def forward(self, views: list[Tensor]) -> ObjectiveOutput:
+        b, n = views[0].shape[:2]
+        clf = self.classifiers[0]
+        logits, feats = clf.forward_features(views[0].flatten(0, 1).float())
+        w_k = clf.last_layer_weight.float()[self.classes]  # (B, F)
+        contrib = feats.float().view(b, n, -1) * w_k[:, None]  # (B, n, F) a ⊙ w_k
+        v = self.directions[:, None]  # (B, 1, F)
+        alpha = (((contrib - self.mean[:, None]) * v).sum(-1) * v.sum(-1)).mean(1)  # (B,)
+        logp = _pick(logits.float().view(b, n, -1).log_softmax(-1), self.classes).mean(1)
+        metrics = {"alpha": alpha.detach(), "p": logp.exp().detach()}
+        return ObjectiveOutput(-alpha - self.keep_class * logp, metrics)

@@ -9,12 +9,17 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from core.jobs import JobResult
+
+if TYPE_CHECKING:
+    from core.analysis import AnalysisResult
+    from core.counterfactual.job import CounterfactualResult
 
 GRID_TILE = 160  # pixels per trajectory tile (tiles are downscaled from the image side)
 CAPTION_H = 30
@@ -36,10 +41,11 @@ def png_bytes(image: Image.Image) -> bytes:
 def _caption(result: JobResult, it: int, b: int) -> str:
     g = result.guidance
     parts = [f"it {it}"]
-    for name in ("p", "p1", "p2", "activation"):
+    for name in ("p", "p1", "p2", "activation", "alpha"):
         if name in g.metrics:
             value = float(g.metrics[name][it, b])
-            parts.append(f"{name} {value:.2f}" if name != "activation" else f"a {value:.1f}")
+            short = {"activation": "a", "alpha": "pc"}.get(name)  # pc: α_l of pca_component
+            parts.append(f"{name} {value:.2f}" if short is None else f"{short} {value:.1f}")
     return " ".join(parts)
 
 
@@ -63,13 +69,19 @@ def trajectory_grid(result: JobResult, tile: int = GRID_TILE) -> Image.Image:
             if it == result.guidance.best_iteration[b]:
                 draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline="red", width=2)
         label = result.items[b].class_name or f"neuron {result.items[b].neuron}"
+        if getattr(result.items[b], "component", None) is not None:  # pca_component
+            label = f"{label}, component {result.items[b].component}"
         draw.text((2, y + tile + 15), label[:40], fill="gray", font=font)
     return grid
 
 
-def render_artifacts(result: JobResult) -> dict[str, bytes]:
+def render_artifacts(
+    result: JobResult | AnalysisResult | CounterfactualResult,
+) -> dict[str, bytes]:
     """name → bytes: result.json, item_XXX.png (best), item_XXX_start.png (iteration 0),
-    grid.png (the trajectory of every item)."""
+    grid.png (the trajectory of every item). Analysis kinds render their own figures."""
+    if not isinstance(result, JobResult):
+        return result.render_artifacts()
     out: dict[str, bytes] = {}
     for b, item in enumerate(result.items):
         out[f"item_{item.index:03d}.png"] = png_bytes(to_pil(result.guidance.images[b]))
@@ -89,7 +101,9 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_outputs(result: JobResult, out_dir: Path | str) -> dict[str, Path]:
+def write_outputs(
+    result: JobResult | AnalysisResult | CounterfactualResult, out_dir: Path | str
+) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

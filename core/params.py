@@ -13,9 +13,18 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from core.config import GuidanceConfig
+from core.counterfactual.config import CounterfactualConfig
 from core.digits import settings as digits_settings
 
 ClassRef = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)]
@@ -133,12 +142,311 @@ class NeuronParams(_Generative):
         return self
 
 
+# --- neural PCA, its components, spurious scores (issue 4; loaded by core.imagesets) ----------
+
+DIGITS_SIDE = 16  # image side of the digits zoo (core.digits.data.RESOLUTION, a torch module)
+MAX_SET_IMAGES = 10_000  # images per image set
+MAX_PCA_FEATURES = 65_536  # penultimate features of a PCA passed in the params
+
+
+class PatchPlan(BaseModel):
+    """The zoo's planted patch (`core.digits.data.PatchSpec`) in a share of a digits image set:
+    exactly round(rate · N) of the N images, a seeded choice, carry it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rate: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # share of the images with the patch
+    opacity: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # 1: the plain patch; less: blended
+    seed: Annotated[int, Field(ge=0)] = 0  # which images get it
+    top: Annotated[int, Field(ge=0, lt=DIGITS_SIDE)] = 0  # the zoo's patch: 3x3, top-left, 1.0
+    left: Annotated[int, Field(ge=0, lt=DIGITS_SIDE)] = 0
+    size: Annotated[int, Field(ge=1, le=DIGITS_SIDE)] = 3
+    intensity: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _inside(self) -> PatchPlan:
+        if max(self.top, self.left) + self.size > DIGITS_SIDE:
+            raise ValueError(
+                f"the patch ({self.size}px at top={self.top}, left={self.left}) must lie inside "
+                f"the {DIGITS_SIDE}x{DIGITS_SIDE} digits"
+            )
+        return self
+
+
+class ImageSetSpec(BaseModel):
+    """A set of images from exactly one source: the bundled digits (`digits`: a split, with
+    `labels` and an optional `patch`), a folder of image files, or uploaded image ids (resolved
+    by the service). A string is short for a source: 'digits:<split>', else a folder path."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    digits: Literal["train", "test", "judge"] | None = Field(
+        default=None, description="a split of the bundled digits data (DESIGN §4)"
+    )
+    labels: Literal["class", "other", "all"] | list[Annotated[int, Field(ge=0, le=9)]] | None = (
+        Field(
+            default=None,
+            description="digits only: 'class' (the job's class; the default), 'other' (every "
+            "other digit), 'all', or a list of digits",
+        )
+    )
+    patch: PatchPlan | None = Field(default=None, description="digits only: plant the patch")
+    folder: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        default=None,
+        description="a folder of .png/.jpg/.jpeg/.bmp/.webp files; '{class}' and '{index}' are "
+        "replaced by the class name and index (one folder per class)",
+    )
+    image_ids: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(
+        min_length=1, max_length=MAX_SET_IMAGES
+    )] | None = Field(default=None, description="ids of uploaded images (POST /v1/images)")
+    limit: Annotated[int, Field(ge=1, le=MAX_SET_IMAGES)] | None = Field(
+        default=None, description="use at most this many images (the first ones, in order)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, raw: Any) -> Any:
+        if isinstance(raw, str):
+            if raw.startswith("digits:"):
+                return {"digits": raw.removeprefix("digits:")}
+            return {"folder": raw}
+        return raw
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ImageSetSpec:
+        given = [n for n in ("digits", "folder", "image_ids") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one source of images (digits, folder or image_ids), got {given}"
+            )
+        if self.digits is None and (self.labels is not None or self.patch is not None):
+            raise ValueError("labels and patch apply to the digits source only")
+        return self
+
+
+class PcaData(BaseModel):
+    """A neural PCA as written by `neural_pca` (the "pca" block of its result.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classifier: ModelSpec | None = None  # the classifier it was computed for
+    class_index: Annotated[int, Field(ge=0)] | None = None  # the class k
+    class_name: str | None = None
+    mean: list[float] = Field(min_length=1, max_length=MAX_PCA_FEATURES)  # μ (F,)
+    components: list[list[float]] = Field(min_length=1, max_length=4096)  # v_l, rows (L, F)
+    explained_variance: list[float] | None = None
+    explained_variance_ratio: list[float] | None = None
+    num_images: int | None = None
+
+    @model_validator(mode="after")
+    def _shapes(self) -> PcaData:
+        bad = [i for i, v in enumerate(self.components) if len(v) != len(self.mean)]
+        if bad:
+            raise ValueError(
+                f"components {bad[:5]} do not have {len(self.mean)} entries (the length of mean)"
+            )
+        return self
+
+
+_BY_ALIAS = ConfigDict(
+    extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+)
+
+
+class _ComponentGeneration(_Generative):
+    """Generation of images that maximise neural PCA components α_l of class k (DESIGN §3.2):
+    loss −α_l − keep_class · log p(k|x). `images_per_class` counts images per component."""
+
+    model_config = _BY_ALIAS
+
+    keep_class: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
+        default=0.5, description="weight of the −log p(k|x) term that keeps the class (0: none)"
+    )
+
+    @model_validator(mode="after")
+    def _default_prompt(self) -> _ComponentGeneration:
+        """The class prompt: the components belong to class k."""
+        if self.prompt is None:
+            digits = is_digits_diffusion(self.diffusion)
+            self.prompt = digits_settings.CLASS_PROMPT if digits else DEFAULT_CLASS_PROMPT
+        return self
+
+
+class PcaVisualization(_ComponentGeneration):
+    """The `pca_component` visualisation run by `neural_pca` for its top components."""
+
+    components: Annotated[int, Field(ge=0, le=16)] = Field(
+        default=3, description="visualise the top-m components (by explained variance); 0: none"
+    )
+
+
+class NeuralPcaParams(BaseModel):
+    """`neural_pca`: PCA of a ⊙ w_k (penultimate features times the class-k weights) over a set
+    of class-k images, their component values, the top images per component, and a
+    `pca_component` visualisation of the top components."""
+
+    model_config = _BY_ALIAS
+
+    classifier: ModelSpec = DEFAULT_CLASSIFIER
+    class_: ClassRef = Field(alias="class", description="the class k (index or name)")
+    images: ImageSetSpec = Field(
+        default_factory=lambda: ImageSetSpec(digits="train"),
+        description="the class-k images; default: the digits train split's class-k digits",
+    )
+    components: Annotated[int, Field(ge=1, le=4096)] = Field(
+        default=64, description="components written to the result (all if fewer features)"
+    )
+    top_images: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8, description="top images per component (highest α_l)"
+    )
+    grid_components: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8, description="components shown in top_images.png"
+    )
+    visualization: PcaVisualization = Field(default_factory=PcaVisualization)
+
+
+class PcaComponentParams(_ComponentGeneration):
+    """`pca_component`: images that maximise α_l of components of a `neural_pca` result."""
+
+    pca: Annotated[
+        Annotated[str, Field(min_length=1, max_length=1000), Tag("path")]
+        | Annotated[PcaData, Tag("data")],
+        Discriminator(lambda v: "path" if isinstance(v, str) else "data"),
+    ] = Field(description="a neural_pca result: the path of its result.json, or its 'pca' block")
+    components: list[Annotated[int, Field(ge=0)]] = Field(
+        default=[0], min_length=1, max_length=64, description="component indices l (0: the top)"
+    )
+    classifier: ModelSpec | None = Field(default=None, description="default: the PCA's")
+    class_: ClassRef | None = Field(default=None, alias="class", description="default: the PCA's")
+
+
+class SpuriousScoreParams(BaseModel):
+    """`spurious_score`: per class k, the AUC of p(k|x) separating real class-k images from
+    images with k's spurious feature but not the class (Spurious ImageNet); their mean."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classifier: ModelSpec = DEFAULT_CLASSIFIER
+    classes: list[ClassRef] = Field(min_length=1, max_length=1000)
+    spurious: ImageSetSpec = Field(
+        description="images with the spurious feature and without class k ('{class}' in a "
+        "folder path: one folder per class; digits: e.g. labels 'other' with a patch)"
+    )
+    class_images: ImageSetSpec = Field(
+        default_factory=lambda: ImageSetSpec(digits="test"),
+        description="real class-k images; default: the digits test split's class-k digits",
+    )
+
+
+# --- counterfactuals of real images (issue 4; run by core.counterfactual.job) ------------------
+
+
+class CounterfactualParams(BaseModel):
+    """`counterfactual`: minimally change a real image so that the classifier predicts each
+    target class (DESIGN §3.3): DDIM + null-text inversion, prompt-to-prompt edit of the caption,
+    regularised DiG-IN guidance. All targets of the job share one inversion and run as a batch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        default=None,
+        description="the start image: a file path (PNG, JPEG, WEBP or BMP; at most 4096 x 4096 "
+        "pixels) or a bundled digit 'digits:<split>/<n>' (split train, judge or test)",
+    )
+    image_id: Annotated[str, Field(min_length=1, max_length=200)] | None = Field(
+        default=None, description="an uploaded image's id (POST /v1/images), for the service"
+    )
+    diffusion: ModelSpec = Field(
+        default=DEFAULT_DIFFUSION, description="diffusion model spec; default: the digits zoo's"
+    )
+    classifier: ModelSpec = DEFAULT_CLASSIFIER
+    targets: Annotated[list[ClassRef], Field(min_length=1, max_length=1000)] | Literal[
+        "others"
+    ] = Field(description="target classes (indices or names), or 'others': every other class")
+    start_class: ClassRef | None = Field(
+        default=None, description="the image's class; default: the classifier's prediction"
+    )
+    caption: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        default=None,
+        description="the image's caption, naming the start class (those words are replaced by "
+        "the target class); default: the prompt template with the start class",
+    )
+    prompt: Annotated[str, Field(max_length=1000)] | None = Field(
+        default=None,
+        description="caption template, '{class}' → the start class; default: 'a photograph of a "
+        "{class}' ('a handwritten digit {class}' for the digits zoo)",
+    )
+    negative_prompt: Annotated[str, Field(max_length=1000)] = Field(
+        default="", description="prompt of ∅ before null-text inversion; '' = the null text"
+    )
+    resolution: Annotated[int, Field(ge=16, le=2048)] | None = Field(
+        default=None, description="image side in pixels; default: the diffusion model's"
+    )
+    clip_templates: Literal["openai", "simple"] = "openai"
+    guidance: GuidanceConfig = Field(
+        default_factory=GuidanceConfig,
+        description="DESIGN §3.1 settings (the digits zoo's counterfactual ones for 'digits')",
+    )
+    counterfactual: CounterfactualConfig = Field(
+        default_factory=CounterfactualConfig,
+        description="inversion, prompt-to-prompt, mask and regulariser settings (DESIGN §3.3)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _digits_defaults(cls, raw: Any) -> Any:
+        """The digits zoo's counterfactual settings under the fields the params give."""
+        if not isinstance(raw, dict):
+            return raw
+        diffusion = raw.get("diffusion", DEFAULT_DIFFUSION)
+        if not (isinstance(diffusion, str) and is_digits_diffusion(diffusion)):
+            return raw
+        out = dict(raw)
+        for name, base in (
+            ("guidance", digits_settings.DIGITS_COUNTERFACTUAL_GUIDANCE),
+            ("counterfactual", digits_settings.DIGITS_COUNTERFACTUAL),
+        ):
+            given = raw.get(name, {})
+            if isinstance(given, dict):
+                out[name] = {**asdict(base), **given}
+        return out
+
+    @model_validator(mode="after")
+    def _one_image_and_prompt(self) -> CounterfactualParams:
+        if (self.image is None) == (self.image_id is None):
+            raise ValueError(
+                "give exactly one of image (a file path or 'digits:<split>/<n>') and image_id"
+            )
+        if self.prompt is None:
+            digits = is_digits_diffusion(self.diffusion)
+            self.prompt = digits_settings.CLASS_PROMPT if digits else DEFAULT_CLASS_PROMPT
+        if "{class}" not in self.prompt and self.caption is None:
+            raise ValueError(
+                "prompt must contain '{class}' (the start class) unless a caption is given"
+            )
+        return self
+
+    @property
+    def image_is_path(self) -> bool:
+        """Whether `image` names a file on the machine that runs the job (a service should
+        accept only image_id and bundled digits from its clients)."""
+        return self.image is not None and not self.image.startswith("digits:")
+
+    def prompt_for(self, class_name: str) -> str:
+        return (self.prompt or "").replace("{class}", class_name)
+
+
 PARAMS_BY_KIND: dict[str, type[BaseModel]] = {
     "guided": GuidedParams,
     "disagreement": DisagreementParams,
     "neuron": NeuronParams,
+    "pca_component": PcaComponentParams,
+    "neural_pca": NeuralPcaParams,
+    "spurious_score": SpuriousScoreParams,
+    "counterfactual": CounterfactualParams,
 }
 KINDS = tuple(PARAMS_BY_KIND)
+ANALYSIS_KINDS = ("neural_pca", "spurious_score")  # non-generative: core.analysis.run_analysis
 
 
 class ParamsError(ValueError):

@@ -71,7 +71,13 @@ def make_tiny_models_command(
 
 @app.command()
 def run(
-    kind: Annotated[str, typer.Argument(help="Job kind: guided, disagreement or neuron.")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="Job kind: guided, disagreement, neuron, pca_component, neural_pca, "
+            "spurious_score or counterfactual."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for result.json and images.")],
     params: Annotated[
         Path | None,
@@ -105,7 +111,7 @@ def run(
     from core.output import write_outputs
 
     def progress(step: int, total: int, info: dict) -> None:
-        typer.echo(f"iteration {step}/{total}  clean loss {info['clean_loss']}", err=True)
+        typer.echo(f"iteration {step}/{total}  clean loss {info.get('clean_loss')}", err=True)
 
     try:
         result = run_job(
@@ -115,7 +121,8 @@ def run(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from None
     paths = write_outputs(result, out)
-    typer.echo(f"wrote {len(paths)} files to {out} (grid: {paths['grid.png']})")
+    main = next((paths[n] for n in ("grid.png", "top_images.png", "roc.png") if n in paths), None)
+    typer.echo(f"wrote {len(paths)} files to {out} (figure: {main or paths['result.json']})")
 
 
 register_service_commands(app)  # migrate, keys, worker, reaper, api, serve

@@ -112,3 +112,58 @@ def test_run_fills_in_the_zoo_models_settings_and_prompt(tmp_path):
     assert summary["params"]["prompt"] == "a handwritten digit {class}"
     assert summary["params"]["guidance"]["ddim_steps"] == 5  # the zoo's, not SD's 20
     assert summary["items"][0]["prompt"] == "a handwritten digit seven"
+
+
+def test_run_neural_pca_then_pca_component_then_spurious_score(tmp_path):
+    """The analysis kinds through `digin run`: a PCA, a visualisation from its result file,
+    and a spurious score, each with its figures."""
+    params = json.loads((EXAMPLES / "neural_pca_digits.json").read_text())
+    params["visualization"] |= {"components": 2, "images_per_class": 1}
+    params["visualization"]["guidance"]["iterations"] = 1
+    out = tmp_path / "pca"
+    result = CliRunner().invoke(
+        app, ["run", "neural_pca", "--params", str(_write(tmp_path / "p.json", params)),
+              "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())
+    assert summary["class_name"] == "seven" and len(summary["pca"]["components"]) == 64
+    assert len(summary["jobs"]["visualization"]["items"]) == 2
+    assert Image.open(out / "top_images.png").width > 8 * 16
+    assert (out / "visualizations.png").exists() and (out / "visualization_item_001.png").exists()
+
+    params = {"pca": str(out / "result.json"), "components": [1], "guidance": {"iterations": 1}}
+    result = CliRunner().invoke(
+        app, ["run", "pca_component", "--params", str(_write(tmp_path / "c.json", params)),
+              "--out", str(tmp_path / "component")]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "component" / "result.json").read_text())
+    assert summary["items"][0]["component"] == 1 and "alpha" in summary["items"][0]["best"]
+    assert summary["models"]["classifier"] == "digits:cnn-spurious"
+
+    out = tmp_path / "spurious"
+    result = CliRunner().invoke(
+        app, ["run", "spurious_score", "--params", str(EXAMPLES / "spurious_score_digits.json"),
+              "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())
+    assert 0 <= summary["mean_auc"] <= 1 and summary["classes"][0]["roc"]["fpr"][0] == 0
+    assert Image.open(out / "roc.png").mode == "RGB"
+
+
+def test_run_analysis_errors_name_the_field(tmp_path):
+    params = {"class": 7, "images": {"image_ids": ["abc"]}}
+    result = CliRunner().invoke(
+        app, ["run", "neural_pca", "--params", str(_write(tmp_path / "p.json", params)),
+              "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "images.image_ids" in result.output
+    assert not (tmp_path / "o").exists()
+    params = {"classes": [7], "spurious": {"digits": "test", "patch": {"rate": 2}}}
+    result = CliRunner().invoke(
+        app, ["run", "spurious_score", "--params", str(_write(tmp_path / "s.json", params)),
+              "--out", str(tmp_path / "o")]
+    )
+    assert result.exit_code == 2 and "spurious.patch.rate" in result.output

@@ -310,9 +310,12 @@ def _total_iterations(job: ClaimedJob, max_batch: int) -> int | None:
         params: Any = validate_params(job.kind, job.params)
     except ValueError:
         return None
-    refs = getattr(params, "neurons", None) or params.classes
+    refs = getattr(params, "neurons", None) or getattr(params, "classes", None)
+    guidance = getattr(params, "guidance", None)
+    if not refs or guidance is None or not hasattr(params, "images_per_class"):
+        return None  # other kinds (analysis, counterfactual) report their own totals
     items = len(refs) * params.images_per_class
-    return int((params.guidance.iterations + 1) * math.ceil(items / max_batch))
+    return int((guidance.iterations + 1) * math.ceil(items / max_batch))
 
 
 def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any] | None:

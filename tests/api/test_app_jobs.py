@@ -349,3 +349,23 @@ def test_server_path_specs_need_the_allow_list_in_production():
     assert message and "path on the server" in message and "DIGIN_MODEL_ALLOW_LIST" in message
     assert check_model_spec(spec, "classifier", ["digits:*"], allow_paths=False) is None
     assert check_model_spec("digits:cnn", "classifier", None, allow_paths=False) is None
+
+
+def test_nested_model_specs_and_server_paths_are_found():
+    from api.schemas import model_specs, server_paths
+
+    params = {
+        "classifier": "digits:cnn",
+        "visualization": {"diffusion": "diffusers:/srv/sd", "classifiers": ["timm:a", "timm:b"]},
+        "images": {"folder": "/etc/{class}"},
+        "spurious": "digits:test",
+        "class_images": "/data/sevens",
+        "pca": "/tmp/result.json",
+    }
+    assert model_specs(params) == [
+        ("params.classifier", "digits:cnn", "classifier"),
+        ("params.visualization.diffusion", "diffusers:/srv/sd", "diffusion"),
+        ("params.visualization.classifiers.0", "timm:a", "classifier"),
+        ("params.visualization.classifiers.1", "timm:b", "classifier"),
+    ]
+    assert server_paths(params) == ["params.images.folder", "params.class_images", "params.pca"]

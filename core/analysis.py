@@ -1,0 +1,518 @@
+"""The neural PCA and spurious-feature kinds (DESIGN §3.2, issue 4), end to end.
+
+    neural_pca      PCA of a ⊙ w_k over a set of class-k images (core.pca): mean, components,
+                    explained variance, each image's α values, the top images per component,
+                    and a `pca_component` visualisation of the top-m components
+    pca_component   guidance towards one component: loss −α_l − keep_class · log p(k|x)
+                    (core.objectives.ComponentObjective); a generative job → `JobResult`
+    spurious_score  per class, the AUC of p(k|x) separating real class-k images from spurious
+                    ones (core.spurious), and the mean over classes
+
+`run_job` hands these kinds to `run_analysis`. The non-generative ones return an
+`AnalysisResult`, which has the same two faces as a `JobResult`: `summary()` (result.json) and
+`render_artifacts()` (name → bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from pydantic import BaseModel, ValidationError
+
+from core.classifiers import Classifier
+from core.guidance import GuidanceResult, ProgressFn, StopFn, optimize
+from core.imagesets import ImageResolver, ImageSet, load_image_set
+from core.jobs import (
+    _DEFAULT_CACHE,
+    Item,
+    JobResult,
+    ModelCache,
+    _class_index,
+    concat_results,
+    software_versions,
+)
+from core.objectives import ComponentObjective
+from core.output import png_bytes, to_pil, trajectory_grid
+from core.params import (
+    NeuralPcaParams,
+    PcaComponentParams,
+    PcaData,
+    SpuriousScoreParams,
+    validate_params,
+)
+from core.pca import NeuralPCA, class_contributions, fit_neural_pca
+from core.spurious import SpuriousScore, roc_plot
+
+TILE = 96  # pixels per image tile in the figures (small images are upscaled, nearest)
+CAPTION_H = 26
+
+
+@dataclass
+class ComponentItem(Item):
+    """An item of a `pca_component` job: one image towards component `component` of class k."""
+
+    component: int | None = None
+
+
+@dataclass
+class AnalysisResult:
+    """The result of a non-generative kind: JSON figures, PNG figures, and sub-jobs."""
+
+    kind: str
+    params: dict
+    seed: int
+    models: dict[str, str]  # role → spec
+    device: str
+    data: dict  # the kind's figures, JSON-ready
+    figures: dict[str, Image.Image] = field(default_factory=dict)  # artifact name → image
+    jobs: dict[str, JobResult] = field(default_factory=dict)  # e.g. neural_pca's visualisation
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """The JSON record of the job (result.json)."""
+        jobs = {}
+        for name, job in self.jobs.items():
+            s = job.summary()
+            jobs[name] = {k: v for k, v in s.items() if k not in ("params", "versions")}
+        return {
+            "kind": self.kind,
+            "params": self.params,
+            "seed": self.seed,
+            "models": self.models,
+            "device": self.device,
+            **self.data,
+            **({"jobs": jobs} if jobs else {}),
+            "timings": self.timings,
+            "versions": software_versions(),
+        }
+
+    def render_artifacts(self) -> dict[str, bytes]:
+        """name → bytes: result.json, the figures, and per sub-job its best images
+        (<job>_item_XXX.png) and trajectory grid (<job>_trajectories.png)."""
+        out = {name: png_bytes(img) for name, img in self.figures.items()}
+        for name, job in self.jobs.items():
+            for b, item in enumerate(job.items):
+                out[f"{name}_item_{item.index:03d}.png"] = png_bytes(to_pil(job.guidance.images[b]))
+            out[f"{name}_trajectories.png"] = png_bytes(trajectory_grid(job))
+        summary = self.summary()
+        summary["artifacts"] = sorted([*out, "result.json"])
+        out["result.json"] = json.dumps(summary, indent=2).encode()
+        return out
+
+
+def run_analysis(
+    kind: str,
+    params: BaseModel | dict,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: ModelCache | None = None,
+    max_batch: int = 8,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    resolver: ImageResolver | None = None,
+) -> AnalysisResult | JobResult:
+    """Run a `neural_pca`, `spurious_score` or `pca_component` job. `resolver` maps uploaded
+    image ids to bytes (the service's; without it, image ids are an error)."""
+    if isinstance(params, dict):
+        params = validate_params(kind, params)
+    cache = cache or _DEFAULT_CACHE
+    run = dict(seed=seed, device=device, cache=cache, max_batch=max_batch, progress=progress,
+               should_stop=should_stop)  # fmt: skip
+    if isinstance(params, PcaComponentParams):
+        return run_pca_component(params, **run)
+    if isinstance(params, NeuralPcaParams):
+        return run_neural_pca(params, resolver=resolver, **run)
+    if isinstance(params, SpuriousScoreParams):
+        return run_spurious_score(params, seed=seed, device=device, cache=cache, resolver=resolver)
+    raise ValueError(f"kind {kind!r} is not an analysis kind")
+
+
+# --- neural_pca -------------------------------------------------------------------------------
+
+
+def run_neural_pca(
+    params: NeuralPcaParams,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: ModelCache | None = None,
+    max_batch: int = 8,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    resolver: ImageResolver | None = None,
+) -> AnalysisResult:
+    t_start = time.perf_counter()
+    cache = cache or _DEFAULT_CACHE
+
+    # 1. classifier, class k, and the class-k images at its input size
+    clf = cache.classifier(params.classifier, device, "openai")
+    k = _class_index(params.class_, clf)
+    name = clf.class_names[k]
+    images = load_image_set(
+        params.images, size=clf.input_size, class_index=k, class_name=name, resolver=resolver
+    )
+    if len(images) < 2:
+        raise ValueError(f"images: neural PCA needs at least 2 images, got {len(images)}")
+    t_loaded = time.perf_counter()
+
+    # 2. contributions a ⊙ w_k, their PCA (all F components), the α values
+    contrib, logits = class_contributions(clf, images.images, k)  # (N, F), (N, K)
+    full = fit_neural_pca(contrib, k)
+    pca = full.truncated(params.components)
+    alpha = pca.values(contrib)  # (N, L)
+    bias = 0.0 if clf.last_layer_bias is None else float(clf.last_layer_bias[k])
+    # logit − b_k − 1·μ = Σ over all F components; the part of the components not kept:
+    residual = logits[:, k] - bias - float(pca.mean.sum()) - alpha.sum(1)  # (N,)
+    p_k = logits.softmax(-1)[:, k]
+    top = alpha.argsort(0, descending=True)[: params.top_images].T  # (L, top) image indices
+    t_pca = time.perf_counter()
+
+    data = {
+        "class_index": k,
+        "class_name": name,
+        "num_images": len(images),
+        "pca": pca_data(pca, params.classifier, name),
+        "bias": bias,
+        "images": [
+            {
+                "name": images.names[i],
+                **_digits_fields(images, i),
+                "logit": float(logits[i, k]),
+                "p": float(p_k[i]),
+                "alpha": alpha[i].tolist(),
+                "residual": float(residual[i]),
+            }
+            for i in range(len(images))
+        ],
+        "top_images": top.tolist(),
+        "metric_names": {
+            "alpha": "α_l = ((a ⊙ w_k − μ)·v_l)(1·v_l), component l's share of the class-k logit",
+            "residual": "logit − bias − 1·μ − Σ_l α_l over the components kept (0 if all are)",
+            "p": f"p(class | x) of {params.classifier}",
+        },
+    }
+    if images.patched is not None and 0 < int(images.patched.sum()) < len(images):
+        data["patch_correlation"] = _correlations(alpha, images.patched.float()).tolist()
+        data["metric_names"]["patch_correlation"] = (
+            "per component: Pearson r of α_l with the planted patch (1: patched, 0: not)"
+        )
+    figures = {"top_images.png": top_images_grid(images, alpha, top, pca, params.grid_components)}
+
+    # 3. the visualisation: a pca_component job for the top-m components
+    jobs = {}
+    vis = params.visualization
+    if vis.components > 0 and not (should_stop is not None and should_stop()):
+        sub = PcaComponentParams.model_validate(
+            {
+                **vis.model_dump(exclude={"components"}),
+                "pca": data["pca"],
+                "components": list(range(min(vis.components, len(pca.components)))),
+                "classifier": params.classifier,
+                "class": k,
+            }
+        )
+        job = run_pca_component(
+            sub, seed=seed, device=device, cache=cache, max_batch=max_batch, progress=progress,
+            should_stop=should_stop,
+        )  # fmt: skip
+        jobs["visualization"] = job
+        figures["visualizations.png"] = component_grid(job)
+    models = {"classifier": params.classifier}
+    if jobs:
+        models["diffusion"] = vis.diffusion
+    return AnalysisResult(
+        kind="neural_pca",
+        params=params.model_dump(mode="json"),
+        seed=seed,
+        models=models,
+        device=device,
+        data=data,
+        figures=figures,
+        jobs=jobs,
+        timings={
+            "load_s": t_loaded - t_start,
+            "pca_s": t_pca - t_loaded,
+            "total_s": time.perf_counter() - t_start,
+        },
+    )
+
+
+def pca_data(pca: NeuralPCA, classifier: str, class_name: str) -> dict:
+    """The PCA as JSON: the 'pca' block of result.json, which `pca_component` takes."""
+    return PcaData(
+        classifier=classifier,
+        class_index=pca.class_index,
+        class_name=class_name,
+        mean=pca.mean.tolist(),
+        components=pca.components.tolist(),
+        explained_variance=pca.explained_variance.tolist(),
+        explained_variance_ratio=pca.explained_variance_ratio.tolist(),
+        num_images=pca.num_images,
+    ).model_dump(mode="json")
+
+
+def _digits_fields(images: ImageSet, i: int) -> dict:
+    out = {}
+    if images.labels is not None:
+        out["label"] = int(images.labels[i])
+    if images.patched is not None:
+        out["patched"] = bool(images.patched[i])
+    return out
+
+
+def _correlations(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Pearson r of every column of values (N, L) with target (N,); 0 for a constant column."""
+    v = values.double() - values.double().mean(0)
+    t = target.double() - target.double().mean()
+    denom = v.norm(dim=0) * t.norm()
+    return torch.where(denom > 0, (v * t[:, None]).sum(0) / denom.clamp(min=1e-300), 0.0).float()
+
+
+# --- pca_component ----------------------------------------------------------------------------
+
+
+def load_pca(source: str | PcaData) -> PcaData:
+    """The PCA of a `pca_component` job: inline data, or the result.json of a neural_pca job
+    (its 'pca' block) or a file holding just that block."""
+    if isinstance(source, PcaData):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise ValueError(f"pca: {path} not found (give a neural_pca result.json)")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return PcaData.model_validate(raw.get("pca", raw) if isinstance(raw, dict) else raw)
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ValueError(f"pca: {path} is not a neural_pca result: {exc}") from None
+
+
+def run_pca_component(
+    params: PcaComponentParams,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: ModelCache | None = None,
+    max_batch: int = 8,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> JobResult:
+    """Guidance towards neural PCA components: item i (component l, image j) seeded seed + i."""
+    t_start = time.perf_counter()
+    cache = cache or _DEFAULT_CACHE
+
+    # 1. the PCA, its classifier and class k (the params' if given, which must agree)
+    pca = load_pca(params.pca)
+    spec = params.classifier or pca.classifier
+    if spec is None:
+        raise ValueError("classifier: the PCA names no classifier; give one")
+    clf = cache.classifier(spec, device, params.clip_templates)
+    k = _pca_class(params, pca, clf)
+    n_feats = clf.last_layer_weight.shape[1]
+    if len(pca.mean) != n_feats:
+        raise ValueError(
+            f"pca: the PCA has {len(pca.mean)} features, {spec} has {n_feats} penultimate features"
+        )
+    if max(params.components) >= len(pca.components):
+        raise ValueError(
+            f"components: must be < {len(pca.components)} (the components of the PCA), "
+            f"got {max(params.components)}"
+        )
+    model = cache.diffusion(params.diffusion, device)
+    mean = torch.tensor(pca.mean, device=model.device)  # (F,) μ
+    directions = torch.tensor(pca.components, device=model.device)  # (L, F) v_l
+    t_loaded = time.perf_counter()
+
+    # 2. items: images_per_class images per component
+    name = clf.class_names[k]
+    items: list[ComponentItem] = []
+    for comp in params.components:
+        for _ in range(params.images_per_class):
+            i = len(items)
+            items.append(ComponentItem(i, seed + i, params.prompt_for(name), k, name, None, comp))
+    resolution = params.resolution or model.resolution
+    model.latent_shape(resolution)  # fail early on a bad resolution
+
+    # 3. the optimisation, in batches of at most max_batch items (as run_job)
+    results: list[GuidanceResult] = []
+    total = (params.guidance.iterations + 1) * -(-len(items) // max_batch)
+    done = 0
+    for start in range(0, len(items), max_batch):
+        chunk = items[start : start + max_batch]
+
+        def chunk_progress(
+            step: int, _total: int, info: dict, _done: int = done, _chunk: list = chunk
+        ) -> None:
+            if progress is not None:
+                progress(_done + step, total, {"items": [it.index for it in _chunk], **info})
+
+        objective = ComponentObjective(
+            clf,
+            torch.full((len(chunk),), k, device=model.device),
+            mean,
+            directions[[it.component for it in chunk]],
+            params.keep_class,
+        )
+        result = optimize(
+            model,
+            objective,
+            cond=model.encode_text([it.prompt for it in chunk]),
+            uncond=model.null_text(len(chunk), params.negative_prompt),
+            seeds=[it.seed for it in chunk],
+            config=params.guidance,
+            resolution=resolution,
+            progress=chunk_progress,
+            should_stop=should_stop,
+        )
+        results.append(result)
+        done += params.guidance.iterations + 1
+        if result.stopped:
+            items = items[: start + len(chunk)]
+            break
+
+    return JobResult(
+        kind="pca_component",
+        params=params.model_dump(mode="json"),
+        seed=seed,
+        models={"diffusion": params.diffusion, "classifier": spec},
+        items=items,
+        guidance=concat_results(results),
+        device=device,
+        timings={"load_s": t_loaded - t_start, "total_s": time.perf_counter() - t_start},
+    )
+
+
+def _pca_class(params: PcaComponentParams, pca: PcaData, clf: Classifier) -> int:
+    if params.class_ is None:
+        if pca.class_index is None:
+            raise ValueError("class: the PCA names no class; give one")
+        if pca.class_index >= clf.num_classes:
+            raise ValueError(f"pca: class {pca.class_index} is not a class of {clf.spec}")
+        return pca.class_index
+    k = _class_index(params.class_, clf)
+    if pca.class_index is not None and pca.class_index != k:
+        raise ValueError(
+            f"class: {params.class_!r} is class {k}, but the PCA is of class {pca.class_index}"
+        )
+    return k
+
+
+# --- spurious_score ---------------------------------------------------------------------------
+
+
+def run_spurious_score(
+    params: SpuriousScoreParams,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: ModelCache | None = None,
+    resolver: ImageResolver | None = None,
+) -> AnalysisResult:
+    t_start = time.perf_counter()
+    cache = cache or _DEFAULT_CACHE
+    clf = cache.classifier(params.classifier, device, "openai")
+    scores: list[SpuriousScore] = []
+    for ref in params.classes:
+        k = _class_index(ref, clf)
+        name = clf.class_names[k]
+        sets = {
+            role: load_image_set(
+                getattr(params, role),
+                size=clf.input_size,
+                class_index=k,
+                class_name=name,
+                field=role,
+                resolver=resolver,
+            )
+            for role in ("class_images", "spurious")
+        }
+        p = {role: _probabilities(clf, s.images, k) for role, s in sets.items()}
+        scores.append(SpuriousScore.of(k, name, p["class_images"], p["spurious"]))
+    aucs = [s.auc for s in scores]
+    data = {
+        "mean_auc": float(np.mean(aucs)),
+        "classes": [s.to_json() for s in scores],
+        "metric_names": {
+            "auc": "AUC of p(k|x) separating class-k images (positives) from spurious images: "
+            "1.0 perfectly separated (no reliance on the feature), 0.5 the feature alone "
+            "triggers the class as strongly as the object",
+            "mean_p_class": "mean p(k|x) over the class-k images",
+            "mean_p_spurious": "mean p(k|x) over the spurious images",
+        },
+    }
+    title = f"{params.classifier}: mean AUC {data['mean_auc']:.3f}"
+    return AnalysisResult(
+        kind="spurious_score",
+        params=params.model_dump(mode="json"),
+        seed=seed,
+        models={"classifier": params.classifier},
+        device=device,
+        data=data,
+        figures={"roc.png": roc_plot(scores, title)},
+        timings={"total_s": time.perf_counter() - t_start},
+    )
+
+
+@torch.no_grad()
+def _probabilities(clf: Classifier, images: torch.Tensor, k: int, batch: int = 256) -> np.ndarray:
+    device = next(clf.parameters()).device
+    out = [clf(images[i : i + batch].to(device)).softmax(-1)[:, k].cpu()
+           for i in range(0, len(images), batch)]  # fmt: skip
+    return torch.cat(out).double().numpy()
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+
+def _tile(image: torch.Tensor, tile: int = TILE) -> Image.Image:
+    img = to_pil(image)
+    small = img.width < tile
+    return img.resize((tile, tile), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
+
+
+def top_images_grid(
+    images: ImageSet, alpha: torch.Tensor, top: torch.Tensor, pca: NeuralPCA, rows: int
+) -> Image.Image:
+    """Rows: the top components (explained variance share); columns: their top images,
+    captioned with α_l."""
+    rows = min(rows, len(top))
+    label_w, font = 96, ImageFont.load_default(size=11)
+    grid = Image.new("RGB", (label_w + top.shape[1] * TILE, rows * (TILE + CAPTION_H)), "white")
+    draw = ImageDraw.Draw(grid)
+    ratio = pca.explained_variance_ratio
+    for l in range(rows):
+        y = l * (TILE + CAPTION_H)
+        draw.text((4, y + 4), f"component {l}", fill="black", font=font)
+        draw.text((4, y + 18), f"{100 * float(ratio[l]):.1f} % var", fill="gray", font=font)
+        for j, i in enumerate(top[l].tolist()):
+            x = label_w + j * TILE
+            grid.paste(_tile(images.images[i]), (x, y))
+            draw.text((x + 2, y + TILE + 2), f"pc {float(alpha[i, l]):.2f}", fill="black",
+                      font=font)  # fmt: skip
+    return grid
+
+
+def component_grid(job: JobResult) -> Image.Image:
+    """A `pca_component` job's best images: one row per component, captioned α_l and p(k)."""
+    comps = list(dict.fromkeys(it.component for it in job.items))
+    per_row = max(sum(it.component == c for it in job.items) for c in comps)
+    label_w, font = 96, ImageFont.load_default(size=11)
+    grid = Image.new("RGB", (label_w + per_row * TILE, len(comps) * (TILE + CAPTION_H)), "white")
+    draw = ImageDraw.Draw(grid)
+    g = job.guidance
+    for r, comp in enumerate(comps):
+        y = r * (TILE + CAPTION_H)
+        draw.text((4, y + 4), f"component {comp}", fill="black", font=font)
+        row = [b for b, it in enumerate(job.items) if it.component == comp]
+        for j, b in enumerate(row):
+            x = label_w + j * TILE
+            grid.paste(_tile(g.images[b]), (x, y))
+            alpha, p = (float(g.metrics[m][g.best_iteration[b], b]) for m in ("alpha", "p"))
+            draw.text((x + 2, y + TILE + 2), f"pc {alpha:.1f} p {p:.2f}", fill="black", font=font)
+    return grid

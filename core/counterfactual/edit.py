@@ -1,0 +1,474 @@
+"""The counterfactual edit (DESIGN §3.3 steps 4–6): DiG-IN's optimisation from an inverted image.
+
+Notation as in `core.guidance` (z_T, C, ∅_i, ΔC, Δ∅, w, T, x̂0), plus:
+    z0, x0      the original image's latent and pixels          (1, c, h, w), (1, 3, H, W)
+    z_rec,i     latent entering step i of the reconstruction    templates (T, 1, c, h, w)
+    m           foreground mask from the start-class tokens     latent (1, 1, h, w), pixel
+    f_b         item b's prompt-to-prompt fraction: steps i with i/T < f_b get the stored maps
+
+The items of one call are the targets of one image: they share z_T, ∅_i, the masks and the
+templates, and differ in the edited prompt C_b (start-class words → target class words), the
+target class and the fraction f_b. Each step i of the chain:
+
+    z ← b·z_rec,i + (1 − b)·z          for i/T < blend_fraction, b = 1 − m (background)
+    ε = ε(z, ∅_i + Δ∅[i]) + w·(ε(z, C_b + ΔC[i]) − ε(z, ∅_i + Δ∅[i]))   maps injected for i/T < f_b
+    z, x̂0 ← DDIM step
+
+Loss on x̂0 (the last `loss_steps` steps, weights (1..k)/Σ): CE(f(cutouts(x̂0)), target) plus the
+weighted regularisers, distances of x̂0 to the original. Iteration 0 (no deltas, z_T as
+inverted) is the prompt-to-prompt edit without optimisation; with the start class as target it
+is the reconstruction. Before the optimisation each item's f_b is chosen from the configured
+fractions by the clean loss of iteration 0 (no gradients).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
+from core.classifiers import Classifier
+from core.config import GuidanceConfig
+from core.counterfactual.attention import CrossAttentionControl
+from core.counterfactual.config import CounterfactualConfig
+from core.diffusion import DiffusionModel, TextEmbeddings
+from core.guidance import Deltas, GuidanceResult, ProgressFn, StopFn, autocast, loss_step_weights
+from core.objectives import ClassObjective
+
+ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # what lpips loads through torchvision
+
+
+@dataclass
+class EditStart:
+    """What the edit of one image starts from (batch 1; items broadcast)."""
+
+    z_T: Tensor  # (1, c, h, w) the inverted noise
+    null_texts: TextEmbeddings  # ∅_1..T, hidden (T, 1, L, D)
+    templates: Tensor  # (T, 1, c, h, w) z_rec,i: latents entering step i of the reconstruction
+    z0: Tensor  # (1, c, h, w) the original's latent
+    x0: Tensor  # (1, 3, H, W) the original image in [0, 1]
+    latent_mask: Tensor  # (1, 1, h, w) foreground m in [0, 1]
+    pixel_mask: Tensor  # (1, 1, H, W)
+
+
+# --- regularisers -------------------------------------------------------------------------------
+
+
+def masked_l2(x: Tensor, ref: Tensor, weight: Tensor | None = None) -> Tensor:
+    """mean(weight · (x − ref)²) per item, (B, ...) → (B,); weight broadcasts, e.g. (1, 1, h, w)."""
+    d = (x - ref) ** 2
+    return (d if weight is None else weight * d).flatten(1).mean(1)
+
+
+def masked_l1(x: Tensor, ref: Tensor, weight: Tensor | None = None) -> Tensor:
+    d = (x - ref).abs()
+    return (d if weight is None else weight * d).flatten(1).mean(1)
+
+
+def load_lpips(device: torch.device) -> nn.Module:
+    """LPIPS-Alex, only from weights already on this machine (nothing is downloaded)."""
+    try:
+        import lpips
+    except ImportError:
+        msg = "the lpips regulariser needs the lpips package: pip install lpips"
+        raise ValueError(msg) from None
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / ALEXNET_WEIGHTS
+    if not weights.is_file():
+        raise ValueError(
+            f"the lpips regulariser needs torchvision's AlexNet weights at {weights}; they are "
+            "not downloaded at run time (set lpips to 0, or put the file there)"
+        )
+    return lpips.LPIPS(net="alex", verbose=False).to(device).eval().requires_grad_(False)
+
+
+class Regularizers(nn.Module):
+    """Weighted distances of x̂0 (latent and decoded) to the original (DESIGN §3.3 step 6)."""
+
+    def __init__(self, config: CounterfactualConfig, start: EditStart) -> None:
+        super().__init__()
+        self.z0, self.x0 = start.z0, start.x0
+        self.latent_background = 1.0 - start.latent_mask  # (1, 1, h, w)
+        self.pixel_background = 1.0 - start.pixel_mask  # (1, 1, H, W)
+        names = ("latent_background_l2", "pixel_background_l2", "latent_l1", "latent_l2")
+        names += ("pixel_l1", "pixel_l2", "lpips")
+        self.weights = {n: getattr(config, n) for n in names if getattr(config, n) > 0}
+        self.lpips = load_lpips(start.x0.device) if "lpips" in self.weights else None
+
+    def parts(self, latents: Tensor, images: Tensor) -> dict[str, Tensor]:
+        """name → (B,) unweighted; latents (B, c, h, w) = x̂0, images (B, 3, H, W) in [0, 1]."""
+        out = {}
+        for name in self.weights:
+            if name == "latent_background_l2":
+                out[name] = masked_l2(latents, self.z0, self.latent_background)
+            elif name == "pixel_background_l2":
+                out[name] = masked_l2(images, self.x0, self.pixel_background)
+            elif name == "latent_l1":
+                out[name] = masked_l1(latents, self.z0)
+            elif name == "latent_l2":
+                out[name] = masked_l2(latents, self.z0)
+            elif name == "pixel_l1":
+                out[name] = masked_l1(images, self.x0)
+            elif name == "pixel_l2":
+                out[name] = masked_l2(images, self.x0)
+            else:  # lpips, on images in [-1, 1]
+                ref = self.x0.expand_as(images) * 2 - 1
+                out[name] = self.lpips(images * 2 - 1, ref).flatten(1).mean(1)
+        return out
+
+    def forward(self, latents: Tensor, images: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        parts = self.parts(latents, images)
+        total = torch.zeros(latents.shape[0], device=latents.device)
+        for name, value in parts.items():
+            total = total + self.weights[name] * value
+        return total, parts
+
+
+# --- the chain -----------------------------------------------------------------------------------
+
+
+def steps_before(fraction: float, steps: int) -> int:
+    """How many steps i satisfy i / T < fraction (the official schedules' test)."""
+    return sum(1 for i in range(steps) if i / steps < fraction)
+
+
+class EditLoop:
+    """The DDIM chain of one iteration with background blending and attention injection."""
+
+    def __init__(
+        self,
+        model: DiffusionModel,
+        config: GuidanceConfig,
+        resolution: int,
+        null_texts: TextEmbeddings,
+        control: CrossAttentionControl,
+        batch: int,
+        templates: Tensor | None = None,
+        background: Tensor | None = None,
+        blend_steps: int = 0,
+    ) -> None:
+        self.model, self.config, self.control = model, config, control
+        self.scheduler = model.make_scheduler(config.ddim_steps)
+        nt = null_texts  # per-step ∅_i, the same for every item
+        pooled = None if nt.pooled is None else nt.pooled.expand(-1, batch, -1)
+        self.uncond = TextEmbeddings(nt.hidden.expand(-1, batch, -1, -1), pooled)
+        self.templates = templates  # (T, 1, c, h, w) z_rec,i
+        self.background = background  # (1, 1, h, w) 1 − m
+        self.blend_steps = blend_steps if templates is not None else 0
+        self.time_ids = model.time_ids(batch, resolution)
+        if self.time_ids is not None:
+            self.time_ids = torch.cat([self.time_ids, self.time_ids])
+
+    def uncond_at(self, i: int) -> TextEmbeddings:
+        u = self.uncond
+        return TextEmbeddings(u.hidden[i], None if u.pooled is None else u.pooled[i])
+
+    def step(self, z: Tensor, i: int, t: Tensor, text: TextEmbeddings) -> tuple[Tensor, Tensor]:
+        """Step i: blend, guided noise estimate (maps injected per the control), DDIM update."""
+        self.control.step = i  # set here, so that checkpoint recomputation sees step i too
+        if i < self.blend_steps:
+            z = self.background * self.templates[i] + (1.0 - self.background) * z
+        with autocast(z.device, self.config.precision):
+            out = self.model.eps(torch.cat([z, z]), t, text, self.time_ids).float()
+        out_uncond, out_cond = out.chunk(2)
+        out = out_uncond + self.config.guidance_scale * (out_cond - out_uncond)
+        result = self.scheduler.step(out, t, z, eta=0.0)
+        return result.prev_sample, result.pred_original_sample
+
+    def __call__(
+        self, z: Tensor, cond: TextEmbeddings, deltas: Deltas | None, keep_last: int
+    ) -> list[Tensor]:
+        """Run the chain from z_T; the x̂0 of the last `keep_last` steps."""
+        grad = torch.is_grad_enabled() and self.config.checkpointing
+        timesteps = self.scheduler.timesteps
+        x0s = []
+        for i, t in enumerate(timesteps):
+            c, u = cond, self.uncond_at(i)
+            if deltas is not None:
+                dc, du = deltas.at(i)
+                c, u = c + dc, u + du
+            text = TextEmbeddings.cat([u, c])  # unconditional half first
+            if grad:
+                z, x0 = checkpoint(self.step, z, i, t, text, use_reentrant=False)
+            else:
+                z, x0 = self.step(z, i, t, text)
+            if i >= len(timesteps) - keep_last:
+                x0s.append(x0)
+        return x0s
+
+
+@torch.no_grad()
+def reconstruct(
+    model: DiffusionModel,
+    *,
+    z_T: Tensor,
+    null_texts: TextEmbeddings,
+    cond: TextEmbeddings,
+    config: GuidanceConfig,
+    control: CrossAttentionControl,
+    store_steps: int,
+    resolution: int,
+) -> tuple[Tensor, Tensor]:
+    """The reconstruction (caption C, ∅_i, z_T), storing the cross-attention maps of the steps
+    i < store_steps: (image (1, 3, H, W) in [0, 1], templates z_rec,i (T, 1, c, h, w))."""
+    loop = EditLoop(model, config, resolution, null_texts, control, batch=1)
+    control.store(store_steps)
+    templates, z = [], z_T
+    for i, t in enumerate(loop.scheduler.timesteps):
+        templates.append(z)
+        z, x0 = loop.step(z, i, t, TextEmbeddings.cat([loop.uncond_at(i), cond]))
+    control.off()
+    with autocast(model.device, config.precision):
+        image = model.decode(x0)
+    return image.float(), torch.stack(templates)
+
+
+# --- loss ----------------------------------------------------------------------------------------
+
+
+class _DecodeAndLoss(nn.Module):
+    """x̂0 latent → image → CE over cutouts + regularisers, per item; checkpointed as one unit."""
+
+    def __init__(self, model, objective: ClassObjective, regularizers: Regularizers, config):
+        super().__init__()
+        self.model, self.objective, self.regularizers, self.config = (
+            model,
+            objective,
+            regularizers,
+            config,
+        )
+
+    def forward(self, x0: Tensor, plan) -> tuple[Tensor, Tensor]:
+        with autocast(x0.device, self.config.precision):
+            images = self.model.decode(x0)  # (B, 3, H, W) in [0, 1]
+        clf = self.objective.classifiers[0]
+        view = clean_view(images, clf.input_size) if plan is None else apply_cutouts(images, plan)
+        reg, _ = self.regularizers(x0.float(), images)
+        return self.objective([view]).loss + reg, images
+
+
+@dataclass
+class Evaluation:
+    loss: Tensor  # (B,) clean total loss: CE + weighted regularisers
+    metrics: dict[str, Tensor]  # name → (B,): p, p_start, ce, each regulariser
+    images: Tensor  # (B, 3, H, W) in [0, 1]
+
+
+@torch.no_grad()
+def evaluate(
+    model: DiffusionModel,
+    classifier: Classifier,
+    regularizers: Regularizers,
+    x0: Tensor,
+    targets: Tensor,
+    start_class: int,
+    precision: str,
+) -> Evaluation:
+    """The clean path on the final x̂0 (latent, (B, c, h, w)): selection, search and metrics."""
+    with autocast(x0.device, precision):
+        images = model.decode(x0).float()
+    logp = classifier(clean_view(images, classifier.input_size)[:, 0]).float().log_softmax(-1)
+    ce = -logp.gather(1, targets.view(-1, 1))[:, 0]
+    reg, parts = regularizers(x0.float(), images)
+    metrics = {"p": (-ce).exp(), "p_start": logp[:, start_class].exp(), "ce": ce}
+    metrics.update(parts)
+    return Evaluation(ce + reg, metrics, images)
+
+
+# --- the optimisation ------------------------------------------------------------------------
+
+
+@dataclass
+class EditResult:
+    guidance: GuidanceResult  # trajectory, clean losses, metrics (p, p_start, ce, regularisers)
+    fractions: list[float]  # f_b, the prompt-to-prompt fraction chosen per item
+    search: dict[float, list[float]]  # fraction → clean loss of iteration 0 per item
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _optimizer(config: GuidanceConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    if config.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=config.lr)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr)
+    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
+
+
+def _clip_per_item(param: Tensor, item_dim: int, max_norm: float) -> None:
+    g = param.grad
+    norm = g.abs().amax(dim=[d for d in range(g.dim()) if d != item_dim], keepdim=True)
+    g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
+
+
+def edit(
+    model: DiffusionModel,
+    classifier: Classifier,
+    *,
+    start: EditStart,
+    cond: TextEmbeddings,
+    targets: Tensor,
+    start_class: int,
+    seeds: list[int],
+    mixing: Tensor,
+    control: CrossAttentionControl,
+    config: GuidanceConfig,
+    cf: CounterfactualConfig,
+    resolution: int,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> EditResult:
+    """Counterfactuals of one image towards B targets (cond: the B edited prompts, targets (B,),
+    mixing (B, L, L) token alignments), with the maps of `control` stored by `reconstruct`."""
+    # 1. Inputs: every item starts from the inverted z_T
+    b, device, steps = len(seeds), model.device, config.ddim_steps
+    targets = targets.to(device)
+    rngs = [ItemRNG.from_seed(s, device) for s in seeds]
+    z_T = start.z_T.expand(b, -1, -1, -1).clone().requires_grad_(config.optimize_latents)
+    norms = z_T.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    loop = EditLoop(
+        model,
+        config,
+        resolution,
+        start.null_texts,
+        control,
+        b,
+        templates=start.templates,
+        background=1.0 - start.latent_mask,
+        blend_steps=steps_before(cf.blend_fraction, steps),
+    )
+    regularizers = Regularizers(cf, start)
+    objective = ClassObjective(classifier, targets)
+    unit = _DecodeAndLoss(model, objective, regularizers, config)
+
+    def clean(x0: Tensor) -> Evaluation:
+        return evaluate(model, classifier, regularizers, x0, targets, start_class, config.precision)
+
+    # 2. Prompt-to-prompt fraction per item: the lowest clean loss of the unoptimised edit
+    t0 = time.perf_counter()
+    fractions = list(cf.p2p_fractions) or [0.0]
+    search: dict[float, list[float]] = {}
+    for f in fractions:
+        until = torch.full((b,), steps_before(f, steps), device=device)
+        control.inject(until, mixing)
+        with torch.no_grad():
+            x0 = loop(z_T, cond, None, keep_last=1)[-1]
+        search[f] = clean(x0).loss.cpu().tolist()
+    best = torch.tensor([search[f] for f in fractions]).argmin(0).tolist()  # (B,)
+    chosen = [fractions[k] for k in best]
+    until = torch.tensor([steps_before(f, steps) for f in chosen], device=device)
+    control.inject(until, mixing)
+    t_search = time.perf_counter() - t0
+
+    # 3. Deltas and optimiser (as core.guidance.optimize)
+    deltas = Deltas.zeros(cond, steps if config.per_step_deltas else 1)
+    groups = []
+    if config.optimize_latents:
+        groups.append({"params": [z_T], "lr": config.lr * config.latent_lr_factor})
+    if config.optimize_conditioning:
+        params = [p for p in (deltas.cond, deltas.cond_pooled) if p is not None]
+        groups.append({"params": params, "lr": config.lr * config.conditioning_lr_factor})
+    if config.optimize_uncond:
+        params = [p for p in (deltas.uncond, deltas.uncond_pooled) if p is not None]
+        groups.append({"params": params, "lr": config.lr * config.uncond_lr_factor})
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    optimizer = _optimizer(config, groups) if groups and config.iterations else None
+    scheduler = None
+    if optimizer is not None and config.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.iterations, eta_min=config.lr / 10
+        )
+    weights = loss_step_weights(config.loss_steps).tolist()
+
+    # 4. Optimisation loop; iteration I only evaluates
+    trajectory, clean_losses, train_losses, latent_norms = [], [], [], []
+    metrics: dict[str, list[Tensor]] = {}
+    best_loss = torch.full((b,), torch.inf)
+    best_images = torch.zeros(0)
+    best_iteration = [0] * b
+    stopped = False
+    t_chain = t_loss = 0.0
+    for it in range(config.iterations + 1):
+        train = it < config.iterations and optimizer is not None
+        t1 = time.perf_counter()
+        latent_norms.append(z_T.detach().flatten(1).norm(dim=1).cpu())
+        with torch.set_grad_enabled(train):
+            x0s = loop(z_T, cond, deltas, keep_last=config.loss_steps if train else 1)
+        t2 = time.perf_counter()
+        if train:
+            total = torch.zeros(b, device=device)
+            for w, x0 in zip(weights, x0s, strict=True):
+                plan = None
+                if config.num_cutouts:
+                    plan = sample_cutouts(
+                        rngs,
+                        image_side=resolution,
+                        size=classifier.input_size,
+                        num=config.num_cutouts,
+                        cut_power=config.cut_power,
+                        noise_sd=config.noise_sd,
+                    )
+                if config.checkpointing:
+                    loss, _ = checkpoint(unit, x0, plan, use_reentrant=False)
+                else:
+                    loss, _ = unit(x0, plan)
+                total = total + w * loss
+            optimizer.zero_grad(set_to_none=True)
+            total.sum().backward()  # items are independent: each gets its own gradient
+            train_losses.append(total.detach().float().cpu())
+            if config.grad_clip is not None:
+                for p, item_dim in ((z_T, 0), *((d, 1) for d in deltas.tensors())):
+                    if p.grad is not None:
+                        _clip_per_item(p, item_dim, config.grad_clip)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            with torch.no_grad():  # re-project z_T onto its initial norm
+                z_T.mul_(norms / z_T.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+
+        # clean path on the final x̂0 (before this iteration's update)
+        ev = clean(x0s[-1].detach())
+        loss = ev.loss.cpu()
+        images = ev.images.cpu()
+        trajectory.append((images * 255).round().to(torch.uint8))
+        clean_losses.append(loss)
+        for name, value in ev.metrics.items():
+            metrics.setdefault(name, []).append(value.float().cpu())
+        improved = loss < best_loss
+        best_images = (
+            images.clone()
+            if it == 0
+            else torch.where(improved.view(-1, 1, 1, 1), images, best_images)
+        )
+        best_loss = torch.where(improved, loss, best_loss)
+        for i in improved.nonzero().flatten().tolist():
+            best_iteration[i] = it
+        t_chain += t2 - t1
+        t_loss += time.perf_counter() - t2
+        if progress is not None:
+            info = {"stage": "optimizing", "clean_loss": loss.tolist()}
+            info.update({k: v[-1].tolist() for k, v in metrics.items() if k in ("p", "p_start")})
+            progress(it + 1, config.iterations + 1, info)
+        if should_stop is not None and it < config.iterations and should_stop():
+            stopped = True
+            break
+
+    result = GuidanceResult(
+        images=best_images,
+        best_iteration=best_iteration,
+        trajectory=torch.stack(trajectory),
+        clean_loss=torch.stack(clean_losses),
+        metrics={k: torch.stack(v) for k, v in metrics.items()},
+        train_loss=torch.stack(train_losses) if train_losses else torch.zeros(0, b),
+        latent_norms=torch.stack(latent_norms),
+        final_latents=z_T.detach().cpu(),
+        iterations_done=len(train_losses),
+        stopped=stopped,
+        timings={"chain_s": t_chain, "loss_backward_s": t_loss},
+    )
+    return EditResult(result, chosen, search, {"p2p_search_s": t_search})

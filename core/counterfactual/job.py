@@ -1,0 +1,422 @@
+"""One `counterfactual` job (DESIGN §3.3), end to end: params → typed `CounterfactualResult`.
+
+1. Models (once per process) and the start image at the model resolution.
+2. Start class (given, or the classifier's prediction) and the caption naming it.
+3. Inversion: DDIM + null-text, from the process's inversion cache when the same image, model,
+   T, w and caption were inverted before (several targets of one job invert once).
+4. The reconstruction with cross-attention storage: templates for background blending, maps
+   for prompt-to-prompt and the foreground mask of the start-class tokens.
+5. The edits: all targets of the image as batches of at most `max_batch` items (item i has seed
+   `seed + i` for its cutouts), each with its edited prompt and token alignment.
+6. Metrics: p(target), p(start) of the original, the reconstruction and the counterfactual,
+   flips, L1/L2 distances to the original, the inversion's reconstruction errors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from core.classes import imagenet_classes, resolve_class
+from core.classifiers import Classifier
+from core.counterfactual.attention import (
+    CrossAttentionControl,
+    attention_map,
+    controlled_cross_attention,
+    find_words,
+    foreground_masks,
+    replace_words,
+    token_alignment,
+    token_span,
+)
+from core.counterfactual.edit import EditStart, edit, reconstruct, steps_before
+from core.counterfactual.images import ImageResolver, StartImage, load_start_image
+from core.counterfactual.inversion import Inversion, InversionCache, Stopped, cache_key, invert
+from core.guidance import GuidanceResult, ProgressFn, StopFn
+from core.jobs import ModelCache, concat_results, software_versions
+from core.params import CounterfactualParams, validate_params
+
+KIND = "counterfactual"
+_INVERSIONS = ("counterfactual", "inversions")  # the ModelCache key of the inversion cache
+
+
+@dataclass
+class CounterfactualItem:
+    """One target of the image."""
+
+    index: int
+    seed: int
+    target_index: int
+    target_name: str
+    prompt: str  # the caption with the start-class words replaced by the target's
+    p2p_fraction: float = 0.0  # chosen share of steps with injected cross-attention maps
+    p2p_search: dict[str, float] = field(default_factory=dict)  # fraction → clean loss
+
+
+@dataclass
+class CounterfactualResult:
+    kind: str
+    params: dict
+    seed: int
+    models: dict[str, str]  # role → spec
+    device: str
+    image: StartImage
+    start_index: int
+    start_name: str
+    start_given: bool  # False: the classifier's prediction
+    caption: str
+    original: Tensor  # (1, 3, H, W) in [0, 1]
+    items: list[CounterfactualItem]
+    guidance: GuidanceResult | None  # None when stopped during the inversion
+    inversion: Inversion | None = None
+    inversion_cached: bool = False
+    reconstruction: Tensor | None = None  # (1, 3, H, W) through the edit's attention path
+    attention: Tensor | None = None  # (s, s) start-class attention, max-normalised
+    latent_mask: Tensor | None = None  # (1, 1, h, w) foreground
+    pixel_mask: Tensor | None = None  # (1, 1, H, W)
+    probs: dict[str, Tensor] = field(default_factory=dict)  # original / reconstruction → (K,)
+    stopped: bool = False
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def item_metrics(self, b: int) -> dict:
+        """p(target), p(start) before (original), of the reconstruction, of the unoptimised
+        edit (iteration 0) and after; flip; L1 / L2 distances of the counterfactual."""
+        g, item = self.guidance, self.items[b]
+        best = g.best_iteration[b]
+        before, recon = self.probs["original"], self.probs.get("reconstruction")
+        after = {k: float(v[best, b]) for k, v in g.metrics.items()}
+        return {
+            "before": {
+                "p_target": float(before[item.target_index]),
+                "p_start": float(before[self.start_index]),
+            },
+            "reconstruction": None
+            if recon is None
+            else {
+                "p_target": float(recon[item.target_index]),
+                "p_start": float(recon[self.start_index]),
+            },
+            "edit": {
+                "p_target": float(g.metrics["p"][0, b]),
+                "p_start": float(g.metrics["p_start"][0, b]),
+            },
+            "after": {
+                "p_target": after["p"],
+                "p_start": after["p_start"],
+                "prediction": int(self.probs["after"][b].argmax()),
+            },
+            "flip": int(self.probs["after"][b].argmax()) == item.target_index,
+            "l1_distance": float(self.distances["l1"][b]),
+            "l2_distance": float(self.distances["l2"][b]),
+            "best_losses": {k: v for k, v in after.items() if k not in ("p", "p_start")},
+        }
+
+    @property
+    def distances(self) -> dict[str, Tensor]:
+        """Per item: mean |x − x0| (l1) and sqrt(mean (x − x0)²) (l2), over pixels and
+        channels of [0, 1] images: independent of the resolution."""
+        diff = self.guidance.images.float() - self.original.cpu().float()
+        return {"l1": diff.abs().flatten(1).mean(1), "l2": diff.pow(2).flatten(1).mean(1).sqrt()}
+
+    def render_artifacts(self) -> dict[str, bytes]:
+        """name → bytes (see `core.counterfactual.output`); `core.output` calls this."""
+        from core.counterfactual.output import render_counterfactual
+
+        return render_counterfactual(self)
+
+    def summary(self) -> dict:
+        """The JSON record of the job (result.json)."""
+        g = self.guidance
+        items = []
+        for b, item in enumerate(self.items):
+            record = {**item.__dict__}
+            if g is not None:
+                record.update(self.item_metrics(b))
+                record.update(
+                    best_iteration=g.best_iteration[b],
+                    clean_loss=g.clean_loss[:, b].tolist(),
+                    train_loss=g.train_loss[:, b].tolist(),
+                    metrics={k: v[:, b].tolist() for k, v in g.metrics.items()},
+                )
+            items.append(record)
+        flips = [it["flip"] for it in items if "flip" in it]
+        inversion = None
+        if self.inversion is not None:
+            inversion = {**self.inversion.describe(), "cached": self.inversion_cached}
+        return {
+            "kind": self.kind,
+            "params": self.params,
+            "seed": self.seed,
+            "models": self.models,
+            "device": self.device,
+            "image": self.image.describe(),
+            "start_class": {
+                "index": self.start_index,
+                "name": self.start_name,
+                "given": self.start_given,
+            },
+            "caption": self.caption,
+            "inversion": inversion,
+            "mask": None
+            if self.pixel_mask is None
+            else {"foreground_share": float(self.pixel_mask.mean())},
+            "iterations_done": 0 if g is None else g.iterations_done,
+            "stopped": self.stopped,
+            "flip_rate": sum(flips) / len(flips) if flips else None,
+            "items": items,
+            "metric_names": metric_descriptions(self.models),
+            "timings": {**self.timings, **({} if g is None else g.timings)},
+            "versions": software_versions(),
+        }
+
+
+def metric_descriptions(models: dict[str, str]) -> dict[str, str]:
+    clf = models["classifier"]
+    return {
+        "p": f"p(target | x) of {clf}",
+        "p_start": f"p(start class | x) of {clf}",
+        "ce": "cross-entropy of the target (clean path)",
+        "latent_background_l2": "mean((1 − m)·(ẑ0 − z0)²), latent foreground mask m",
+        "pixel_background_l2": "mean((1 − m)·(x̂0 − x0)²), pixel foreground mask m",
+        "l1_distance": "mean |x − x0| over pixels and channels, images in [0, 1]",
+        "l2_distance": "sqrt(mean (x − x0)²) over pixels and channels, images in [0, 1]",
+        "flip": f"argmax of {clf} on the counterfactual == target",
+        "inversion": "pixel/latent MSE of the reconstruction: null-text and plain DDIM inversion",
+    }
+
+
+def _class_index(ref: int | str, classifier: Classifier) -> int:
+    wnids = [c.wnid for c in imagenet_classes()] if classifier.num_classes == 1000 else None
+    return resolve_class(ref, classifier.class_names, wnids)
+
+
+@torch.no_grad()
+def class_probs(classifier: Classifier, images: Tensor) -> Tensor:
+    """(N, 3, H, W) in [0, 1] → softmax (N, K) on the clean path (bilinear resize)."""
+    from core.augment import clean_view
+
+    device = next(classifier.parameters()).device
+    views = clean_view(images.to(device).float(), classifier.input_size)[:, 0]
+    return classifier(views).float().softmax(-1).cpu()
+
+
+def run_counterfactual(
+    params: CounterfactualParams | dict,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: ModelCache | None = None,
+    max_batch: int = 8,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    image_resolver: ImageResolver | None = None,
+) -> CounterfactualResult:
+    """Counterfactuals of one image towards every target; see the module docstring."""
+    t_start = time.perf_counter()
+    if isinstance(params, dict):
+        params = validate_params(KIND, params)
+    cache = cache or ModelCache()
+    guidance, cf = params.guidance, params.counterfactual
+
+    # 1. models and the image
+    model = cache.diffusion(params.diffusion, device)
+    classifier = cache.classifier(params.classifier, device, params.clip_templates)
+    resolution = params.resolution or model.resolution
+    model.latent_shape(resolution)  # fail early on a bad resolution
+    image = load_start_image(
+        params.image, image_id=params.image_id, resolution=resolution, resolver=image_resolver
+    )
+    original = image.pixels.to(model.device)  # (1, 3, S, S) in [0, 1]
+    probs = {"original": class_probs(classifier, original)[0]}
+    t_loaded = time.perf_counter()
+
+    # 2. start class, caption and targets
+    if params.start_class is None:
+        start = int(probs["original"].argmax())
+    else:
+        start = _class_index(params.start_class, classifier)
+    start_name = classifier.class_names[start]
+    caption = params.caption or params.prompt_for(start_name)
+    words = find_words(caption, start_name)
+    if words is None:
+        raise ValueError(
+            f"the caption {caption!r} does not name the start class {start_name!r}; "
+            "prompt-to-prompt replaces those words by the target class"
+        )
+    if params.targets == "others":
+        targets = [k for k in range(classifier.num_classes) if k != start]
+    else:
+        targets = [_class_index(ref, classifier) for ref in params.targets]
+    tokenizer = model.tokenizers[0]
+    source = token_span(tokenizer, caption, words)
+    items = []
+    for i, k in enumerate(targets):
+        name = classifier.class_names[k]
+        items.append(CounterfactualItem(i, seed + i, k, name, replace_words(caption, words, name)))
+
+    result = CounterfactualResult(
+        kind=KIND,
+        params=params.model_dump(mode="json"),
+        seed=seed,
+        models={"diffusion": params.diffusion, "classifier": params.classifier},
+        device=device,
+        image=image,
+        start_index=start,
+        start_name=start_name,
+        start_given=params.start_class is not None,
+        caption=caption,
+        original=original.cpu(),
+        items=items,
+        guidance=None,
+        probs=probs,
+    )
+    chunks = math.ceil(len(items) / max_batch)
+    total = chunks * (guidance.iterations + 1)
+    if progress is not None:
+        progress(0, total, {"stage": "inverting", "clean_loss": []})
+
+    # 3. inversion, cached per process
+    cond = model.encode_text([caption])
+    uncond = model.null_text(1, params.negative_prompt)
+    inversions: InversionCache = cache.get(_INVERSIONS, InversionCache)
+    key = cache_key(
+        image_sha256=image.sha256,
+        model=model,
+        caption=caption,
+        negative_prompt=params.negative_prompt,
+        guidance=guidance,
+        config=cf,
+    )
+    t0 = time.perf_counter()
+    try:
+        inversion, cached = inversions.get_or_invert(
+            key,
+            lambda: invert(
+                model,
+                original,
+                cond,
+                uncond,
+                guidance=guidance,
+                config=cf,
+                should_stop=should_stop,
+            ),
+        )
+    except Stopped:
+        result.stopped = True
+        result.items = []
+        result.timings = {"total_s": time.perf_counter() - t_start}
+        return result
+    t_inverted = time.perf_counter()
+    result.inversion, result.inversion_cached = inversion, cached
+
+    # 4. reconstruction with stored cross-attention maps → templates and masks
+    steps = guidance.ddim_steps
+    store_steps = max(
+        [math.ceil(cf.mask_steps * steps)] + [steps_before(f, steps) for f in cf.p2p_fractions]
+    )
+    control = CrossAttentionControl()
+    latent_side = model.latent_shape(resolution)[-1]
+    with controlled_cross_attention(model.unet, control):
+        recon, templates = reconstruct(
+            model,
+            z_T=inversion.z_T,
+            null_texts=inversion.null_texts,
+            cond=cond,
+            config=guidance,
+            control=control,
+            store_steps=store_steps,
+            resolution=resolution,
+        )
+        attention = attention_map(control, source, math.ceil(cf.mask_steps * steps), latent_side)
+        latent_mask, pixel_mask = foreground_masks(
+            attention, latent_side=latent_side, pixel_side=resolution, cutoff=cf.mask_cutoff
+        )
+        start_point = EditStart(
+            z_T=inversion.z_T,
+            null_texts=inversion.null_texts,
+            templates=templates,
+            z0=inversion.z0,
+            x0=original,
+            latent_mask=latent_mask,
+            pixel_mask=pixel_mask,
+        )
+        result.reconstruction = recon.cpu()
+        result.attention, result.latent_mask, result.pixel_mask = (
+            attention.cpu(),
+            latent_mask.cpu(),
+            pixel_mask.cpu(),
+        )
+        result.probs["reconstruction"] = class_probs(classifier, recon)[0]
+        t_masked = time.perf_counter()
+
+        # 5. the edits, in batches of at most max_batch targets
+        length = cond.hidden.shape[1]
+        results, searches, done = [], {}, 0
+        for first in range(0, len(items), max_batch):
+            chunk = items[first : first + max_batch]
+            prompts = [it.prompt for it in chunk]
+            mixing = torch.stack(
+                [
+                    token_alignment(
+                        length,
+                        source,
+                        token_span(
+                            tokenizer, it.prompt, (words[0], words[0] + len(it.target_name))
+                        ),
+                    )
+                    for it in chunk
+                ]
+            ).to(model.device)
+
+            def chunk_progress(
+                step: int, _total: int, info: dict, _done: int = done, _chunk: list = chunk
+            ) -> None:
+                if progress is not None:
+                    progress(_done + step, total, {"items": [it.index for it in _chunk], **info})
+
+            out = edit(
+                model,
+                classifier,
+                start=start_point,
+                cond=model.encode_text(prompts),
+                targets=torch.tensor([it.target_index for it in chunk]),
+                start_class=start,
+                seeds=[it.seed for it in chunk],
+                mixing=mixing,
+                control=control,
+                config=guidance,
+                cf=cf,
+                resolution=resolution,
+                progress=chunk_progress,
+                should_stop=should_stop,
+            )
+            for b, it in enumerate(chunk):
+                it.p2p_fraction = out.fractions[b]
+                it.p2p_search = {str(f): losses[b] for f, losses in out.search.items()}
+            searches["p2p_search_s"] = (
+                searches.get("p2p_search_s", 0.0) + out.timings["p2p_search_s"]
+            )
+            results.append(out.guidance)
+            done += guidance.iterations + 1
+            if out.guidance.stopped:
+                result.items = items[: first + len(chunk)]
+                result.stopped = True
+                break
+
+    # 6. the result
+    result.guidance = concat_results(results)
+    result.probs["after"] = class_probs(classifier, result.guidance.images)
+    t_end = time.perf_counter()
+    result.timings = {
+        "load_s": t_loaded - t_start,
+        "inversion_s": t_inverted - t0,
+        "reconstruction_mask_s": t_masked - t_inverted,
+        "edit_s": t_end - t_masked,
+        **searches,
+        "total_s": t_end - t_start,
+    }
+    return result
