@@ -15,6 +15,8 @@ test and benchmark uses them. They differ from the Stable Diffusion defaults (DE
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from core.config import GuidanceConfig
 from core.counterfactual.config import CounterfactualConfig
 
@@ -50,15 +52,5 @@ SAMPLE_GUIDANCE_SCALE = DIGITS_GUIDANCE.guidance_scale
 #   original. The unoptimised prompt-to-prompt edit is as far from the start digit as a typical
 #   digit of the target class (mean L1 ~0.20); the optimisation brings it to ~0.11. Heavier
 #   weights (25, 30) reach ~0.10 but the judge then agrees less often (0.85-0.90 against 0.95).
-DIGITS_COUNTERFACTUAL_GUIDANCE = GuidanceConfig(
-    ddim_steps=5,
-    guidance_scale=3.0,
-    iterations=10,
-    lr=0.25,
-    latent_lr_factor=1.0,
-    loss_steps=3,
-    num_cutouts=4,
-    noise_sd=0.02,
-    checkpointing=False,
-)
+DIGITS_COUNTERFACTUAL_GUIDANCE = replace(DIGITS_GUIDANCE, checkpointing=False)
 DIGITS_COUNTERFACTUAL = CounterfactualConfig(null_text_steps=5, null_text_lr=0.2, pixel_l1=10.0)
