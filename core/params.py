@@ -398,6 +398,9 @@ class CounterfactualParams(BaseModel):
         """The digits zoo's counterfactual settings under the fields the params give."""
         if not isinstance(raw, dict):
             return raw
+        targets = raw.get("targets")
+        if isinstance(targets, str) and targets != "others":
+            raise ValueError(f"targets must be a list of classes or 'others', got {targets!r}")
         diffusion = raw.get("diffusion", DEFAULT_DIFFUSION)
         if not (isinstance(diffusion, str) and is_digits_diffusion(diffusion)):
             return raw
