@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         description="worker device: auto (cuda if the worker sees a GPU, else cpu), cpu, cuda[:N]",
     )
     max_batch: int = Field(8, ge=1, le=256, description="items a worker optimises in one run")
+    worker_metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="port of the Prometheus metrics of a worker or reaper process (unset: none)",
+    )
 
     @field_validator("image_formats", "model_allow_list", mode="before")
     @classmethod

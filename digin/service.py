@@ -55,13 +55,23 @@ def _sessions(settings: Settings) -> Any:
 
 
 # --- database and keys -------------------------------------------------------------------------
-def migrate_command() -> None:
-    """Create or upgrade the database to the current schema (idempotent)."""
+def migrate_command(
+    storage: Annotated[
+        bool,
+        typer.Option(help="Also create the artifact bucket (S3) or folder if it is missing."),
+    ] = True,
+) -> None:
+    """Create or upgrade the database to the current schema, and create the artifact bucket
+    or folder (idempotent; the deployment runs it before the API starts)."""
     from api.db import migrate
+    from api.storage import storage_from_settings
 
     settings = _settings()
     migrate(settings.database_url)
     typer.echo(f"database is up to date ({settings.database_url.split('@')[-1]})")
+    if storage:
+        storage_from_settings(settings).ensure_bucket()
+        typer.echo(f"artifact storage is ready ({settings.storage_url})")
 
 
 @keys_app.command("create")
@@ -224,6 +234,11 @@ def reaper_command(
 
     settings = _settings()
     configure_logging()
+    if settings.worker_metrics_port is not None:  # reaper actions on GET /metrics
+        from worker import metrics
+
+        metrics.enable()
+        metrics.serve(settings.worker_metrics_port)
     sessions, enqueue = _sessions(settings), _enqueuer(settings)
     if once:
         reap_once(sessions=sessions, settings=settings, enqueue=enqueue)
