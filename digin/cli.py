@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 
 from core.registry import list_models, list_schemes
+from digin.client_cli import register as register_client_commands
 from digin.service import register as register_service_commands
 
 app = typer.Typer(
@@ -126,6 +127,7 @@ def run(
 
 
 register_service_commands(app)  # migrate, keys, worker, reaper, api, serve
+register_client_commands(app)  # submit, status, wait, download, batch (over HTTP)
 
 if __name__ == "__main__":
     app()
