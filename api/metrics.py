@@ -5,7 +5,10 @@ Per app (its own registry, so several apps in one process do not collide):
   `digin_http_request_duration_seconds{method, route}`, labelled by route *template*
   (`/v1/jobs/{job_id}`), never the raw path;
 - `digin_jobs{status, kind}` and `digin_queue_depth{queue}`: read from the job table at scrape
-  time (the row is the truth; the broker's own queues are not counted);
+  time (the row is the truth), one grouped count each;
+- `digin_broker_queue_depth{queue}` (messages waiting in the broker, every priority level) and
+  `digin_broker_unacked_messages` (delivered, not yet acknowledged: running or reserved), read
+  from the broker at scrape time: Redis LLEN/HLEN, or the filesystem broker's message files;
 - `digin_jobs_created_total{kind}`, `digin_enqueue_failures_total{queue}`,
   `digin_images_uploaded_total`.
 """
@@ -13,8 +16,11 @@ Per app (its own registry, so several apps in one process do not collide):
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -70,6 +76,79 @@ class JobCollector(Collector):
         yield depth
 
 
+# kombu's Redis transport keeps a queue's priority levels in lists `queue`, `queue\x06\x163`, …
+REDIS_PRIORITY_SEPARATOR = "\x06\x16"
+REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
+REDIS_UNACKED_KEY = "unacked"
+BROKER_TIMEOUT_S = 1.0
+
+
+def redis_queue_keys(queue: str) -> list[str]:
+    return [
+        queue if p == 0 else f"{queue}{REDIS_PRIORITY_SEPARATOR}{p}" for p in REDIS_PRIORITY_STEPS
+    ]
+
+
+class BrokerCollector(Collector):
+    """Messages waiting per queue and unacknowledged messages, from the broker per scrape:
+    one pipelined round trip to Redis, or a listing of the filesystem broker's folder."""
+
+    def __init__(self, broker_url: str, folder: str | None = None) -> None:
+        self.broker_url, self.folder = broker_url, folder
+        self._redis: Any = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def read(self) -> tuple[dict[str, int], int | None]:
+        if self.broker_url.startswith("redis"):
+            if self._redis is None:
+                import redis
+
+                self._redis = redis.Redis.from_url(
+                    self.broker_url,
+                    socket_timeout=BROKER_TIMEOUT_S,
+                    socket_connect_timeout=BROKER_TIMEOUT_S,
+                )
+            pipe = self._redis.pipeline(transaction=False)
+            for queue in QUEUES:
+                for key in redis_queue_keys(queue):
+                    pipe.llen(key)
+            pipe.hlen(REDIS_UNACKED_KEY)
+            *lengths, unacked = pipe.execute()
+            steps = len(REDIS_PRIORITY_STEPS)
+            depths = {q: sum(lengths[i * steps : (i + 1) * steps]) for i, q in enumerate(QUEUES)}
+            return depths, int(unacked)
+        if self.folder is not None:  # filesystem://: one file per waiting message
+            names = os.listdir(self.folder)
+            return {q: sum(n.endswith(f".{q}.msg") for n in names) for q in QUEUES}, None
+        return {}, None
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("digin_broker_scrape_ok", "1 if the broker could be read")
+        try:
+            depths, unacked = self.read()
+        except Exception as exc:
+            log.warning("metrics: cannot read the broker: %s", exc)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        depth = GaugeMetricFamily(
+            "digin_broker_queue_depth", "Messages waiting in the broker per queue", labels=["queue"]
+        )
+        for queue, n in sorted(depths.items()):
+            depth.add_metric([queue], n)
+        yield depth
+        if unacked is not None:
+            yield GaugeMetricFamily(
+                "digin_broker_unacked_messages",
+                "Messages delivered to workers and not yet acknowledged (all queues)",
+                value=unacked,
+            )
+
+
 class Metrics:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self.registry = CollectorRegistry()
@@ -93,6 +172,17 @@ class Metrics:
             "digin_images_uploaded", "Start images accepted", registry=self.registry
         )
         self.registry.register(JobCollector(sessions))
+        self._broker: BrokerCollector | None = None
+        self._lock = threading.Lock()
+
+    def watch_broker(self, broker_url: str, transport_options: dict[str, Any]) -> None:
+        """Also report the broker's queues (once; later calls do nothing)."""
+        with self._lock:
+            if self._broker is not None:
+                return
+            folder = transport_options.get("data_folder_in")
+            self._broker = BrokerCollector(broker_url, str(folder) if folder else None)
+            self.registry.register(self._broker)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

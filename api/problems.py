@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,31 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(request, exc.status_code, code, detail, headers=dict(exc.headers or {}))
 
 
+DATABASE_RETRY_AFTER_S = 5
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Is `exc` the database being away (refused or lost connection, server shutting down,
+    SQLite locked) rather than a bug (e.g. a missing table)?"""
+    if not isinstance(exc, OperationalError | InterfaceError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    orig = exc.orig
+    if type(orig).__module__.startswith("psycopg"):
+        return True  # psycopg's OperationalError/InterfaceError: the connection or the server
+    text = str(orig).lower()
+    return "database is locked" in text or "unable to open database" in text
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    if database_unavailable(exc):
+        log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+        return problem_response(
+            request, 503, "database-unavailable",
+            "the database is unavailable; retry after the Retry-After seconds",
+            headers={"Retry-After": str(DATABASE_RETRY_AFTER_S)},
+        )  # fmt: skip
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(
         request, 500, "internal", "an unexpected error occurred; it was logged on the server"

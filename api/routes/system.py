@@ -81,4 +81,6 @@ def readyz(services: ServicesDep) -> Ready:
     responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "text format 0.0.4"}},
 )
 def metrics(services: ServicesDep) -> Response:
+    options = services.celery.conf.broker_transport_options or {}
+    services.metrics.watch_broker(services.settings.broker_url, dict(options))
     return Response(services.metrics.render(), media_type=CONTENT_TYPE_LATEST)
