@@ -170,11 +170,14 @@ class AsyncClient:
         job_id: object,
         timeout: float | None = None,
         on_progress: Callable[[Job], object] | None = None,
+        *,
+        until: Callable[[Job], bool] | None = None,
     ) -> Job:
-        """Poll until the job has finished (succeeded, failed or canceled) and return it; raise
-        WaitTimeoutError after `timeout` seconds. A failed job is returned, not raised."""
+        """Poll until the job has finished (succeeded, failed or canceled), or until
+        `until(job)` holds, and return it; raise WaitTimeoutError after `timeout` seconds. A
+        failed job is returned, not raised. `on_progress` sees every state read."""
         return await self._run(
-            ops.wait(ops.read_job(job_id), lambda j: j.done, what=f"job {job_id}",
+            ops.wait(ops.read_job(job_id), until or Job.is_done, what=f"job {job_id}",
                      timeout=timeout, on_progress=on_progress, policy=self.policy)
         )  # fmt: skip
 
@@ -256,10 +259,13 @@ class AsyncClient:
         batch_id: object,
         timeout: float | None = None,
         on_progress: Callable[[Batch], object] | None = None,
+        *,
+        until: Callable[[Batch], bool] | None = None,
     ) -> Batch:
-        """Poll until every item has finished; raise WaitTimeoutError after `timeout` s."""
+        """Poll until every item has finished (or `until(batch)` holds); raise
+        WaitTimeoutError after `timeout` seconds."""
         return await self._run(
-            ops.wait(ops.read_batch(batch_id), lambda b: b.done, what=f"batch {batch_id}",
+            ops.wait(ops.read_batch(batch_id), until or Batch.is_done, what=f"batch {batch_id}",
                      timeout=timeout, on_progress=on_progress, policy=self.policy)
         )  # fmt: skip
 

@@ -82,6 +82,9 @@ class Job(_Response):
         """Finished: succeeded, failed or canceled (terminal states never change)."""
         return self.status in JOB_TERMINAL
 
+    def is_done(self) -> bool:
+        return self.done
+
 
 class Artifact(_Response):
     """A stored output of a job with a URL minted for this read: presigned (S3, expires at
@@ -171,7 +174,11 @@ class Batch(_Response):
 
     @property
     def done(self) -> bool:
+        """Every item finished: succeeded, completed, failed or canceled."""
         return self.status in BATCH_TERMINAL
+
+    def is_done(self) -> bool:
+        return self.done
 
 
 class ResultArtifact(_Response):
