@@ -62,6 +62,8 @@ class Job(_Response):
     priority: int
     queue: str | None = None
     batch_id: str | None = None
+    custom_id: str | None = None  # the item's id in its batch
+    item_index: int | None = None  # the item's position in its batch
     metadata: dict[str, Any] | None = None
     attempts: int = 0
     max_attempts: int | None = None
