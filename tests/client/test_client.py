@@ -238,3 +238,21 @@ def test_no_server_is_a_connection_error():
     with client, pytest.raises(DiginError, match="GET") as info:
         client.get(uuid.uuid4())
     assert type(info.value).__name__ == "DiginConnectionError"
+
+
+def test_the_client_imports_no_server_code():
+    """In a fresh interpreter: `api.client` loads httpx and pydantic, not torch, FastAPI,
+    Starlette, SQLAlchemy, Celery or the core."""
+    import subprocess
+    import sys
+
+    from tests.worker.helpers import ROOT
+
+    code = (
+        "import sys, api.client\n"
+        "heavy = {'torch', 'fastapi', 'starlette', 'sqlalchemy', 'celery', 'core', 'minio'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
