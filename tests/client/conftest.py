@@ -63,13 +63,13 @@ class LiveAPI:
         return path in spec.get("paths", {})
 
 
-def serve(settings: Settings) -> Iterator[LiveAPI]:
+def serve(settings: Settings, port: int | None = None) -> Iterator[LiveAPI]:
     """The app of `settings` served by uvicorn in a daemon thread until the generator closes."""
     import uvicorn
 
     from api.app import create_app
 
-    port = free_port()
+    port = port or free_port()
     config = uvicorn.Config(
         create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on"
     )

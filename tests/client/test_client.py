@@ -120,6 +120,8 @@ def test_errors_carry_the_problem(lite: LiveAPI, client: Client):
     with pytest.raises(NotFoundError) as info:
         client.get(missing)
     assert info.value.status == 404 and str(missing) in (info.value.detail or "")
+    with pytest.raises(NotFoundError):
+        client.wait(missing, timeout=30)  # not worth polling again: raised at once
 
     job = client.submit("guided", digits_params())
     with Client(lite.url, lite.key("someone-else")) as other, pytest.raises(NotFoundError):
@@ -256,3 +258,46 @@ def test_the_client_imports_no_server_code():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_wait_rides_out_a_server_that_is_not_up_yet(lite: LiveAPI, lite_dir: Path, key: str):
+    """The first polls find no server (connection refused); `wait` backs off and goes on once
+    an API answers on that port."""
+    import threading
+
+    with Client(lite.url, key) as client:
+        job = client.submit("guided", digits_params())
+    refused = threading.Event()
+
+    class Recording(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            try:
+                return super().handle_request(request)
+            except httpx.ConnectError:
+                refused.set()
+                raise
+
+    port = free_port()
+    with Client(f"http://127.0.0.1:{port}", key, transport=Recording()) as client:
+        reads: list[str] = []
+        outcome: list[object] = []
+
+        def poll() -> None:
+            try:
+                outcome.append(
+                    client.wait(
+                        job.id,
+                        timeout=120,
+                        until=lambda j: True,
+                        on_progress=lambda j: reads.append(j.status),
+                    )
+                )
+            except Exception as exc:  # reported below
+                outcome.append(exc)
+
+        poller = threading.Thread(target=poll)
+        poller.start()
+        assert refused.wait(timeout=60), "the client never tried to connect"
+        with running(lite_settings(lite_dir), port=port):
+            poller.join(timeout=120)
+    assert reads == ["queued"] and getattr(outcome[0], "id", None) == job.id, outcome
