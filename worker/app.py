@@ -12,8 +12,9 @@ from typing import Any
 
 from celery.signals import setup_logging
 
-from api.dispatch import TASK_REAP, make_celery
+from api.dispatch import TASK_REAP, TASK_SEND_WEBHOOKS, make_celery
 from api.settings import get_settings
+from worker import signals
 from worker.logs import configure_logging
 from worker.reaper import reaper_interval
 from worker.tasks import register_tasks
@@ -21,6 +22,7 @@ from worker.tasks import register_tasks
 settings = get_settings()
 app = make_celery(settings)
 tasks = register_tasks(app)
+signals.connect(app)  # per-job log context and metrics (DIGIN_WORKER_METRICS_PORT)
 
 interval = reaper_interval(settings)
 app.conf.beat_schedule = {
@@ -29,7 +31,12 @@ app.conf.beat_schedule = {
         "schedule": interval,
         # queued behind a running job on a busy worker: drop rounds that waited too long
         "options": {"expires": interval},
-    }
+    },
+    "digin-send-webhooks": {  # (`digin reaper` and `digin serve` send them too)
+        "task": TASK_SEND_WEBHOOKS,
+        "schedule": settings.webhook_interval_seconds,
+        "options": {"expires": settings.webhook_interval_seconds},
+    },
 }
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import repo
 from api.db import QUEUED, Job, session_scope, utcnow
+from worker import metrics
 from worker.runner import Enqueue
 
 if TYPE_CHECKING:
@@ -89,6 +90,7 @@ def reap_once(
     if any(changes.values()):
         counts = {event: len(ids) for event, ids in changes.items()}
         log.info(f"reaper round: {counts}", extra={"event": "reap", **counts})
+    metrics.record_reap(changes)
     return report
 
 
@@ -111,5 +113,6 @@ def run_reaper(
                 on_round(report)
         except Exception:
             log.exception("reaper round failed", extra={"event": "reap_error"})
+            metrics.record_reap({}, ok=False)
         stop.wait(interval)
     log.info("reaper stopped", extra={"event": "reaper_stopped"})

@@ -19,6 +19,7 @@ import math
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ Outcome = Literal["skipped", "deferred", "succeeded", "failed", "canceled", "req
 CONTENT_TYPES = {".png": "image/png", ".json": "application/json"}
 MAX_MESSAGE = 1000  # characters of an error message stored on the row
 MAX_BACKOFF_S = 300.0
+WRITE_RETRY_FRACTION = 0.8  # of DIGIN_HEARTBEAT_STALE_SECONDS: how long a write waits for the DB
 
 
 class Enqueue(Protocol):
@@ -465,14 +467,27 @@ def _discard_artifacts(job: ClaimedJob, ctx: WorkerContext) -> None:
 
 
 def _write(ctx: WorkerContext, change: Callable[[Session], Any]) -> Any:
-    """One state change in its own committed transaction; None if the database is away (the
-    reaper re-queues the job once its heartbeat is stale)."""
-    try:
-        with session_scope(ctx.sessions) as session:
-            return change(session)
-    except SQLAlchemyError:
-        log.exception("database write failed", extra={"event": "db_error"})
-        return None
+    """One state change in its own committed transaction. While the database is unreachable
+    the change is retried with backoff, for less than the heartbeat threshold (after that the
+    reaper owns the job and the attempt guard would refuse the write anyway); None if it
+    never went through (the reaper re-queues the job once its heartbeat is stale)."""
+    deadline = time.monotonic() + WRITE_RETRY_FRACTION * ctx.settings.heartbeat_stale_seconds
+    delay = 0.25
+    while True:
+        try:
+            with session_scope(ctx.sessions) as session:
+                return change(session)
+        except (OperationalError, InterfaceError) as exc:  # unreachable: wait for it
+            if time.monotonic() + delay > deadline:
+                log.exception("database write failed; giving up", extra={"event": "db_error"})
+                return None
+            log.warning(f"database write failed, retry in {delay:g} s: {exc}",
+                        extra={"event": "db_retry"})  # fmt: skip
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+        except SQLAlchemyError:
+            log.exception("database write failed", extra={"event": "db_error"})
+            return None
 
 
 def _json_safe(value: Any) -> Any:
