@@ -4,7 +4,7 @@ port, over real databases and brokers; no part of the server is mocked.
 - `lite`: SQLite, the filesystem broker (no worker reads it: jobs stay queued), local storage,
   auth on. For everything that needs no worker: errors, lists, cancel, uploads, the CLI.
 - `full`: PostgreSQL, Redis (its own database number, DIGIN_TEST_REDIS_CLIENT_URL, default
-  redis://127.0.0.1:6379/14), S3 through moto's server with presigned URLs, and one real Celery
+  redis://127.0.0.1:6379/15), S3 through moto's server with presigned URLs, and one real Celery
   worker subprocess running the digits zoo. For waiting and downloading.
 Both are skipped, with the reason, where their servers are absent.
 """
@@ -27,7 +27,7 @@ from api.settings import Settings, fresh_settings
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
 from tests.e2e.conftest import Service, make_service, s3_endpoint, wait_until  # noqa: F401
 
-REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_CLIENT_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_CLIENT_URL", "redis://127.0.0.1:6379/15")
 
 
 def free_port() -> int:
