@@ -18,6 +18,7 @@ run twice:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 TASK_RUN_JOB = "digin.run_job"  # args: (job_id: str,)
 TASK_REAP = "digin.reap"  # periodic: re-queue stale running jobs, re-send never-dispatched ones
+TASK_SEND_WEBHOOKS = "digin.send_webhooks"  # periodic: post due webhook deliveries
 QUEUES = ("interactive", "sweep")
 SOFT_LIMIT_MARGIN_S = 60  # SoftTimeLimitExceeded this long before the hard kill
 
@@ -73,3 +75,57 @@ def enqueue(
     if countdown > 0:
         options["countdown"] = countdown
     app.send_task(TASK_RUN_JOB, args=[str(job_id)], **options)
+
+
+class PartialEnqueue(Exception):
+    """Bulk sending stopped part-way: the first `sent` messages reached the broker."""
+
+    def __init__(self, sent: int, cause: BaseException) -> None:
+        super().__init__(f"{sent} messages sent, then {type(cause).__name__}: {cause}")
+        self.sent = sent
+
+
+def enqueue_many(
+    app: Celery,
+    job_ids: Sequence[str],
+    *,
+    queue: str,
+    priority: int = 0,
+    chunk: int = 1000,
+    on_chunk: Callable[[int], None] | None = None,
+) -> int:
+    """Send one `digin.run_job` message per job (committed rows only), in order, through one
+    producer: the Celery message of each is built by `app.amqp` as `send_task` would, and
+    published straight into `queue` (the anonymous exchange), `chunk` messages per Redis
+    pipeline (kombu's publish batch; other transports send one by one). Returns the number
+    sent; raises PartialEnqueue naming how many went out before an error. `on_chunk(sent)` is
+    called after every chunk (mark those rows enqueued)."""
+    if queue not in QUEUES:
+        raise ValueError(f"queue must be one of {QUEUES}, got {queue!r}")
+    from kombu.utils.uuid import uuid as task_uuid
+
+    amqp, sent = app.amqp, 0
+    origin = "digin-api"
+    try:
+        with app.producer_or_acquire() as producer:
+            for start in range(0, len(job_ids), chunk):
+                part = job_ids[start : start + chunk]
+                with producer.batch(max_size=len(part) + 1):
+                    for job_id in part:
+                        task_id = task_uuid()
+                        message = amqp.as_task_v2(
+                            task_id, TASK_RUN_JOB, args=[str(job_id)], kwargs={},
+                            argsrepr=f"['{job_id}']", kwargsrepr="{}", origin=origin,
+                            ignore_result=True,
+                        )  # fmt: skip
+                        producer.publish(
+                            message.body, exchange="", routing_key=queue, priority=priority,
+                            headers=message.headers, serializer="json", retry=False,
+                            declare=None, **message.properties,
+                        )  # fmt: skip
+                sent += len(part)
+                if on_chunk is not None:
+                    on_chunk(sent)
+    except Exception as exc:
+        raise PartialEnqueue(sent, exc) from exc
+    return sent

@@ -23,6 +23,7 @@ from pydantic import (
     PlainValidator,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from api.db import STATUSES, Image, Job
@@ -60,6 +61,29 @@ MetadataValue = Annotated[
 ]
 
 
+# --- webhooks (DESIGN §5.9) -----------------------------------------------------------------------
+WebhookEvent = Literal["running", "succeeded", "failed", "canceled", "batch.completed"]
+
+
+class WebhookSpec(BaseModel):
+    """Where to POST events of a job or batch, and which (Standard Webhooks signatures with the
+    tenant's secret: `GET /v1/webhooks/secret`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        min_length=1,
+        max_length=2048,
+        description="https URL on a public address (http and loopback only in embedded mode)",
+    )
+    events: list[WebhookEvent] | None = Field(
+        None,
+        min_length=1,
+        description="jobs: running, succeeded, failed, canceled (default: the last three); "
+        "batches: also batch.completed (default: batch.completed only)",
+    )
+
+
 # --- jobs -----------------------------------------------------------------------------------------
 class JobCreate(BaseModel):
     """A new job (`POST /v1/jobs`). `params` are the kind's parameters (see `core.params`),
@@ -89,6 +113,7 @@ class JobCreate(BaseModel):
         f"keys of 64 characters, strings of {MAX_METADATA_STRING}, {MAX_METADATA_BYTES} bytes "
         "as JSON",
     )
+    webhook: WebhookSpec | None = Field(None, description="events of this job POSTed to a URL")
 
     @field_validator("kind")
     @classmethod
@@ -153,6 +178,8 @@ class JobCreate(BaseModel):
             "priority": self.priority,
             "metadata": self.metadata,
         }
+        if self.webhook is not None:  # (absent from older hashes: their keys stay valid)
+            canonical["webhook"] = self.webhook.model_dump()
         text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()
 
@@ -279,6 +306,8 @@ class JobPublic(BaseModel):
     priority: int
     queue: str
     batch_id: uuid.UUID | None
+    custom_id: str | None = Field(None, description="the item's id in its batch")
+    item_index: int | None = Field(None, description="the item's position in its batch")
     metadata: dict[str, Any] | None
     attempts: int
     max_attempts: int
@@ -315,6 +344,8 @@ class JobPublic(BaseModel):
             priority=job.priority,
             queue=job.queue,
             batch_id=job.batch_id,
+            custom_id=job.custom_id,
+            item_index=job.item_index,
             metadata=job.meta,
             attempts=job.attempts,
             max_attempts=job.max_attempts,
@@ -403,3 +434,247 @@ class Health(BaseModel):
 class Ready(BaseModel):
     status: Literal["ok"] = "ok"
     checks: dict[str, str] = Field(description="each dependency: 'ok'")
+
+
+# --- batches (DESIGN §5.8) ------------------------------------------------------------------------
+MAX_AXIS = 10_000  # entries of one axis (classes, classifiers, seeds)
+MAX_BATCH_ITEMS_LISTED = 100_000  # explicit items of one request
+BatchStatus = Literal["running", "succeeded", "failed", "canceled", "completed"]
+
+
+class ClassRange(BaseModel):
+    """Classes `start` (inclusive) to `stop` (exclusive), as indices."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start: int = Field(ge=0)
+    stop: int = Field(gt=0)
+
+    @field_validator("stop")
+    @classmethod
+    def _after_start(cls, stop: int, info: Any) -> int:
+        start = info.data.get("start")
+        if start is not None and stop <= start:
+            raise ValueError(f"stop ({stop}) must be greater than start ({start})")
+        if start is not None and stop - start > MAX_AXIS:
+            raise ValueError(f"at most {MAX_AXIS} classes in a range, got {stop - start}")
+        return stop
+
+
+class BatchItem(BaseModel):
+    """One explicit item: params over the template (nested fields merged) and its seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str = Field(min_length=1, max_length=200, description="unique in the batch")
+    params: dict[str, Any] = Field(default_factory=dict)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="default: the batch's seed")
+
+
+ClassAxis = list[int | str] | Literal["all"] | ClassRange
+
+
+def _duplicates(values: list[Any], name: str) -> None:
+    seen: dict[str, int] = {}
+    for i, value in enumerate(values):
+        key = json.dumps(value, sort_keys=True)
+        if key in seen:
+            raise ValueError(f"{name}[{i}] repeats {name}[{seen[key]}] ({value!r})")
+        seen[key] = i
+
+
+class BatchCreate(BaseModel):
+    """A sweep (`POST /v1/batches`): either axes over `params_template` (classes × classifiers
+    or classifier pairs × seeds, with `images_per_class`), or explicit `items`, not both."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "example": {
+                "kind": "guided",
+                "params_template": {"guidance": {"iterations": 10}},
+                "classes": "all",
+                "classifiers": ["digits:cnn", "digits:mlp"],
+                "seeds": [0],
+            }
+        },
+    )
+
+    kind: str = Field(
+        description="the objective of every item", json_schema_extra={"enum": list(KINDS)}
+    )
+    params_template: dict[str, Any] = Field(
+        default_factory=dict, description="params shared by every item (see POST /v1/jobs)"
+    )
+    classes: ClassAxis | None = Field(
+        None,
+        description="class indices or names, 'all' (every class of the classifier), or "
+        "{start, stop}; one item per class",
+    )
+    classifiers: list[Annotated[str, StringConstraints(min_length=1, max_length=500)]] | None = (
+        Field(None, min_length=1, max_length=100, description="one item per classifier spec")
+    )
+    classifier_pairs: (
+        list[
+            Annotated[
+                list[Annotated[str, StringConstraints(min_length=1, max_length=500)]],
+                Field(min_length=2, max_length=2),
+            ]
+        ]
+        | None
+    ) = Field(
+        None, min_length=1, max_length=100, description="disagreement: [classifier1, classifier2]"
+    )
+    seeds: list[Annotated[int, Field(ge=0, le=MAX_SEED)]] | None = Field(
+        None, min_length=1, max_length=1000, description="one item per seed; default: one random"
+    )
+    images_per_class: int | None = Field(None, ge=1, le=64, description="images of each item")
+    items: list[BatchItem] | None = Field(
+        None, min_length=1, max_length=MAX_BATCH_ITEMS_LISTED, description="explicit items"
+    )
+    priority: int = Field(
+        5, ge=0, le=MAX_PRIORITY, description="broker priority of the items, 0 (first) to 9"
+    )
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=MAX_METADATA_KEYS)
+    webhook: WebhookSpec | None = Field(
+        None, description="events of the batch (and, if listed, of its items) POSTed to a URL"
+    )
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; must be one of {list(KINDS)}")
+        return kind
+
+    @field_validator("classes")
+    @classmethod
+    def _classes(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not 1 <= len(value) <= MAX_AXIS:
+                raise ValueError(f"1 to {MAX_AXIS} classes, got {len(value)}")
+            _duplicates(value, "classes")
+        return value
+
+    @field_validator("classifiers", "seeds", "classifier_pairs")
+    @classmethod
+    def _unique(cls, value: list[Any] | None, info: Any) -> list[Any] | None:
+        if value is not None:
+            _duplicates(value, info.field_name)
+        return value
+
+    @field_validator("items")
+    @classmethod
+    def _unique_ids(cls, items: list[BatchItem] | None) -> list[BatchItem] | None:
+        if items is not None:
+            seen: dict[str, int] = {}
+            for i, item in enumerate(items):
+                if item.custom_id in seen:
+                    raise ValueError(
+                        f"items[{i}].custom_id {item.custom_id!r} repeats "
+                        f"items[{seen[item.custom_id]}]; custom ids are unique in a batch"
+                    )
+                seen[item.custom_id] = i
+        return items
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return JobCreate._metadata_size(value)  # type: ignore[no-any-return]
+
+    @model_validator(mode="after")
+    def _items_or_axes(self) -> BatchCreate:
+        axes = [n for n in ("classes", "classifiers", "classifier_pairs", "seeds",
+                            "images_per_class") if getattr(self, n) is not None]  # fmt: skip
+        if self.items is not None and axes:
+            raise ValueError(f"give either items or axes ({', '.join(axes)}), not both")
+        if self.classifiers is not None and self.classifier_pairs is not None:
+            raise ValueError("give either classifiers or classifier_pairs, not both")
+        return self
+
+    def request_hash(self) -> str:
+        """What an Idempotency-Key guards: the whole request as sent."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+class BatchCounts(BaseModel):
+    queued: int = 0
+    running: int = 0
+    canceling: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+
+class BatchUrls(BaseModel):
+    self: str = Field(description="this batch (GET)")
+    results: str = Field(description="the results index, JSON lines or CSV (GET)")
+    jobs: str = Field(description="its items as jobs (GET /v1/jobs?batch_id=)")
+    cancel: str = Field(description="POST to cancel the remaining items")
+
+
+class BatchPublic(BaseModel):
+    """A batch with its items' counts, progress, throughput and ETA."""
+
+    id: uuid.UUID
+    kind: str
+    status: BatchStatus = Field(
+        description="running while any item is unfinished; then succeeded (all succeeded), "
+        "completed (some failed or were canceled) or canceled (canceled by the user)"
+    )
+    total: int
+    counts: BatchCounts
+    progress: float = Field(description="finished items / total, 0..1")
+    throughput_per_min: float | None = Field(
+        description="items finished per minute (recent); null before any"
+    )
+    eta_seconds: float | None = Field(description="estimated seconds to finish; null: unknown")
+    priority: int
+    metadata: dict[str, Any] | None
+    created_at: datetime
+    finished_at: datetime | None
+    urls: BatchUrls
+
+
+class BatchList(BaseModel):
+    data: list[BatchPublic]
+    next_cursor: str | None = Field(description="null on the last page")
+
+
+class WebhookAttempt(BaseModel):
+    attempt: int
+    at: datetime
+    status_code: int | None
+    error: str | None
+    duration_ms: float | None = None
+
+
+class WebhookDeliveryPublic(BaseModel):
+    """One event for one webhook: pending (retried with backoff), delivered or failed."""
+
+    event_id: str = Field(description="the `webhook-id` header: the same on every retry")
+    event_type: str
+    job_id: uuid.UUID | None
+    batch_id: uuid.UUID | None
+    url: str
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    max_attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: datetime
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    log: list[WebhookAttempt] = Field(description="the last attempts, oldest first")
+
+
+class WebhookDeliveryList(BaseModel):
+    data: list[WebhookDeliveryPublic]
+
+
+class WebhookSecret(BaseModel):
+    """The tenant's signing secret (Standard Webhooks `whsec_…`)."""
+
+    secret: str
+    header_format: str = "webhook-signature: v1,<base64 HMAC-SHA256 of '{id}.{timestamp}.{body}'>"

@@ -82,6 +82,32 @@ class Settings(BaseSettings):
         description="worker device: auto (cuda if the worker sees a GPU, else cpu), cpu, cuda[:N]",
     )
     max_batch: int = Field(8, ge=1, le=256, description="items a worker optimises in one run")
+
+    # --- sweeps and webhooks (DESIGN §5.8, §5.9) ------------------------------------------------
+    max_items_per_batch: int = Field(100_000, ge=1, description="items of one batch")
+    max_queued_sweep_items_per_tenant: int = Field(
+        1_000_000, ge=1, description="queued batch items of a tenant (interactive jobs apart)"
+    )
+    batch_max_items: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="a worker taking a sweep item also claims compatible queued items of its "
+        "batch and runs them as one batched optimisation, up to this many images (1: off)",
+    )
+    batch_memory_mb: int | None = Field(
+        None,
+        ge=1,
+        description="CUDA: also keep a batched run's estimated peak GPU memory (measured per "
+        "image on earlier runs of the same models and settings) under this many MB",
+    )
+    webhook_backoff_seconds: float = Field(
+        5.0, gt=0, le=3600, description="wait before retry n: this × 2^(n-1) (≤ 1 h)"
+    )
+    webhook_interval_seconds: float = Field(
+        2.0, gt=0, le=300, description="how often the sender looks for due deliveries"
+    )
+    webhook_timeout_seconds: float = Field(10.0, gt=0, le=60, description="per attempt")
     worker_metrics_port: int | None = Field(
         None,
         ge=1,
@@ -199,7 +225,13 @@ class Settings(BaseSettings):
                 "control_folder": str(control),
             }
         if self.broker_url.startswith("redis"):
-            return {"visibility_timeout": self.visibility_timeout_seconds}
+            # "priority": a worker consuming `-Q interactive,sweep` takes interactive
+            # messages first, sweeps only when no interactive job waits (kombu's default,
+            # round robin, would give each queue every other free slot)
+            return {
+                "visibility_timeout": self.visibility_timeout_seconds,
+                "queue_order_strategy": "priority",
+            }
         return {}
 
 

@@ -10,6 +10,8 @@ zoo's (`core.digits.settings`) rather than the Stable Diffusion defaults of DESI
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
@@ -450,6 +452,29 @@ PARAMS_BY_KIND: dict[str, type[BaseModel]] = {
 }
 KINDS = tuple(PARAMS_BY_KIND)
 ANALYSIS_KINDS = ("neural_pca", "spurious_score")  # non-generative: core.analysis.run_analysis
+
+
+# Fields that may differ between jobs run as one batched optimisation (`core.groups`): each job
+# brings its own items (classes or neurons, images per class) and seeds; everything else (models,
+# prompt template, resolution, guidance settings, loss) must be equal.
+GROUP_ITEM_FIELDS: dict[str, tuple[str, ...]] = {
+    "guided": ("classes", "images_per_class"),
+    "disagreement": ("classes", "images_per_class"),
+    "neuron": ("neurons", "classes", "images_per_class"),
+}
+
+
+def group_key(kind: str, params: dict[str, Any]) -> str | None:
+    """A hash of what jobs must share to run as one batched optimisation: the kind and the
+    normalised params without their per-item fields; None for kinds that always run alone."""
+    fields = GROUP_ITEM_FIELDS.get(kind)
+    if fields is None:
+        return None
+    shared = {k: v for k, v in params.items() if k not in fields}
+    if kind == "neuron":  # the keep-class term exists only with classes
+        shared["__has_classes__"] = params.get("classes") is not None
+    text = json.dumps([kind, shared], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 class ParamsError(ValueError):

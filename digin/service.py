@@ -123,6 +123,32 @@ def keys_list(
         typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
+@keys_app.command("webhook-secret")
+def keys_webhook_secret(
+    tenant: Annotated[str, typer.Option("--tenant", help="Tenant name (created if missing).")],
+    rotate: Annotated[
+        bool, typer.Option("--rotate", help="Replace the secret (receivers need the new one).")
+    ] = False,
+) -> None:
+    """Print TENANT's webhook signing secret (whsec_…, created on first use); --rotate
+    replaces it. Tenants read theirs with GET /v1/webhooks/secret."""
+    from api import repo
+    from api.db import session_scope
+    from api.repo.webhooks import webhook_secret
+
+    settings = _settings()
+    try:
+        with session_scope(_sessions(settings)) as session:
+            owner = repo.ensure_tenant(session, name=tenant)
+            secret = webhook_secret(session, tenant_id=owner.id, rotate=rotate)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    typer.echo(secret)
+    if rotate:
+        typer.echo(f"rotated the webhook secret of tenant {tenant!r}", err=True)
+
+
 @keys_app.command("revoke")
 def keys_revoke(prefix: Annotated[str, typer.Argument(help="The key's prefix.")]) -> None:
     """Revoke the key with PREFIX (requests with it get 401 from now on)."""
@@ -228,7 +254,8 @@ def reaper_command(
     ] = None,
     once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
 ) -> None:
-    """Re-queue jobs of dead workers and re-send lost messages, every INTERVAL seconds."""
+    """Re-queue jobs of dead workers and re-send lost messages, every INTERVAL seconds; send
+    due webhook deliveries (every DIGIN_WEBHOOK_INTERVAL_SECONDS)."""
     from worker.logs import configure_logging
     from worker.reaper import reap_once, run_reaper
 
@@ -246,7 +273,17 @@ def reaper_command(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    from worker.webhooks import run_sender  # the webhook sender runs beside the reaper
+
+    sender = threading.Thread(
+        target=run_sender,
+        kwargs={"sessions": sessions, "settings": settings, "stop": stop},
+        name="webhooks",
+        daemon=True,
+    )
+    sender.start()
     run_reaper(sessions=sessions, settings=settings, enqueue=enqueue, stop=stop, interval=interval)
+    sender.join(timeout=15)
 
 
 # --- the API -----------------------------------------------------------------------------------
@@ -392,6 +429,15 @@ def serve_command(
         daemon=True,
     )
     reaper.start()
+    from worker.webhooks import run_sender  # webhook deliveries, outside the API's requests
+
+    sender = threading.Thread(
+        target=run_sender,
+        kwargs={"sessions": _sessions(settings), "settings": settings, "stop": stop},
+        name="webhooks",
+        daemon=True,
+    )
+    sender.start()
     typer.echo(
         f"digin serve: embedded mode, data in {settings.data_dir}, API on "
         f"http://{settings.host}:{settings.port} (worker pid {worker.pid}); Ctrl-C stops",
@@ -407,6 +453,7 @@ def serve_command(
         stop.set()
         stop_process_group(worker, grace=shutdown_grace)
         reaper.join(timeout=10)
+        sender.join(timeout=15)
         signal.signal(signal.SIGTERM, previous)
         typer.echo("digin serve: stopped", err=True)
 

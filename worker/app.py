@@ -12,7 +12,7 @@ from typing import Any
 
 from celery.signals import setup_logging
 
-from api.dispatch import TASK_REAP, make_celery
+from api.dispatch import TASK_REAP, TASK_SEND_WEBHOOKS, make_celery
 from api.settings import get_settings
 from worker import signals
 from worker.logs import configure_logging
@@ -31,7 +31,12 @@ app.conf.beat_schedule = {
         "schedule": interval,
         # queued behind a running job on a busy worker: drop rounds that waited too long
         "options": {"expires": interval},
-    }
+    },
+    "digin-send-webhooks": {  # (`digin reaper` and `digin serve` send them too)
+        "task": TASK_SEND_WEBHOOKS,
+        "schedule": settings.webhook_interval_seconds,
+        "options": {"expires": settings.webhook_interval_seconds},
+    },
 }
 
 

@@ -107,6 +107,9 @@ class ClaimedJob:
     queue: str
     priority: int
     tenant: str
+    tenant_id: uuid.UUID | None = None
+    batch_id: uuid.UUID | None = None  # a sweep item's batch
+    group_key: str | None = None  # jobs of a batch that may run as one batched optimisation
 
 
 @dataclass
@@ -203,6 +206,10 @@ def execute_job(job_id: str | uuid.UUID, *, ctx: WorkerContext) -> Outcome:
     if not isinstance(job, ClaimedJob):
         return job
     log.info("claimed", extra={**_fields(job), "event": "claimed", "kind": job.kind})
+    if job.group_key is not None and job.batch_id is not None and ctx.settings.batch_max_items > 1:
+        from worker.groups import execute_group  # sweep items: one run with compatible peers
+
+        return execute_group(job, ctx)
     pulse = Pulse(ctx.sessions, job_id=job.id, attempt=job.attempt, interval=ctx.heartbeat_interval)
     pulse.update({"step": 0, "total": _total_iterations(job, ctx.max_batch), "stage": "loading"})
     pulse.start()
@@ -298,6 +305,9 @@ def _claim(job_id: uuid.UUID, ctx: WorkerContext) -> ClaimedJob | Outcome:
             queue=row.queue,
             priority=row.priority,
             tenant=tenant,
+            tenant_id=row.tenant_id,
+            batch_id=row.batch_id,
+            group_key=row.group_key,
         )
         session.commit()
     return job

@@ -17,7 +17,7 @@ from celery import Celery, Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from api.db import make_engine, session_factory
-from api.dispatch import TASK_REAP, TASK_RUN_JOB, enqueue
+from api.dispatch import TASK_REAP, TASK_RUN_JOB, TASK_SEND_WEBHOOKS, enqueue
 from api.settings import Settings, get_settings
 from api.storage import storage_from_settings
 from worker.reaper import reap_once
@@ -66,7 +66,8 @@ def use_context(ctx: WorkerContext | None) -> None:
 
 
 def register_tasks(app: Celery) -> dict[str, Task]:
-    """Register `digin.run_job` and `digin.reap` on `app` (the shared `api.dispatch` app)."""
+    """Register `digin.run_job`, `digin.reap` and `digin.send_webhooks` on `app` (the shared
+    `api.dispatch` app)."""
 
     @app.task(name=TASK_RUN_JOB, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def run_job(self: Task, job_id: str) -> Outcome:
@@ -98,4 +99,14 @@ def register_tasks(app: Celery) -> dict[str, Task]:
             "enqueued": [str(d.job_id) for d in report.to_enqueue],
         }
 
-    return {TASK_RUN_JOB: run_job, TASK_REAP: reap}
+    @app.task(name=TASK_SEND_WEBHOOKS, shared=False)  # type: ignore[untyped-decorator]
+    def send_webhooks() -> dict[str, Any]:
+        from worker.webhooks import make_client, send_due
+
+        ctx = worker_context(app)
+        with make_client(ctx.settings) as client:
+            report = send_due(sessions=ctx.sessions, settings=ctx.settings, client=client)
+        return {"delivered": report.delivered, "retrying": report.retrying,
+                "failed": report.failed}  # fmt: skip
+
+    return {TASK_RUN_JOB: run_job, TASK_REAP: reap, TASK_SEND_WEBHOOKS: send_webhooks}

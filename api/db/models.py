@@ -1,4 +1,5 @@
-"""Database models (DESIGN §5.1, §5.5): tenants, their API keys, jobs and uploaded images.
+"""Database models (DESIGN §5.1, §5.5, §5.8, §5.9): tenants, their API keys, jobs, uploaded
+images, batches (sweeps) and webhook deliveries.
 
 Portable between PostgreSQL and SQLite: `Uuid` keys (native uuid / CHAR(32)), JSON (JSONB on
 PostgreSQL), timestamps always timezone-aware UTC (`UTCDateTime`). Status and queue values are
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     TypeDecorator,
     UniqueConstraint,
     Uuid,
@@ -36,6 +38,8 @@ STATUSES = (QUEUED, RUNNING, CANCELING, SUCCEEDED, FAILED, CANCELED)
 TERMINAL = (SUCCEEDED, FAILED, CANCELED)
 ACTIVE = (RUNNING, CANCELING)  # a worker holds the job
 QUEUES = ("interactive", "sweep")
+PENDING, DELIVERED = "pending", "delivered"  # webhook deliveries: pending → delivered | failed
+DELIVERY_STATUSES = (PENDING, DELIVERED, FAILED)
 
 JsonType = JSON().with_variant(JSONB(), "postgresql")
 
@@ -114,6 +118,10 @@ class Job(Base):
         Index("ix_jobs_tenant_status", "tenant_id", "status"),
         # the reaper: stale heartbeats of running jobs, never-dispatched queued jobs.
         Index("ix_jobs_status_heartbeat", "status", "heartbeat_at"),
+        # a batch's items in item order (results index, GET /v1/jobs?batch_id=), unique in it
+        UniqueConstraint("batch_id", "item_index"),
+        # a batch's counts per status, and a worker claiming the next queued items of a batch
+        Index("ix_jobs_batch_status_item", "batch_id", "status", "item_index"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -126,7 +134,13 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(16))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
-    batch_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, index=True)  # FK once batches land
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id"))
+    item_index: Mapped[int | None] = mapped_column(Integer)  # position in its batch (0-based)
+    custom_id: Mapped[str | None] = mapped_column(String(200))  # the item's id in its batch
+    # jobs of one batch with equal group keys may run as one batched optimisation (a hash of
+    # the kind and the params without the per-item fields; None: always alone)
+    group_key: Mapped[str | None] = mapped_column(String(64))
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # {url, events}
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JsonType)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
@@ -157,3 +171,59 @@ class Image(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Batch(Base):
+    """A sweep (DESIGN §5.8): its items are ordinary jobs with `batch_id` and `item_index`."""
+
+    __tablename__ = "batches"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        # GET /v1/batches: newest first, keyset cursor over (created_at, id).
+        Index("ix_batches_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    params_template: Mapped[dict[str, Any]] = mapped_column(JsonType)  # as the client sent it
+    spec: Mapped[dict[str, Any]] = mapped_column(JsonType)  # the axes, or {"items": n}
+    total: Mapped[int] = mapped_column(Integer)
+    priority: Mapped[int] = mapped_column(Integer)
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JsonType)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    webhook: Mapped[dict[str, Any] | None] = mapped_column(JsonType)  # {url, events}
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # the user canceled it
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # its last item ended
+
+
+class WebhookDelivery(Base):
+    """One event for one endpoint (DESIGN §5.9): the payload is fixed when the event happens;
+    every retry sends the same `event_id` and body (with a fresh timestamp and signature)."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        CheckConstraint(f"status IN {DELIVERY_STATUSES}", name="status"),
+        # the sender: pending deliveries that are due
+        Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    event_id: Mapped[str] = mapped_column(String(64), unique=True)  # stable: same on retries
+    event_type: Mapped[str] = mapped_column(String(32))  # running, succeeded, batch.completed…
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id"), index=True)
+    url: Mapped[str] = mapped_column(String(2048))
+    payload: Mapped[str] = mapped_column(Text)  # the exact JSON body sent on every attempt
+    status: Mapped[str] = mapped_column(String(16), default=PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    last_status_code: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(String(1000))
+    log: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType)  # the last attempts
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -214,9 +214,15 @@ def list_jobs(
 def compare_and_set(
     session: Session, *, job_id: uuid.UUID, where: Sequence[Any], values: dict[str, Any]
 ) -> Job | None:
-    """One conditional UPDATE of a job; the updated row, or None if `where` did not hold."""
+    """One conditional UPDATE of a job; the updated row, or None if `where` did not hold. A
+    status change records its webhook events in the same transaction (`api.repo.webhooks`)."""
     stmt = update(Job).where(Job.id == job_id, *where).values(**values).returning(Job)
-    return session.scalars(stmt, execution_options={"populate_existing": True}).one_or_none()
+    job = session.scalars(stmt, execution_options={"populate_existing": True}).one_or_none()
+    if job is not None and "status" in values and (job.webhook or job.batch_id):
+        from api.repo.webhooks import on_job_status  # it builds on this module
+
+        on_job_status(session, job)
+    return job
 
 
 CancelOutcome = Literal["canceled", "canceling", "unchanged"]

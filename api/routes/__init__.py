@@ -1,4 +1,5 @@
-"""The API's routers: `/v1` (jobs, images, models) and the unversioned system routes.
+"""The API's routers: `/v1` (jobs, batches, webhooks, images, models) and the unversioned
+system routes.
 
 Each router carries its full prefix (`/v1/jobs`), so a route's own path is its template, the
 label of the request metrics.
@@ -6,8 +7,15 @@ label of the request metrics.
 
 from fastapi import APIRouter
 
-from api.routes import images, jobs, models, system
+from api.routes import batches, images, jobs, models, system, webhooks
 
-ROUTERS: list[APIRouter] = [jobs.router, images.router, models.router, system.router]
+ROUTERS: list[APIRouter] = [
+    jobs.router,
+    batches.router,
+    webhooks.router,
+    images.router,
+    models.router,
+    system.router,
+]
 
 __all__ = ["ROUTERS"]

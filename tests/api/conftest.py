@@ -24,7 +24,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import repo
-from api.db import ApiKey, Image, Job, Tenant, make_engine, migrate, session_factory
+from api.db import (
+    ApiKey,
+    Batch,
+    Image,
+    Job,
+    Tenant,
+    WebhookDelivery,
+    make_engine,
+    migrate,
+    session_factory,
+)
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "DIGIN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -90,7 +100,7 @@ def engine(db_url: str, _engines: dict[str, Engine]) -> Iterator[Engine]:
     engine = _engines[db_url]
     yield engine
     with engine.begin() as conn:
-        for model in (Job, Image, ApiKey, Tenant):
+        for model in (WebhookDelivery, Job, Batch, Image, ApiKey, Tenant):
             conn.execute(delete(model))
 
 
@@ -126,8 +136,9 @@ class Broker:
     redis: Any = None
 
     def raw_messages(self, queue: str = "interactive") -> list[bytes]:
-        if self.redis is not None:
-            return list(self.redis.lrange(queue, 0, -1))
+        if self.redis is not None:  # kombu keeps priorities > 0 in lists `<queue>\x06\x16<n>`
+            keys = [queue.encode(), *sorted(self.redis.keys(f"{queue}\x06\x16*"))]
+            return [m for key in keys for m in self.redis.lrange(key, 0, -1)]
         assert self.folder is not None
         return [p.read_bytes() for p in sorted(self.folder.glob(f"*.{queue}.msg"))]
 

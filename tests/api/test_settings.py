@@ -43,7 +43,10 @@ def test_redis_broker_options_carry_the_visibility_timeout(monkeypatch: pytest.M
     monkeypatch.setenv("DIGIN_AUTH", "on")
     s = fresh_settings(broker_url="redis://localhost:6379/0", visibility_timeout_seconds=7200)
     assert s.mode == "production"
-    assert s.broker_transport_options() == {"visibility_timeout": 7200}
+    assert s.broker_transport_options() == {
+        "visibility_timeout": 7200,
+        "queue_order_strategy": "priority",  # interactive before sweep
+    }
 
 
 def test_environment_variables_and_lists(monkeypatch: pytest.MonkeyPatch):

@@ -118,10 +118,10 @@ class Service:
         if self._sessions is not None:
             from sqlalchemy import delete
 
-            from api.db import ApiKey, Image, Tenant
+            from api.db import ApiKey, Batch, Image, Tenant, WebhookDelivery
 
             with self.sessions.begin() as session:
-                for model in (Job, Image, ApiKey, Tenant):
+                for model in (WebhookDelivery, Job, Batch, Image, ApiKey, Tenant):
                     session.execute(delete(model))
             self.sessions.kw["bind"].dispose()
 

@@ -1,0 +1,296 @@
+"""`/v1/batches`: sweeps over classes × classifiers × seeds, or explicit items (DESIGN §5.8).
+
+A batch is validated as a whole before anything is written (`api.sweeps`), its items are
+inserted as ordinary jobs in one multi-row INSERT and committed, then their messages go to the
+`sweep` queue in bulk (`api.dispatch.enqueue_many`); a broker that is down leaves the items
+queued for the reaper to send. The results index streams one line per item, readable at any
+time while the batch runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from api.db import Batch, Tenant, utcnow
+from api.deps import (
+    CeleryDep,
+    MetricsDep,
+    ServicesDep,
+    SessionDep,
+    SettingsDep,
+    TenantDep,
+)
+from api.dispatch import PartialEnqueue, enqueue_many
+from api.problems import ProblemError, field_problem, not_found, problem_responses
+from api.repo import batches as repo_batches
+from api.repo.jobs import MAX_PAGE, InvalidCursor, TenantLimitExceeded
+from api.routes.jobs import IdempotencyKey, root, stored_artifacts
+from api.routes.webhooks import stored_webhook
+from api.schemas import (
+    BatchCounts,
+    BatchCreate,
+    BatchList,
+    BatchPublic,
+    BatchUrls,
+    artifact_path,
+)
+from api.sweeps import plan_batch
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+POLL_AFTER_S = 10  # Retry-After on a running batch
+DEFAULT_PAGE = 20
+CSV_COLUMNS = ("index", "custom_id", "job_id", "status", "seed", "params", "metrics",
+               "artifacts", "error")  # fmt: skip
+Cursor = Annotated[str | None, Query(max_length=512, description="the previous page's next_cursor")]
+
+
+def public(session: Session, batches: list[Batch], *, base: str = "") -> list[BatchPublic]:
+    stats = repo_batches.batch_stats(session, batches)
+    out = []
+    for batch in batches:
+        s = stats[batch.id]
+        path = f"{base}/v1/batches/{batch.id}"
+        out.append(
+            BatchPublic(
+                id=batch.id, kind=batch.kind, status=s.status,  # type: ignore[arg-type]
+                total=batch.total, counts=BatchCounts(**s.counts), progress=s.progress,
+                throughput_per_min=s.throughput_per_min, eta_seconds=s.eta_seconds,
+                priority=batch.priority, metadata=batch.meta, created_at=batch.created_at,
+                finished_at=batch.finished_at,
+                urls=BatchUrls(self=path, results=f"{path}/results",
+                               jobs=f"{base}/v1/jobs?batch_id={batch.id}",
+                               cancel=f"{path}/cancel"),
+            )
+        )  # fmt: skip
+    return out
+
+
+def find_batch(session: Session, tenant: Tenant, batch_id: uuid.UUID) -> Batch:
+    batch = repo_batches.get_batch(session, tenant_id=tenant.id, batch_id=batch_id)
+    if batch is None:
+        raise not_found("batch", batch_id)
+    return batch
+
+
+@router.post(
+    "",
+    status_code=202,
+    summary="Create a batch (sweep)",
+    response_description="accepted: every item validated, written as a queued job and sent to "
+    "the sweep queue (`Location` is the batch's URL, `Retry-After` the polling interval); a "
+    "replayed Idempotency-Key returns the original batch",
+    responses=problem_responses(401, 413, 422, 429),
+)
+def create_batch(
+    body: BatchCreate,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    celery: CeleryDep,
+    metrics: MetricsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> BatchPublic:
+    embedded = settings.mode == "embedded"
+    # 1. Validate everything before writing anything: the webhook, then every item
+    webhook = stored_webhook(body.webhook, settings, batch=True)
+    plan = plan_batch(
+        body, allow_list=settings.model_allow_list, allow_paths=embedded,
+        max_items=settings.max_items_per_batch,
+    )  # fmt: skip
+    # 2. Write the batch and its items in one transaction, and commit
+    try:
+        batch, created = repo_batches.create_batch(
+            session, tenant_id=tenant.id, plan=plan, params_template=body.params_template,
+            priority=body.priority, max_attempts=settings.max_attempts, metadata=body.metadata,
+            webhook=webhook, idempotency_key=idempotency_key,
+            request_hash=body.request_hash() if idempotency_key else None,
+            max_queued_items=settings.max_queued_sweep_items_per_tenant,
+        )  # fmt: skip
+    except repo_batches.BatchIdempotencyConflict as exc:
+        raise field_problem(422, "idempotency-key-reused", "Idempotency-Key", str(exc)) from None
+    except TenantLimitExceeded as exc:
+        raise ProblemError(
+            429, "tenant-limit", f"{exc}; wait for the tenant's sweeps to progress",
+            headers={"Retry-After": str(exc.retry_after)}, limit=exc.limit,
+        ) from None  # fmt: skip
+    session.commit()
+    # 3. Send the items' messages in bulk (after the commit), then record it
+    if created:
+        metrics.jobs_created.labels(batch.kind).inc(batch.total)
+        ids = [str(item.job_id) for item in plan.items]
+        send(session, celery, batch, ids, metrics)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    (result,) = public(session, [batch], base=root(request))
+    response.headers["Location"] = result.urls.self
+    response.headers["Retry-After"] = str(POLL_AFTER_S)
+    return result
+
+
+def send(session: Session, celery: Any, batch: Batch, job_ids: list[str], metrics: Any) -> int:
+    """Enqueue the committed items and mark them enqueued; what a broker error leaves unsent
+    stays queued with no `enqueued_at`, and the reaper sends it."""
+    try:
+        sent = enqueue_many(celery, job_ids, queue="sweep", priority=batch.priority)
+    except PartialEnqueue as exc:
+        sent = exc.sent
+        metrics.enqueue_failures.labels("sweep").inc(len(job_ids) - sent)
+        log.warning(
+            "batch %s: %d of %d messages sent (%s); the reaper sends the rest",
+            batch.id, sent, len(job_ids), exc.__cause__,
+        )  # fmt: skip
+    if sent:
+        repo_batches.mark_batch_enqueued(session, batch_id=batch.id, below_index=sent)
+        session.commit()
+    return sent
+
+
+@router.get("", summary="List batches", responses=problem_responses(401, 422))
+def list_batches(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = DEFAULT_PAGE,
+    cursor: Cursor = None,
+) -> BatchList:
+    try:
+        batches, next_cursor = repo_batches.list_batches(
+            session, tenant_id=tenant.id, limit=limit, cursor=cursor
+        )
+    except InvalidCursor as exc:
+        message = str(exc).removeprefix("cursor: ")
+        raise field_problem(422, "validation", "cursor", message) from None
+    if next_cursor is not None:
+        url = request.url.include_query_params(cursor=next_cursor)
+        response.headers["Link"] = f'<{root(request)}{url.path}?{url.query}>; rel="next"'
+    return BatchList(data=public(session, batches, base=root(request)), next_cursor=next_cursor)
+
+
+@router.get("/{batch_id}", summary="Get a batch", responses=problem_responses(401, 404, 422))
+def get_batch(
+    batch_id: uuid.UUID,
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    tenant: TenantDep,
+) -> BatchPublic:
+    (result,) = public(session, [find_batch(session, tenant, batch_id)], base=root(request))
+    if result.status == "running":
+        response.headers["Retry-After"] = str(POLL_AFTER_S)
+    return result
+
+
+@router.post(
+    "/{batch_id}/cancel",
+    summary="Cancel a batch",
+    response_description="the batch: its queued items are canceled at once, running ones are "
+    "`canceling` until their workers stop (within one iteration); finished items stay readable",
+    responses=problem_responses(401, 404, 422),
+)
+def cancel_batch(
+    batch_id: uuid.UUID, request: Request, session: SessionDep, tenant: TenantDep
+) -> BatchPublic:
+    batch = repo_batches.cancel_batch(session, tenant_id=tenant.id, batch_id=batch_id)
+    if batch is None:
+        raise not_found("batch", batch_id)
+    session.commit()
+    (result,) = public(session, [batch], base=root(request))
+    return result
+
+
+# --- the results index --------------------------------------------------------------------------
+@router.get(
+    "/{batch_id}/results",
+    summary="Stream the results index of a batch",
+    response_class=StreamingResponse,
+    response_description="one line per item in item order: {index, custom_id, job_id, status, "
+    "params, seed, metrics, artifacts: [{name, url}], error}; metrics and artifacts are null "
+    "and empty until the item succeeded. JSON lines (default) or CSV (`format=csv` or "
+    "`Accept: text/csv`; params, metrics, artifacts and error as JSON text)",
+    responses={
+        200: {"content": {"application/x-ndjson": {}, "text/csv": {}}},
+        **problem_responses(401, 404, 422),
+    },
+)
+def batch_results(
+    batch_id: uuid.UUID,
+    request: Request,
+    session: SessionDep,
+    tenant: TenantDep,
+    services: ServicesDep,
+    format: Literal["jsonl", "csv"] | None = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> StreamingResponse:
+    batch = find_batch(session, tenant, batch_id)
+    chosen = format or ("csv" if accept and "text/csv" in accept else "jsonl")
+    lines = result_lines(services, tenant, batch.id, base=root(request))
+    stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+    if chosen == "csv":
+        body: Iterator[str] = csv_lines(lines)
+        media, name = "text/csv; charset=utf-8", f"batch-{batch.id}-{stamp}.csv"
+    else:
+        body = (json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
+        media, name = "application/x-ndjson", f"batch-{batch.id}-{stamp}.jsonl"
+    headers = {"Content-Disposition": f'inline; filename="{name}"', "Cache-Control": "no-store"}
+    return StreamingResponse(body, media_type=media, headers=headers)
+
+
+def result_lines(
+    services: Any, tenant: Tenant, batch_id: uuid.UUID, *, base: str
+) -> Iterator[dict[str, Any]]:
+    """The index lines, read in pages with a session of their own (the request's is closed
+    by the time the body streams)."""
+    storage, expiry = services.storage, services.settings.url_expiry_seconds
+    with services.sessions() as session:
+        for jobs in repo_batches.iter_items(session, batch_id=batch_id):
+            for job in jobs:
+                artifacts = [
+                    {"name": e["name"],
+                     "url": storage.url(e["key"], expires=expiry)
+                     or artifact_path(job.id, e["name"], base=base)}
+                    for e in stored_artifacts(job, tenant)
+                ]  # fmt: skip
+                yield {
+                    "index": job.item_index,
+                    "custom_id": job.custom_id,
+                    "job_id": str(job.id),
+                    "status": job.status,
+                    "params": job.params,
+                    "seed": job.seed,
+                    "metrics": repo_batches.item_metrics(job),
+                    "artifacts": artifacts,
+                    "error": job.error,
+                }
+            session.rollback()  # end the page's read transaction (no snapshot held open)
+
+
+def csv_lines(lines: Iterator[dict[str, Any]]) -> Iterator[str]:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(CSV_COLUMNS)
+    for line in lines:
+        row = [
+            json.dumps(line[c], separators=(",", ":")) if isinstance(line[c], dict | list)
+            else ("" if line[c] is None else line[c])
+            for c in CSV_COLUMNS
+        ]  # fmt: skip
+        writer.writerow(row)
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
