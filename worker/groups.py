@@ -199,6 +199,9 @@ def _claim_peers(leader: ClaimedJob, ctx: WorkerContext) -> list[ClaimedJob]:
         max_items=settings.batch_max_items, memory_mb=settings.batch_memory_mb,
         per_image_mb=_MEASURED_MB.get(leader.group_key), device=device,
     )  # fmt: skip
+    job_cap = (leader.params.get("guidance") or {}).get("max_batch")  # a preset's own limit
+    if isinstance(job_cap, int) and job_cap >= 1:
+        capacity = min(capacity, job_cap)
     more = capacity // job_items(leader) - 1
     if more <= 0:
         return []

@@ -8,6 +8,7 @@ the route commits, then sends the items' messages in bulk (`api.dispatch.enqueue
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -122,12 +123,10 @@ def create_batch(
     )
     session.add(batch)
     session.flush()
-    table = Job.__table__
-    for start in range(0, total, INSERT_CHUNK):
-        part = plan.items[start : start + INSERT_CHUNK]
-        for item in part:
-            item.job_id = uuid.uuid4()
-        rows = [
+    rows = []
+    for item in plan.items:
+        item.job_id = uuid.uuid4()
+        rows.append(
             {
                 "id": item.job_id,
                 "tenant_id": tenant_id,
@@ -145,11 +144,34 @@ def create_batch(
                 "max_attempts": max_attempts,
                 "cancel_requested": False,
                 "created_at": now,
+                # sent right after the commit; the route clears it for what it could not send
+                "enqueued_at": now,
             }
-            for item in part
-        ]
-        session.execute(insert(table), rows)
+        )
+    insert_jobs(session, rows)
     return batch, True
+
+
+def insert_jobs(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Insert job rows in bulk: PostgreSQL's COPY (one stream, JSON serialised once per row),
+    else multi-row INSERTs of INSERT_CHUNK rows."""
+    if not rows:
+        return
+    table = Job.__table__
+    if session.get_bind().dialect.name != "postgresql":
+        for start in range(0, len(rows), INSERT_CHUNK):
+            session.execute(insert(table), rows[start : start + INSERT_CHUNK])
+        return
+    columns = list(rows[0])
+    names = ", ".join(f'"{table.c[c].name}"' for c in columns)
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    raw = session.connection().connection.dbapi_connection
+    assert raw is not None
+    with raw.cursor() as cursor, cursor.copy(f"COPY jobs ({names}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(
+                [dumps(v) if isinstance(v, dict) else v for v in (row[c] for c in columns)]
+            )
 
 
 def get_batch(session: Session, *, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> Batch | None:
@@ -178,19 +200,16 @@ def list_batches(
     return batches, None
 
 
-def mark_batch_enqueued(
-    session: Session, *, batch_id: uuid.UUID, below_index: int, now: datetime | None = None
-) -> int:
-    """Record that the messages of items 0 … below_index − 1 were sent (one UPDATE)."""
+def clear_unsent(session: Session, *, batch_id: uuid.UUID, from_index: int) -> int:
+    """Items from `from_index` on were not sent (the broker failed part-way): clear their
+    `enqueued_at`, so that the reaper sends them (one UPDATE). A batch's rows are written with
+    the time of their insert as `enqueued_at` because their messages follow right after the
+    commit; had the API process died in between, the reaper re-sends them once they are
+    `queued_stale_seconds` old rather than after its 60 s grace for unsent jobs."""
     result = session.execute(
         update(Job)
-        .where(
-            Job.batch_id == batch_id,
-            Job.status == QUEUED,
-            Job.item_index < below_index,
-            Job.enqueued_at.is_(None),
-        )
-        .values(enqueued_at=now or utcnow())
+        .where(Job.batch_id == batch_id, Job.status == QUEUED, Job.item_index >= from_index)
+        .values(enqueued_at=None)
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)

@@ -142,21 +142,19 @@ def create_batch(
 
 
 def send(session: Session, celery: Any, batch: Batch, job_ids: list[str], metrics: Any) -> int:
-    """Enqueue the committed items and mark them enqueued; what a broker error leaves unsent
-    stays queued with no `enqueued_at`, and the reaper sends it."""
+    """Enqueue the committed items in bulk; what a broker error leaves unsent gets its
+    `enqueued_at` cleared, and the reaper sends it."""
     try:
-        sent = enqueue_many(celery, job_ids, queue="sweep", priority=batch.priority)
+        return enqueue_many(celery, job_ids, queue="sweep", priority=batch.priority)
     except PartialEnqueue as exc:
-        sent = exc.sent
-        metrics.enqueue_failures.labels("sweep").inc(len(job_ids) - sent)
+        metrics.enqueue_failures.labels("sweep").inc(len(job_ids) - exc.sent)
         log.warning(
             "batch %s: %d of %d messages sent (%s); the reaper sends the rest",
-            batch.id, sent, len(job_ids), exc.__cause__,
+            batch.id, exc.sent, len(job_ids), exc.__cause__,
         )  # fmt: skip
-    if sent:
-        repo_batches.mark_batch_enqueued(session, batch_id=batch.id, below_index=sent)
+        repo_batches.clear_unsent(session, batch_id=batch.id, from_index=exc.sent)
         session.commit()
-    return sent
+        return exc.sent
 
 
 @router.get("", summary="List batches", responses=problem_responses(401, 422))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
@@ -14,7 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import repo
-from api.db import Batch, Job
+from api.db import Batch, Job, utcnow
 from tests.api.conftest import Broker
 
 DIGITS = ["digits:cnn", "digits:mlp"]
@@ -33,16 +34,27 @@ def test_axes_expand_into_queued_jobs_sent_to_the_sweep_queue(
     client: TestClient, auth, broker: Broker, sessions
 ):
     headers = auth("acme")
-    body = {"kind": "guided", "params_template": {"guidance": {"iterations": 1}},
-            "classes": "all", "classifiers": DIGITS, "seeds": [0, 1]}  # fmt: skip
+    body = {
+        "kind": "guided",
+        "params_template": {"guidance": {"iterations": 1}},
+        "classes": "all",
+        "classifiers": DIGITS,
+        "seeds": [0, 1],
+    }
     response = create(client, headers, body)
     assert response.status_code == 202, response.text
     batch = response.json()
     assert response.headers["Location"] == f"/v1/batches/{batch['id']}"
     assert int(response.headers["Retry-After"]) > 0
     assert batch["status"] == "running" and batch["total"] == 40
-    assert batch["counts"] == {"queued": 40, "running": 0, "canceling": 0, "succeeded": 0,
-                               "failed": 0, "canceled": 0}  # fmt: skip
+    assert batch["counts"] == {
+        "queued": 40,
+        "running": 0,
+        "canceling": 0,
+        "succeeded": 0,
+        "failed": 0,
+        "canceled": 0,
+    }
     assert batch["progress"] == 0 and batch["throughput_per_min"] is None
     assert batch["priority"] == 5
     assert set(batch["urls"]) == {"self", "results", "jobs", "cancel"}
@@ -90,15 +102,21 @@ def test_axis_errors_name_the_axis(client: TestClient, auth):
     headers = auth("acme")
     cases = [
         ({"classes": [1, 2, 12], "classifiers": DIGITS}, "classes[2]", "out of range"),
-        ({"classes": [1], "classifiers": ["digits:cnn", "digits:nope"]}, "classifiers[1]",
-         "unknown digits classifier"),
-        ({"classes": [1], "params_template": {"resolution": 7}}, "params_template.resolution",
-         "greater than or equal to 32"),
+        (
+            {"classes": [1], "classifiers": ["digits:cnn", "digits:nope"]},
+            "classifiers[1]",
+            "unknown digits classifier",
+        ),
+        (
+            {"classes": [1], "params_template": {"resolution": 7}},
+            "params_template.resolution",
+            "greater than or equal to 32",
+        ),
         ({"classes": [1, 1]}, "classes", "classes[1] repeats classes[0]"),
         ({"classes": [1], "items": [{"custom_id": "a"}]}, "body", "not both"),
         ({"classes": "all", "classifiers": ["timm:resnet18"]}, "classes", "'all' needs"),
         ({"classes": {"start": 5, "stop": 5}}, "classes.ClassRange.stop", "greater than start"),
-    ]  # fmt: skip
+    ]
     for extra, field, text in cases:
         response = create(client, headers, {"kind": "guided", **extra})
         assert response.status_code == 422, (extra, response.text)
@@ -108,16 +126,20 @@ def test_axis_errors_name_the_axis(client: TestClient, auth):
 
 def test_disagreement_takes_classifier_pairs(client: TestClient, auth):
     headers = auth("acme")
-    body = {"kind": "disagreement", "classes": {"start": 3, "stop": 5},
-            "classifier_pairs": [["digits:cnn-spurious", "digits:cnn"]]}  # fmt: skip
+    body = {
+        "kind": "disagreement",
+        "classes": {"start": 3, "stop": 5},
+        "classifier_pairs": [["digits:cnn-spurious", "digits:cnn"]],
+    }
     response = create(client, headers, body)
     assert response.status_code == 202, response.text
     batch_id = response.json()["id"]
     jobs = client.get(f"/v1/jobs?batch_id={batch_id}", headers=headers).json()["data"]
     ids = sorted(j["custom_id"] for j in jobs)
     assert len(ids) == 2 and ids[0].startswith("c=3|m=digits:cnn-spurious,digits:cnn|s=")
-    wrong = create(client, headers, {"kind": "disagreement", "classes": [1],
-                                     "classifiers": ["digits:cnn"]})  # fmt: skip
+    wrong = create(
+        client, headers, {"kind": "disagreement", "classes": [1], "classifiers": ["digits:cnn"]}
+    )
     assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "classifiers"
 
 
@@ -133,9 +155,7 @@ def test_idempotency_key_replays_the_batch(client: TestClient, auth, sessions):
     assert other.status_code == 422 and other.json()["errors"][0]["field"] == "Idempotency-Key"
 
 
-def test_cancel_cancels_queued_items_and_keeps_finished_ones(
-    client: TestClient, auth, sessions
-):
+def test_cancel_cancels_queued_items_and_keeps_finished_ones(client: TestClient, auth, sessions):
     headers = auth("acme")
     batch = create(client, headers, {"kind": "guided", "classes": [0, 1, 2, 3]}).json()
     with sessions() as session:  # a worker finished item 0 and is running item 1
@@ -143,16 +163,21 @@ def test_cancel_cancels_queued_items_and_keeps_finished_ones(
         worker = {"host": "test"}
         done = repo.claim_job(session, job_id=jobs[0].id, worker=worker)
         assert done is not None
-        result = {"summary": {"items": [{"best": {"clean_loss": 0.5, "p": 0.9}}]},
-                  "artifacts": []}  # fmt: skip
+        result = {"summary": {"items": [{"best": {"clean_loss": 0.5, "p": 0.9}}]}, "artifacts": []}
         assert repo.finish_job(session, job_id=done.id, attempt=1, result=result)
         assert repo.claim_job(session, job_id=jobs[1].id, worker=worker) is not None
         session.commit()
     response = client.post(f"/v1/batches/{batch['id']}/cancel", headers=headers)
     assert response.status_code == 200
     canceled = response.json()
-    assert canceled["counts"] == {"queued": 0, "running": 0, "canceling": 1, "succeeded": 1,
-                                  "failed": 0, "canceled": 2}  # fmt: skip
+    assert canceled["counts"] == {
+        "queued": 0,
+        "running": 0,
+        "canceling": 1,
+        "succeeded": 1,
+        "failed": 0,
+        "canceled": 2,
+    }
     assert canceled["status"] == "running"  # item 1 is still stopping
     with sessions() as session:
         assert repo.mark_canceled(session, job_id=jobs[1].id, attempt=1)
@@ -176,22 +201,31 @@ def results(client: TestClient, headers: dict[str, str], batch_id: str) -> list[
     return [json.loads(line) for line in response.text.splitlines()]
 
 
-def test_results_index_streams_every_item_in_order_as_jsonl_and_csv(
-    client: TestClient, auth
-):
+def test_results_index_streams_every_item_in_order_as_jsonl_and_csv(client: TestClient, auth):
     headers = auth("acme")
-    batch = create(client, headers, {"kind": "guided", "classes": {"start": 0, "stop": 10},
-                                     "seeds": [4, 5]}).json()  # fmt: skip
+    batch = create(
+        client, headers, {"kind": "guided", "classes": {"start": 0, "stop": 10}, "seeds": [4, 5]}
+    ).json()
     lines = results(client, headers, batch["id"])
     assert [line["index"] for line in lines] == list(range(20))
-    assert set(lines[0]) == {"index", "custom_id", "job_id", "status", "params", "seed",
-                             "metrics", "artifacts", "error"}  # fmt: skip
+    assert set(lines[0]) == {
+        "index",
+        "custom_id",
+        "job_id",
+        "status",
+        "params",
+        "seed",
+        "metrics",
+        "artifacts",
+        "error",
+    }
     assert lines[1]["seed"] == 5 and lines[1]["status"] == "queued"
     assert lines[1]["metrics"] is None and lines[1]["artifacts"] == []
     for how in ({"params": {"format": "csv"}}, {"headers": {"Accept": "text/csv"}}):
         extra_headers = {**headers, **how.get("headers", {})}
-        response = client.get(f"/v1/batches/{batch['id']}/results",
-                              params=how.get("params"), headers=extra_headers)  # fmt: skip
+        response = client.get(
+            f"/v1/batches/{batch['id']}/results", params=how.get("params"), headers=extra_headers
+        )
         assert response.headers["content-type"].startswith("text/csv")
         rows = list(csv.DictReader(io.StringIO(response.text)))
         assert [int(r["index"]) for r in rows] == list(range(20))
@@ -201,8 +235,7 @@ def test_results_index_streams_every_item_in_order_as_jsonl_and_csv(
 
 def test_list_pages_with_cursors_and_tenants_are_apart(client: TestClient, auth):
     acme, other = auth("acme"), auth("other")
-    ids = [create(client, acme, {"kind": "guided", "classes": [i]}).json()["id"]
-           for i in range(3)]  # fmt: skip
+    ids = [create(client, acme, {"kind": "guided", "classes": [i]}).json()["id"] for i in range(3)]
     first = client.get("/v1/batches?limit=2", headers=acme).json()
     assert [b["id"] for b in first["data"]] == ids[::-1][:2]
     second = client.get(f"/v1/batches?limit=2&cursor={first['next_cursor']}", headers=acme)
@@ -226,3 +259,23 @@ def test_batch_size_and_queued_caps(make_client, auth):
     capped = create(client, headers, {"kind": "guided", "classes": "all", "seeds": [3]})
     assert capped.status_code == 429 and int(capped.headers["Retry-After"]) > 0
     assert capped.json()["limit"] == 15
+
+
+def test_a_broker_that_is_down_leaves_the_items_queued_for_the_reaper(make_client, auth, sessions):
+    client = make_client(broker_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    response = create(client, auth("acme"), {"kind": "guided", "classes": [1, 2, 3]})
+    assert response.status_code == 202, response.text
+    with sessions() as session:
+        jobs = list(session.scalars(select(Job)))
+        assert len(jobs) == 3 and {j.status for j in jobs} == {"queued"}
+        assert all(j.enqueued_at is None for j in jobs)  # unsent: the reaper sends them
+        report = repo.reap(
+            session,
+            now=utcnow() + timedelta(seconds=120),
+            heartbeat_stale_seconds=600,
+            queued_stale_seconds=1800,
+        )
+    assert sorted(d.job_id for d in report.to_enqueue) == sorted(j.id for j in jobs)
+    assert {d.queue for d in report.to_enqueue} == {"sweep"}
+    metrics = client.get("/metrics").text
+    assert 'digin_enqueue_failures_total{queue="sweep"} 3.0' in metrics

@@ -41,8 +41,12 @@ def test_signature_is_hmac_sha256_of_id_timestamp_body():
     assert sign(SECRET, "evt_1", 1700000000, body) == f"v1,{expected}"
     h = headers(SECRET, "evt_1", body, now=1700000000)
     assert h["webhook-id"] == "evt_1" and h["webhook-timestamp"] == "1700000000"
-    kwargs = {"webhook_id": "evt_1", "webhook_timestamp": "1700000000",
-              "webhook_signature": h["webhook-signature"], "body": body}  # fmt: skip
+    kwargs = {
+        "webhook_id": "evt_1",
+        "webhook_timestamp": "1700000000",
+        "webhook_signature": h["webhook-signature"],
+        "body": body,
+    }
     assert verify_signature(SECRET, **kwargs, now=1700000100)
     assert not verify_signature(SECRET, **kwargs, now=1700000000 + 301)  # too old
     assert not verify_signature(SECRET, **{**kwargs, "body": b'{"a":2}'}, now=1700000000)
@@ -103,8 +107,9 @@ def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 - http.server's name
             body = self.rfile.read(int(self.headers["content-length"]))
-            state.requests.append({"headers": dict(self.headers.items()), "body": body,
-                                   "path": self.path})  # fmt: skip
+            state.requests.append(
+                {"headers": dict(self.headers.items()), "body": body, "path": self.path}
+            )
             status = state.statuses.pop(0) if state.statuses else 204
             self.send_response(status)
             self.send_header("content-length", "0")
@@ -131,25 +136,38 @@ def sender_settings(tmp_path: Path) -> Any:
 
 def send(sessions, tmp_path: Path, *, at: Any = None) -> Any:
     with httpx.Client(timeout=5) as client:
-        return send_due(sessions=sessions, settings=sender_settings(tmp_path), client=client,
-                        now=at)  # fmt: skip
+        return send_due(
+            sessions=sessions, settings=sender_settings(tmp_path), client=client, now=at
+        )
 
 
 def verify(request: dict[str, Any], secret: str) -> dict[str, Any]:
     h = {k.lower(): v for k, v in request["headers"].items()}
     assert h["content-type"] == "application/json"
-    assert verify_signature(secret, webhook_id=h["webhook-id"],
-                            webhook_timestamp=h["webhook-timestamp"],
-                            webhook_signature=h["webhook-signature"], body=request["body"])  # fmt: skip
+    assert verify_signature(
+        secret,
+        webhook_id=h["webhook-id"],
+        webhook_timestamp=h["webhook-timestamp"],
+        webhook_signature=h["webhook-signature"],
+        body=request["body"],
+    )
     payload = json.loads(request["body"])
     assert payload["id"] == h["webhook-id"]
     return payload
 
 
 def new_job(session, tenant, webhook: dict[str, Any] | None, **extra: Any) -> Job:
-    job, _ = repo.create_job(session, tenant_id=tenant.id, kind="guided",
-                             params={"classes": [3]}, seed=0, priority=0, queue="interactive",
-                             max_attempts=3, **extra)  # fmt: skip
+    job, _ = repo.create_job(
+        session,
+        tenant_id=tenant.id,
+        kind="guided",
+        params={"classes": [3]},
+        seed=0,
+        priority=0,
+        queue="interactive",
+        max_attempts=3,
+        **extra,
+    )
     job.webhook = webhook
     session.commit()
     return job
@@ -167,8 +185,12 @@ def test_job_events_are_signed_delivered_and_a_500_is_retried_with_the_same_id(
     receiver.statuses = [500]  # the receiver fails the first attempt
     report = send(sessions, tmp_path)
     assert report.retrying and not report.delivered
-    assert repo.finish_job(session, job_id=job.id, attempt=1,
-                           result={"summary": {}, "artifacts": [{"name": "grid.png"}]})  # fmt: skip
+    assert repo.finish_job(
+        session,
+        job_id=job.id,
+        attempt=1,
+        result={"summary": {}, "artifacts": [{"name": "grid.png"}]},
+    )
     session.commit()
     # not yet due: the retry waits for its backoff; the new event goes at once
     report = send(sessions, tmp_path)
@@ -209,8 +231,9 @@ def test_the_sender_refuses_a_private_target_at_send_time(sessions, session, ten
     job = new_job(session, tenant, {"url": "http://127.0.0.1:9/h", "events": ["canceled"]})
     repo.request_cancel(session, tenant_id=tenant.id, job_id=job.id)
     session.commit()
-    production = fresh_settings(data_dir=tmp_path / "p", database_url="postgresql://x@h/db",
-                                auth="on")  # fmt: skip
+    production = fresh_settings(
+        data_dir=tmp_path / "p", database_url="postgresql://x@h/db", auth="on"
+    )
     assert production.mode == "production"
     with httpx.Client(timeout=5) as client:
         report = send_due(sessions=sessions, settings=production, client=client)
@@ -220,7 +243,9 @@ def test_the_sender_refuses_a_private_target_at_send_time(sessions, session, ten
     assert row.status == "failed" and row.attempts == 1 and "loopback" in row.last_error
 
 
-def test_deliveries_are_given_up_after_their_attempts(sessions, session, tenant, tmp_path, receiver):
+def test_deliveries_are_given_up_after_their_attempts(
+    sessions, session, tenant, tmp_path, receiver
+):
     job = new_job(session, tenant, {"url": receiver.url, "events": ["canceled"]})
     repo.request_cancel(session, tenant_id=tenant.id, job_id=job.id)
     session.commit()
@@ -247,8 +272,11 @@ def test_api_checks_the_target_and_shows_the_delivery_log(
     client: TestClient = make_client()
     headers = auth("acme")
     embedded = client.app.state.services.settings.mode == "embedded"  # type: ignore[attr-defined]
-    body = {"kind": "guided", "params": {"classes": [3]},
-            "webhook": {"url": receiver.url, "events": ["canceled"]}}  # fmt: skip
+    body = {
+        "kind": "guided",
+        "params": {"classes": [3]},
+        "webhook": {"url": receiver.url, "events": ["canceled"]},
+    }
     response = client.post("/v1/jobs", json=body, headers=headers)
     if not embedded:  # production: a loopback target is refused at submit, nothing is written
         assert response.status_code == 422, response.text
@@ -259,11 +287,15 @@ def test_api_checks_the_target_and_shows_the_delivery_log(
         return
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
-    bad = client.post("/v1/jobs", headers=headers,
-                      json={**body, "webhook": {"url": "http://10.1.1.1/h"}})  # fmt: skip
+    bad = client.post(
+        "/v1/jobs", headers=headers, json={**body, "webhook": {"url": "http://10.1.1.1/h"}}
+    )
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "webhook.url"
-    wrong = client.post("/v1/jobs", headers=headers, json={
-        **body, "webhook": {"url": receiver.url, "events": ["batch.completed"]}})  # fmt: skip
+    wrong = client.post(
+        "/v1/jobs",
+        headers=headers,
+        json={**body, "webhook": {"url": receiver.url, "events": ["batch.completed"]}},
+    )
     assert wrong.status_code == 422 and wrong.json()["errors"][0]["field"] == "webhook.events"
 
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=headers).status_code == 200
@@ -288,14 +320,18 @@ def test_batch_completed_is_sent_once_when_the_last_item_ends(
     if client.app.state.services.settings.mode != "embedded":  # type: ignore[attr-defined]
         pytest.skip("loopback receivers are allowed in embedded mode only")
     headers = auth("acme")
-    body = {"kind": "guided", "classes": [1, 2, 3],
-            "webhook": {"url": receiver.url, "events": ["succeeded", "batch.completed"]}}  # fmt: skip
+    body = {
+        "kind": "guided",
+        "classes": [1, 2, 3],
+        "webhook": {"url": receiver.url, "events": ["succeeded", "batch.completed"]},
+    }
     batch = client.post("/v1/batches", json=body, headers=headers).json()
     with sessions() as s:
         first = s.scalars(select(Job).where(Job.item_index == 0)).one()
         assert repo.claim_job(s, job_id=first.id, worker={}) is not None
-        assert repo.finish_job(s, job_id=first.id, attempt=1,
-                               result={"summary": {}, "artifacts": []})  # fmt: skip
+        assert repo.finish_job(
+            s, job_id=first.id, attempt=1, result={"summary": {}, "artifacts": []}
+        )
         s.commit()
     client.post(f"/v1/batches/{batch['id']}/cancel", headers=headers)
     send(sessions, tmp_path)

@@ -33,11 +33,18 @@ TEMPLATE = {"guidance": {"iterations": 2}}
 def new_batch(session: Session, tenant: Tenant, **axes: Any) -> list[Job]:
     body = BatchCreate(kind="guided", params_template=TEMPLATE, **axes)
     plan = plan_batch(body, allow_list=None, allow_paths=True, max_items=1000)
-    batch, _ = create_batch(session, tenant_id=tenant.id, plan=plan, params_template=TEMPLATE,
-                            priority=5, max_attempts=3)  # fmt: skip
+    batch, _ = create_batch(
+        session,
+        tenant_id=tenant.id,
+        plan=plan,
+        params_template=TEMPLATE,
+        priority=5,
+        max_attempts=3,
+    )
     session.commit()
-    return list(session.scalars(select(Job).where(Job.batch_id == batch.id)
-                                .order_by(Job.item_index)))  # fmt: skip
+    return list(
+        session.scalars(select(Job).where(Job.batch_id == batch.id).order_by(Job.item_index))
+    )
 
 
 @pytest.fixture
@@ -61,24 +68,30 @@ def pixels(data: bytes) -> np.ndarray:
 def test_a_group_gives_the_images_of_one_by_one_runs(model_cache: Any):
     from core.params import validate_params
 
-    jobs = [(validate_params("guided", {"classes": [c], **TEMPLATE}), seed)
-            for c, seed in ((1, 11), (4, 12), (7, 13))]  # fmt: skip
+    jobs = [
+        (validate_params("guided", {"classes": [c], **TEMPLATE}), seed)
+        for c, seed in ((1, 11), (4, 12), (7, 13))
+    ]
     together = run_group("guided", jobs, device="cpu", cache=model_cache)
     assert [r.guidance.images.shape[0] for r in together] == [1, 1, 1]
     for (params, seed), grouped in zip(jobs, together, strict=True):
         alone = run_job("guided", params, seed=seed, device="cpu", cache=model_cache)
         assert grouped.items[0].seed == seed and grouped.items[0].index == 0
         assert grouped.items[0].class_index == alone.items[0].class_index
-        np.testing.assert_allclose(grouped.guidance.images.numpy(),
-                                   alone.guidance.images.numpy(), atol=2e-4, rtol=0)  # fmt: skip
-        np.testing.assert_allclose(grouped.guidance.clean_loss.numpy(),
-                                   alone.guidance.clean_loss.numpy(), atol=1e-4, rtol=1e-4)  # fmt: skip
+        np.testing.assert_allclose(
+            grouped.guidance.images.numpy(), alone.guidance.images.numpy(), atol=2e-4, rtol=0
+        )
+        np.testing.assert_allclose(
+            grouped.guidance.clean_loss.numpy(),
+            alone.guidance.clean_loss.numpy(),
+            atol=1e-4,
+            rtol=1e-4,
+        )
         assert grouped.guidance.best_iteration == alone.guidance.best_iteration
 
 
 def test_jobs_that_differ_in_more_than_their_items_do_not_group(model_cache: Any):
-    jobs = [({"classes": [1], **TEMPLATE}, 0),
-            ({"classes": [2], "guidance": {"iterations": 3}}, 0)]  # fmt: skip
+    jobs = [({"classes": [1], **TEMPLATE}, 0), ({"classes": [2], "guidance": {"iterations": 3}}, 0)]
     with pytest.raises(ValueError, match="must share everything but"):
         run_group("guided", jobs, device="cpu", cache=model_cache)
 
@@ -98,8 +111,10 @@ def test_a_sweep_item_runs_with_its_peers_and_each_job_finishes_on_its_own(
         job = rows[i]
         names = [a["name"] for a in job.result["artifacts"]]
         assert "item_000.png" in names and "result.json" in names
-        assert all(a["key"] == artifact_key(tenant.name, job.id, a["name"])
-                   for a in job.result["artifacts"])  # fmt: skip
+        assert all(
+            a["key"] == artifact_key(tenant.name, job.id, a["name"])
+            for a in job.result["artifacts"]
+        )
         summary = job.result["summary"]
         assert summary["seed"] == job.seed and summary["params"]["classes"] == job.params["classes"]
     # the same images as the peer run alone
@@ -140,8 +155,9 @@ def test_cancel_of_one_item_during_a_batched_run(
 
 
 def test_the_running_cap_limits_the_peers(sessions, session, tenant: Tenant, ctx: WorkerContext):
-    ctx.settings = fresh_settings(data_dir=ctx.settings.data_dir, batch_max_items=8,
-                                  max_running_per_tenant=2)  # fmt: skip
+    ctx.settings = fresh_settings(
+        data_dir=ctx.settings.data_dir, batch_max_items=8, max_running_per_tenant=2
+    )
     jobs = new_batch(session, tenant, classes=[0, 1, 2, 3])
     assert execute_job(jobs[0].id, ctx=ctx) == "succeeded"
     with sessions() as s:
