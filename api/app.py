@@ -35,6 +35,7 @@ from api.problems import (
 from api.routes import ROUTERS
 from api.settings import Settings, get_settings
 from api.storage import LocalStorage, storage_from_settings
+from api.submissions import JobWriter
 
 log = logging.getLogger(__name__)
 
@@ -83,18 +84,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     storage = storage_from_settings(settings)
     if isinstance(storage, LocalStorage):
         storage.ensure_bucket()  # the artifact folder (S3 buckets are made by deployment)
+    celery = make_celery(settings, name="digin-api")
+    metrics = Metrics(sessions)
     services = Services(
         settings=settings,
         engine=engine,
         sessions=sessions,
         storage=storage,
-        celery=make_celery(settings, name="digin-api"),
-        metrics=Metrics(sessions),
+        celery=celery,
+        metrics=metrics,
+        writer=JobWriter(sessions, celery, metrics),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        services.writer.close()
         services.celery.close()
         services.engine.dispose()
 

@@ -1,6 +1,7 @@
 """Dependencies of the routes, as `Annotated` aliases (full-stack FastAPI template `deps.py`):
 the settings, a database session per request, the storage, the Celery app and the current
-tenant (bearer API key, or the `local` tenant when auth is off in embedded mode).
+tenant (bearer API key, or the `local` tenant when auth is off in embedded mode). Dependencies
+that do no I/O are `async def`: FastAPI runs them inline, not through its thread pool.
 
 The app's long-lived objects live in one `Services` container on `app.state.services`, made by
 `api.app.create_app` from the settings.
@@ -22,8 +23,10 @@ from api import repo
 from api.db import Tenant
 from api.metrics import Metrics
 from api.problems import ProblemError
+from api.repo.submit import LOCAL
 from api.settings import Settings
 from api.storage import Storage
+from api.submissions import JobWriter
 
 
 @dataclass
@@ -36,9 +39,10 @@ class Services:
     storage: Storage
     celery: Celery
     metrics: Metrics
+    writer: JobWriter  # POST /v1/jobs: group commit (api.submissions)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -46,19 +50,19 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_settings(services: ServicesDep) -> Settings:
+async def get_settings(services: ServicesDep) -> Settings:
     return services.settings
 
 
-def get_storage(services: ServicesDep) -> Storage:
+async def get_storage(services: ServicesDep) -> Storage:
     return services.storage
 
 
-def get_celery(services: ServicesDep) -> Celery:
+async def get_celery(services: ServicesDep) -> Celery:
     return services.celery
 
 
-def get_metrics(services: ServicesDep) -> Metrics:
+async def get_metrics(services: ServicesDep) -> Metrics:
     return services.metrics
 
 
@@ -88,24 +92,39 @@ def unauthorized(detail: str, *, invalid: bool) -> ProblemError:
     return ProblemError(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge})
 
 
-def get_tenant(
-    session: SessionDep,
+async def get_caller(
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Tenant:
-    """The tenant every query of the request is scoped to."""
+) -> str | object:
+    """Who calls, before any database work: the bearer secret, or `LOCAL` when auth is off
+    (embedded mode); a missing key is a 401 here. `tenant_of` checks the secret."""
     if not settings.auth_enabled:
-        local = repo.local_tenant(session)  # created on first use
-        session.commit()
-        return local
+        return LOCAL
     if credentials is None:
         raise unauthorized(
             "an API key is required: send 'Authorization: Bearer <key>'", invalid=False
         )
-    tenant = repo.authenticate(session, secret=credentials.credentials)
+    return credentials.credentials
+
+
+def tenant_of(session: Session, caller: str | object) -> Tenant:
+    """The tenant every query of the request is scoped to; a 401 for a bad key."""
+    if caller is LOCAL:
+        local = repo.local_tenant(session)  # created on first use
+        session.commit()
+        return local
+    assert isinstance(caller, str)
+    tenant = repo.authenticate(session, secret=caller)
     if tenant is None:
         raise unauthorized("the API key is invalid or revoked", invalid=True)
     return tenant
+
+
+CallerDep = Annotated[str | object, Depends(get_caller)]
+
+
+def get_tenant(session: SessionDep, caller: CallerDep) -> Tenant:
+    return tenant_of(session, caller)
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -64,7 +64,13 @@ def make_celery(settings: Settings, *, name: str = "digin") -> Celery:
 
 
 def enqueue(
-    app: Celery, *, job_id: str, queue: str, priority: int = 0, countdown: float = 0.0
+    app: Celery,
+    *,
+    job_id: str,
+    queue: str,
+    priority: int = 0,
+    countdown: float = 0.0,
+    producer: Any = None,
 ) -> None:
     """Send one job to `queue` (after `countdown` seconds if > 0). Call only after the job row
     is committed (a worker that runs the task first must find the row); then mark the row
@@ -74,6 +80,8 @@ def enqueue(
     options: dict[str, Any] = {"queue": queue, "routing_key": queue, "priority": priority}
     if countdown > 0:
         options["countdown"] = countdown
+    if producer is not None:  # one broker connection for many messages
+        options["producer"] = producer
     app.send_task(TASK_RUN_JOB, args=[str(job_id)], **options)
 
 

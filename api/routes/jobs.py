@@ -14,18 +14,27 @@ from datetime import timedelta
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
-from celery import Celery
 from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
 from api import repo
 from api.db import SUCCEEDED, TERMINAL, Job, Tenant, utcnow
-from api.deps import CeleryDep, MetricsDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.dispatch import enqueue
-from api.metrics import Metrics
+from api.deps import (
+    CallerDep,
+    ServicesDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    TenantDep,
+    tenant_of,
+    unauthorized,
+)
 from api.problems import ProblemError, field_problem, not_found, problem_responses
 from api.repo.jobs import MAX_PAGE
+from api.repo.submit import Submission, Unauthenticated
+from api.routes.webhooks import stored_webhook
 from api.schemas import (
     ArtifactList,
     ArtifactPublic,
@@ -82,70 +91,57 @@ def find_job(session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
     "polling interval); a replayed Idempotency-Key returns the original job",
     responses=problem_responses(401, 413, 422, 429),
 )
-def create_job(
+async def create_job(
     body: JobCreate,
     request: Request,
     response: Response,
-    session: SessionDep,
-    tenant: TenantDep,
-    settings: SettingsDep,
-    celery: CeleryDep,
-    metrics: MetricsDep,
+    services: ServicesDep,
+    caller: CallerDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
-    # 1. Validate: params normalised, models well-formed and allowed
+    settings = services.settings
+    # 1. Validate (no I/O): params normalised, models well-formed and allowed
     params = body.normalised_params(
         settings.model_allow_list, allow_paths=settings.mode == "embedded"
     )
-    # 2. Write the row (or find the idempotent original) and commit
-    try:
-        job, created = repo.create_job(
-            session,
-            tenant_id=tenant.id,
-            kind=body.kind,
-            params=params,
-            seed=secrets.randbelow(2**31) if body.seed is None else body.seed,
-            priority=body.priority,
-            queue=QUEUE,
-            max_attempts=settings.max_attempts,
-            idempotency_key=idempotency_key,
-            request_hash=body.request_hash(params) if idempotency_key else None,
-            metadata=body.metadata,
-            max_queued=settings.max_queued_per_tenant,
-        )
-    except repo.IdempotencyConflict as exc:
-        raise field_problem(422, "idempotency-key-reused", "Idempotency-Key", str(exc)) from None
-    except repo.TenantLimitExceeded as exc:
+    webhook = None
+    if body.webhook is not None:  # resolves the host: off the event loop
+        webhook = await run_in_threadpool(stored_webhook, body.webhook, settings)
+    # 2. Write the row (or find the idempotent original), commit, send its message, with the
+    #    other submissions of this moment (api.submissions: one transaction for the group)
+    values = {
+        "kind": body.kind,
+        "params": params,
+        "seed": secrets.randbelow(2**31) if body.seed is None else body.seed,
+        "priority": body.priority,
+        "queue": QUEUE,
+        "max_attempts": settings.max_attempts,
+        "idempotency_key": idempotency_key,
+        "request_hash": body.request_hash(params) if idempotency_key else None,
+        "meta": body.metadata,
+        "webhook": webhook,
+    }
+    submission = Submission(caller, values, max_queued=settings.max_queued_per_tenant)
+    outcome = await services.writer.submit(submission)
+    error = outcome.error
+    if isinstance(error, Unauthenticated):
+        raise unauthorized(str(error), invalid=True)
+    if isinstance(error, repo.IdempotencyConflict):
+        raise field_problem(422, "idempotency-key-reused", "Idempotency-Key", str(error))
+    if isinstance(error, repo.TenantLimitExceeded):
         raise ProblemError(
-            429, "tenant-limit", f"{exc}; finish or cancel jobs first",
-            headers={"Retry-After": str(exc.retry_after)}, limit=exc.limit,
-        ) from None  # fmt: skip
-    session.commit()
-    # 3. Send the message (after the commit), then record it
-    if created:
-        metrics.jobs_created.labels(job.kind).inc()
-        dispatch(session, celery, job, metrics)
-    else:
+            429, "tenant-limit", f"{error}; finish or cancel jobs first",
+            headers={"Retry-After": str(error.retry_after)}, limit=error.limit,
+        )  # fmt: skip
+    if error is not None:
+        raise error
+    assert outcome.job is not None
+    if not outcome.created:
         response.headers["Idempotent-Replayed"] = "true"
-    public = JobPublic.from_job(job, base=root(request))
+    public = JobPublic.from_job(outcome.job, base=root(request))
     response.headers["Location"] = public.urls.self
     response.headers["Retry-After"] = str(POLL_AFTER_S)
     return public
-
-
-def dispatch(session: Session, celery: Celery, job: Job, metrics: Metrics) -> None:
-    """Enqueue a committed job and mark it enqueued; a broker error leaves it for the reaper."""
-    try:
-        enqueue(celery, job_id=str(job.id), queue=job.queue, priority=job.priority)
-    except Exception as exc:
-        metrics.enqueue_failures.labels(job.queue).inc()
-        log.warning(
-            "job %s is queued but its message could not be sent (%s: %s); the reaper re-sends it",
-            job.id, type(exc).__name__, exc,
-        )  # fmt: skip
-        return
-    repo.mark_enqueued(session, job_id=job.id)
-    session.commit()
 
 
 @router.get("", summary="List jobs", responses=problem_responses(401, 422))
@@ -177,14 +173,26 @@ def list_jobs(
     return JobList(data=[JobPublic.from_job(j, base=base) for j in jobs], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}", summary="Get a job", responses=problem_responses(401, 404, 422))
-def get_job(
-    job_id: uuid.UUID, request: Request, response: Response, session: SessionDep, tenant: TenantDep
-) -> JobPublic:
-    job = find_job(session, tenant, job_id)
-    if job.status not in TERMINAL:
-        response.headers["Retry-After"] = str(POLL_AFTER_S)
-    return JobPublic.from_job(job, base=root(request))
+@router.get(
+    "/{job_id}",
+    summary="Get a job",
+    response_model=JobPublic,
+    responses=problem_responses(401, 404, 422),
+)
+async def get_job(
+    job_id: uuid.UUID, request: Request, services: ServicesDep, caller: CallerDep
+) -> Response:
+    """The polling path: the key check and the read in one trip to the thread pool, and the
+    job serialised once (the response model documents it; FastAPI does not re-validate)."""
+
+    def load() -> Job:
+        with services.sessions() as session:
+            return find_job(session, tenant_of(session, caller), job_id)
+
+    job = await run_in_threadpool(load)
+    public = JobPublic.from_job(job, base=root(request))
+    headers = {} if job.status in TERMINAL else {"Retry-After": str(POLL_AFTER_S)}
+    return Response(public.model_dump_json(), media_type="application/json", headers=headers)
 
 
 @router.post(
