@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from api import repo
 from api.db import QUEUED, Job, Tenant, session_scope
-from api.storage import Storage, artifact_key
+from api.storage import ArtifactNotFound, Storage, artifact_key
 
 if TYPE_CHECKING:
     from api.settings import Settings
@@ -107,7 +107,7 @@ class ClaimedJob:
     queue: str
     priority: int
     tenant: str
-    tenant_id: uuid.UUID | None = None
+    tenant_id: uuid.UUID
     batch_id: uuid.UUID | None = None  # a sweep item's batch
     group_key: str | None = None  # jobs of a batch that may run as one batched optimisation
 
@@ -351,12 +351,43 @@ def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any
         max_batch=ctx.max_batch,
         progress=progress,
         should_stop=pulse.should_stop,
+        image_resolver=image_resolver(job, ctx),
     )
     if pulse.should_stop():
         return None
     artifacts: dict[str, Any] = dict(render_artifacts(result))
     artifacts["__summary__"] = _json_safe(result.summary())
     return artifacts
+
+
+def image_resolver(job: ClaimedJob, ctx: WorkerContext) -> Callable[[str], bytes]:
+    """Uploaded image id (POST /v1/images, `image_id`/`image_ids` params) → its bytes, for the
+    job's own tenant only. An unknown id fails the job (`invalid_params`); storage that does
+    not answer re-queues it (`storage_unavailable`)."""
+
+    def resolve(image_id: str) -> bytes:
+        try:
+            key = uuid.UUID(image_id)
+        except ValueError:
+            raise ValueError(f"image_id {image_id!r} is not an uploaded image's id") from None
+        with ctx.sessions() as session:
+            image = repo.get_image(session, tenant_id=job.tenant_id, image_id=key)
+            storage_key = None if image is None else image.storage_key
+        if storage_key is None:
+            raise ValueError(f"image_id {image_id!r}: this tenant has no such uploaded image")
+        try:
+            return ctx.storage.get(storage_key)
+        except ArtifactNotFound:
+            raise ValueError(f"image_id {image_id!r}: the image's bytes are gone") from None
+        except Exception as exc:
+            raise JobFailure(
+                "requeue",
+                "storage_unavailable",
+                f"could not read image {image_id!r}: {type(exc).__name__}: {exc}",
+                {"stage": "loading"},
+            ) from exc
+
+    return resolve
 
 
 def _upload(

@@ -23,6 +23,7 @@ from api import repo
 from api.db import SUCCEEDED, TERMINAL, Job, Tenant, utcnow
 from api.deps import (
     CallerDep,
+    Services,
     ServicesDep,
     SessionDep,
     SettingsDep,
@@ -43,6 +44,7 @@ from api.schemas import (
     JobPublic,
     JobStatus,
     artifact_path,
+    params_problem,
 )
 from api.storage import LocalStorage
 from core.params import KINDS
@@ -104,6 +106,9 @@ async def create_job(
     params = body.normalised_params(
         settings.model_allow_list, allow_paths=settings.mode == "embedded"
     )
+    uploads = uploaded_image_ids(params)
+    if uploads:  # images named by id must be this tenant's uploads
+        await run_in_threadpool(check_uploads, services, caller, uploads)
     webhook = None
     if body.webhook is not None:  # resolves the host: off the event loop
         webhook = await run_in_threadpool(stored_webhook, body.webhook, settings)
@@ -142,6 +147,45 @@ async def create_job(
     response.headers["Location"] = public.urls.self
     response.headers["Retry-After"] = str(POLL_AFTER_S)
     return public
+
+
+def uploaded_image_ids(params: dict[str, Any], prefix: str = "params") -> list[tuple[str, str]]:
+    """(field, id) of every uploaded image the params name (`image_id`, `image_ids`, nested
+    image-set blocks included)."""
+    found = []
+    for name, value in params.items():
+        field = f"{prefix}.{name}"
+        if isinstance(value, dict):
+            found += uploaded_image_ids(value, field)
+        elif name == "image_id" and isinstance(value, str):
+            found.append((field, value))
+        elif name == "image_ids" and isinstance(value, list):
+            found += [(f"{field}.{i}", v) for i, v in enumerate(value) if isinstance(v, str)]
+    return found
+
+
+def check_uploads(services: Services, caller: str | object, uploads: list[tuple[str, str]]) -> None:
+    """A 422 naming each field whose image id is not one of the caller's uploads."""
+    with services.sessions() as session:
+        tenant = tenant_of(session, caller)
+        errors = []
+        for field, value in uploads:
+            try:
+                image_id = uuid.UUID(value)
+            except ValueError:
+                image_id = None
+            if (
+                image_id is None
+                or repo.get_image(session, tenant_id=tenant.id, image_id=image_id) is None
+            ):
+                errors.append(
+                    {
+                        "field": field,
+                        "message": f"no uploaded image {value!r} (upload it with POST /v1/images)",
+                    }
+                )
+    if errors:
+        raise params_problem(errors)
 
 
 @router.get("", summary="List jobs", responses=problem_responses(401, 422))

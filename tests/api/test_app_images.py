@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import Image
+from api.db import Image, Job
 from tests.api.conftest import AppFactory
 from tests.api.test_app_jobs import assert_problem
 
@@ -147,3 +147,24 @@ def test_missing_file_field_is_a_422(client: TestClient, auth: Auth):
     response = client.post("/v1/images", files={"image": ("x.png", png(), "image/png")},
                            headers=auth("acme"))  # fmt: skip
     assert_problem(response, 422, "file", "required")
+
+
+def test_jobs_may_name_only_the_tenants_own_uploads(
+    client: TestClient, auth: Auth, sessions: sessionmaker[Session]
+):
+    mine = upload(client, auth("acme"), png()).json()["id"]
+    theirs = upload(client, auth("globex"), png(seed=1)).json()["id"]
+    body = {"kind": "counterfactual", "params": {"image_id": mine, "targets": ["one"]}}
+    accepted = client.post("/v1/jobs", json=body, headers=auth("acme"))
+    assert accepted.status_code == 202, accepted.text
+    assert accepted.json()["params"]["image_id"] == mine
+    for bad in (theirs, "not-a-uuid", "00000000-0000-4000-8000-000000000000"):
+        body["params"]["image_id"] = bad
+        refused = client.post("/v1/jobs", json=body, headers=auth("acme"))
+        assert_problem(refused, 422, "params.image_id", "no uploaded image", bad)
+    body = {"kind": "neural_pca",
+            "params": {"class": "seven", "images": {"image_ids": [mine, theirs]}}}  # fmt: skip
+    refused = client.post("/v1/jobs", json=body, headers=auth("acme"))
+    assert_problem(refused, 422, "params.images.image_ids.1", "no uploaded image")
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
