@@ -105,11 +105,23 @@ class JobWriter:
                     stop = True
                     break
                 group.append(item)
-            self._write(group)  # type: ignore[arg-type]
+            # requests whose client went away before their turn are not written
+            live = [(s, f) for s, f in group if f.set_running_or_notify_cancel()]  # type: ignore[misc]
+            try:
+                if live:
+                    self._write(live)
+            except BaseException as exc:  # never leave a request waiting for ever
+                log.exception("the job writer failed on a group of %d", len(live))
+                for _, future in live:
+                    if not future.done():
+                        future.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
             if stop:
                 return
 
     def _write(self, group: list[tuple[Submission, Future[Outcome]]]) -> None:
+        """Write one group (its futures are running: set each exactly once)."""
         submissions = [s for s, _ in group]
         futures = [f for _, f in group]
         if self.on_group is not None:

@@ -36,9 +36,15 @@ def writer(sessions: sessionmaker[Session], broker: Broker, tmp_path: Path) -> J
 
 def write_group(writer: JobWriter, submissions: list[Submission]) -> list[Outcome]:
     """Write `submissions` as ONE group (what the writer thread does with what is waiting)."""
-    group = [(s, Future()) for s in submissions]
+    group = [(s, running_future()) for s in submissions]
     writer._write(group)
     return [f.result(timeout=0) for _, f in group]
+
+
+def running_future() -> Future:
+    future: Future = Future()
+    assert future.set_running_or_notify_cancel()
+    return future
 
 
 def key_of(sessions: sessionmaker[Session], tenant: str) -> str:
@@ -97,8 +103,8 @@ def test_a_database_error_fails_the_whole_group_and_writes_nothing(
     writer: JobWriter, sessions: sessionmaker[Session], broker: Broker
 ):
     acme = key_of(sessions, "acme")
-    group = [(Submission(acme, values(seed=1)), Future()),
-             (Submission(acme, values(seed=2, status="bogus")), Future())]  # fmt: skip
+    group = [(Submission(acme, values(seed=1)), running_future()),
+             (Submission(acme, values(seed=2, status="bogus")), running_future())]  # fmt: skip
     writer._write(group)
     for _, future in group:
         with pytest.raises(Exception, match="(?i)constraint|check"):
@@ -139,3 +145,21 @@ def test_concurrent_requests_are_grouped_and_each_answered(
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 24
     assert sorted(broker.job_ids()) == sorted(r.json()["id"] for r in answers)
+
+
+def test_a_request_canceled_before_its_turn_is_not_written_and_the_writer_goes_on(
+    writer: JobWriter, sessions: sessionmaker[Session]
+):
+    acme = key_of(sessions, "acme")
+    gone = writer.submit_future(Submission(acme, values(seed=1)))
+    gone.cancel()  # may race the writer thread: either not written, or written and answered
+    kept = writer.submit_future(Submission(acme, values(seed=2)))
+    assert kept.result(timeout=30).created
+    with sessions() as session:
+        seeds = set(session.scalars(select(Job.seed)))
+    assert seeds == ({2} if gone.cancelled() else {1, 2})
+    broken = writer.submit_future(Submission(acme, {"kind": "guided"}))  # no params: KeyError
+    with pytest.raises(Exception):  # noqa: B017 - whatever the writer raised reaches the request
+        broken.result(timeout=30)
+    assert writer.submit_future(Submission(acme, values(seed=3))).result(timeout=30).created
+    writer.close()
