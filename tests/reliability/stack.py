@@ -353,7 +353,9 @@ class Deployment:
         env |= {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1", "DIGIN_DEVICE": "cpu"}
         return env | extra
 
-    def start_worker(self, name: str, *, concurrency: int = 1, **env: str) -> Worker:
+    def start_worker(
+        self, name: str, *, concurrency: int = 1, wait: bool = True, **env: str
+    ) -> Worker:
         log = self.folder / f"{name}.log"
         argv = [sys.executable, "-m", "celery", "-A", "worker.app:app", "worker",
                 "--queues=interactive,sweep", f"--concurrency={concurrency}", "--pool=prefork",
@@ -364,7 +366,8 @@ class Deployment:
                                     stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         worker = Worker(name, proc, log)
         self.workers.append(worker)
-        wait_until(f"worker {name} to be ready ({log})", worker.ready, 120.0, 0.2)
+        if wait:
+            wait_until(f"worker {name} to be ready ({log})", worker.ready, 120.0, 0.2)
         return worker
 
     def start_reaper(self, interval: float = 1.0) -> None:
