@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import Text, and_, cast, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from api.db.models import (
@@ -157,7 +157,7 @@ def insert_jobs(session: Session, rows: list[dict[str, Any]]) -> None:
     else multi-row INSERTs of INSERT_CHUNK rows."""
     if not rows:
         return
-    table = Job.__table__
+    table: Any = Job.__table__
     if session.get_bind().dialect.name != "postgresql":
         for start in range(0, len(rows), INSERT_CHUNK):
             session.execute(insert(table), rows[start : start + INSERT_CHUNK])
@@ -165,7 +165,7 @@ def insert_jobs(session: Session, rows: list[dict[str, Any]]) -> None:
     columns = list(rows[0])
     names = ", ".join(f'"{table.c[c].name}"' for c in columns)
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    raw = session.connection().connection.dbapi_connection
+    raw: Any = session.connection().connection.dbapi_connection  # psycopg's Connection
     assert raw is not None
     with raw.cursor() as cursor, cursor.copy(f"COPY jobs ({names}) FROM STDIN") as copy:
         for row in rows:
@@ -257,7 +257,7 @@ def batch_stats(
             .where(Job.batch_id.in_(ids))
             .group_by(Job.batch_id)
         )
-        rates = {b: (int(n), first, last) for b, n, first, last in rows}
+        rates = {b: (int(n), first, last) for b, n, first, last in rows if b is not None}
     out = {}
     for batch in batches:
         c = counts[batch.id]
@@ -349,33 +349,36 @@ def _canceled_events(
 
 
 # --- the results index -------------------------------------------------------------------------
-def iter_items(session: Session, *, batch_id: uuid.UUID, chunk: int = 1000) -> Iterator[list[Job]]:
-    """The batch's items in item order, `chunk` at a time (keyset pages on item_index)."""
+def iter_items(session: Session, *, batch_id: uuid.UUID, chunk: int = 1000) -> Iterator[list[Any]]:
+    """The batch's items in item order, `chunk` at a time (keyset pages on item_index), as
+    rows of what the results index shows (no ORM objects; `params_json` is the stored JSON as
+    text, passed through without parsing)."""
+    columns = (
+        Job.id, Job.item_index, Job.custom_id, Job.status, Job.seed, Job.result, Job.error,
+        cast(Job.params, Text).label("params_json"),
+    )  # fmt: skip
     last = -1
     while True:
-        jobs = list(
-            session.scalars(
-                select(Job)
-                .where(Job.batch_id == batch_id, Job.item_index > last)
-                .order_by(Job.item_index)
-                .limit(chunk)
-            )
-        )
-        if not jobs:
+        rows = session.execute(
+            select(*columns)
+            .where(Job.batch_id == batch_id, Job.item_index > last)
+            .order_by(Job.item_index)
+            .limit(chunk)
+        ).all()
+        if not rows:
             return
-        last = int(jobs[-1].item_index or 0)
-        yield jobs
-        session.expunge_all()  # keep memory flat over a long stream
+        last = int(rows[-1].item_index)
+        yield list(rows)
 
 
-def item_metrics(job: Job) -> dict[str, Any] | None:
+def item_metrics(job: Any) -> dict[str, Any] | None:
     """The metrics of a succeeded item: the best-iteration metrics of its images (the mean
     over them when it has several), else the numeric top-level figures of its summary."""
     if job.status != SUCCEEDED or not job.result:
         return None
-    summary = job.result.get("summary") or {}
-    bests = [it.get("best") for it in summary.get("items") or [] if isinstance(it, dict)]
-    bests = [b for b in bests if isinstance(b, dict)]
+    summary: dict[str, Any] = job.result.get("summary") or {}
+    found = [it.get("best") for it in summary.get("items") or [] if isinstance(it, dict)]
+    bests: list[dict[str, Any]] = [b for b in found if isinstance(b, dict)]
     if bests:
         names = [k for k, v in bests[0].items() if isinstance(v, int | float)]
         out: dict[str, Any] = {}

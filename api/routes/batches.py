@@ -44,6 +44,7 @@ from api.schemas import (
     BatchUrls,
     artifact_path,
 )
+from api.storage import LocalStorage
 from api.sweeps import plan_batch
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def public(session: Session, batches: list[Batch], *, base: str = "") -> list[Ba
         path = f"{base}/v1/batches/{batch.id}"
         out.append(
             BatchPublic(
-                id=batch.id, kind=batch.kind, status=s.status,  # type: ignore[arg-type]
+                id=batch.id, kind=batch.kind, status=s.status,
                 total=batch.total, counts=BatchCounts(**s.counts), progress=s.progress,
                 throughput_per_min=s.throughput_per_min, eta_seconds=s.eta_seconds,
                 priority=batch.priority, metadata=batch.meta, created_at=batch.created_at,
@@ -236,58 +237,65 @@ def batch_results(
 ) -> StreamingResponse:
     batch = find_batch(session, tenant, batch_id)
     chosen = format or ("csv" if accept and "text/csv" in accept else "jsonl")
-    lines = result_lines(services, tenant, batch.id, base=root(request))
+    pages = result_pages(services, tenant, batch.id, base=root(request))
     stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
     if chosen == "csv":
-        body: Iterator[str] = csv_lines(lines)
+        body: Iterator[str] = csv_pages(pages)
         media, name = "text/csv; charset=utf-8", f"batch-{batch.id}-{stamp}.csv"
     else:
-        body = (json.dumps(line, separators=(",", ":")) + "\n" for line in lines)
+        body = ("".join(map(_json_line, page)) for page in pages)
         media, name = "application/x-ndjson", f"batch-{batch.id}-{stamp}.jsonl"
     headers = {"Content-Disposition": f'inline; filename="{name}"', "Cache-Control": "no-store"}
     return StreamingResponse(body, media_type=media, headers=headers)
 
 
-def result_lines(
+def result_pages(
     services: Any, tenant: Tenant, batch_id: uuid.UUID, *, base: str
-) -> Iterator[dict[str, Any]]:
-    """The index lines, read in pages with a session of their own (the request's is closed
-    by the time the body streams)."""
+) -> Iterator[list[tuple[dict[str, Any], str, dict[str, Any]]]]:
+    """The index lines a page (1000 items) at a time, read with a session of their own (the
+    request's is closed by the time the body streams); one chunk of the response per page.
+    Each line: (index … status, params as stored JSON text, seed … error)."""
     storage, expiry = services.storage, services.settings.url_expiry_seconds
+    local = isinstance(storage, LocalStorage)  # URLs are this API's download routes
     with services.sessions() as session:
-        for jobs in repo_batches.iter_items(session, batch_id=batch_id):
-            for job in jobs:
+        for rows in repo_batches.iter_items(session, batch_id=batch_id):
+            page = []
+            for row in rows:
                 artifacts = [
                     {"name": e["name"],
-                     "url": storage.url(e["key"], expires=expiry)
-                     or artifact_path(job.id, e["name"], base=base)}
-                    for e in stored_artifacts(job, tenant)
+                     "url": (None if local else storage.url(e["key"], expires=expiry))
+                     or artifact_path(row.id, e["name"], base=base)}
+                    for e in stored_artifacts(row, tenant)
                 ]  # fmt: skip
-                yield {
-                    "index": job.item_index,
-                    "custom_id": job.custom_id,
-                    "job_id": str(job.id),
-                    "status": job.status,
-                    "params": job.params,
-                    "seed": job.seed,
-                    "metrics": repo_batches.item_metrics(job),
-                    "artifacts": artifacts,
-                    "error": job.error,
-                }
+                head = {"index": row.item_index, "custom_id": row.custom_id,
+                        "job_id": str(row.id), "status": row.status}  # fmt: skip
+                tail = {"seed": row.seed, "metrics": repo_batches.item_metrics(row),
+                        "artifacts": artifacts, "error": row.error}  # fmt: skip
+                page.append((head, row.params_json, tail))
             session.rollback()  # end the page's read transaction (no snapshot held open)
+            yield page
 
 
-def csv_lines(lines: Iterator[dict[str, Any]]) -> Iterator[str]:
+def _json_line(line: tuple[dict[str, Any], str, dict[str, Any]]) -> str:
+    """{index, custom_id, job_id, status, params, seed, metrics, artifacts, error}: the stored
+    params JSON is spliced in as it is."""
+    head, params, tail = line
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    return f'{dumps(head)[:-1]},"params":{params},{dumps(tail)[1:]}\n'
+
+
+def csv_pages(pages: Iterator[list[tuple[dict[str, Any], str, dict[str, Any]]]]) -> Iterator[str]:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(CSV_COLUMNS)
-    for line in lines:
-        row = [
-            json.dumps(line[c], separators=(",", ":")) if isinstance(line[c], dict | list)
-            else ("" if line[c] is None else line[c])
-            for c in CSV_COLUMNS
-        ]  # fmt: skip
-        writer.writerow(row)
+    for page in pages:
+        for head, params, tail in page:
+            values = {**head, "params": params, **tail}
+            writer.writerow(
+                json.dumps(values[c], separators=(",", ":")) if isinstance(values[c], dict | list)
+                else ("" if values[c] is None else values[c])
+                for c in CSV_COLUMNS
+            )  # fmt: skip
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
