@@ -110,6 +110,12 @@ def enable(*, multiprocess_dir: str | None = None) -> None:
     _enabled = True
 
 
+def disable() -> None:
+    """Stop recording (tests)."""
+    global _enabled
+    _enabled = False
+
+
 def serving_registry() -> CollectorRegistry:
     """What the metrics server shows: the sum over the multiprocess folder, or this process."""
     folder = os.environ.get(MULTIPROC_ENV)
