@@ -8,7 +8,9 @@ scheduler config (DiG-IN always samples with DDIM, eta = 0).
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +67,46 @@ class DiffusionModel(torch.nn.Module):
         self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
         self.requires_grad_(False)
         self.eval()
+        # runtime settings of the current job (see `runtime`); the compiled UNet is kept in a
+        # plain attribute, not as a submodule, so that it never shows up in `state_dict`
+        self._channels_last = False
+        self._use_compiled = False
+        object.__setattr__(self, "_compiled_unet", None)
+
+    # --- runtime settings ------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def runtime(self, *, channels_last: bool = False, compile_unet: bool = False) -> Iterator[None]:
+        """Run the calls inside the block with UNet and VAE in channels-last memory format and/or
+        the UNet compiled by `torch.compile` (compiled once per process, on first use; every new
+        input shape or grad mode compiles again). The previous settings come back afterwards:
+        the model is shared by the jobs of a worker process."""
+        before = (self._channels_last, self._use_compiled)
+        try:
+            self._set_channels_last(channels_last)
+            self._use_compiled = compile_unet
+            yield
+        finally:
+            self._set_channels_last(before[0])
+            self._use_compiled = before[1]
+
+    def _set_channels_last(self, on: bool) -> None:
+        if on == self._channels_last:
+            return
+        fmt = torch.channels_last if on else torch.contiguous_format
+        for net in (self.unet, self.vae):
+            if net is not None:
+                net.to(memory_format=fmt)
+        self._channels_last = on
+
+    def _unet_fn(self):
+        if not self._use_compiled:
+            return self.unet
+        if self._compiled_unet is None:
+            object.__setattr__(self, "_compiled_unet", torch.compile(self.unet))
+        return self._compiled_unet
+
+    def _format(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
 
     # --- geometry ------------------------------------------------------------------------------
     @property
@@ -137,11 +179,16 @@ class DiffusionModel(torch.nn.Module):
 
     # --- networks --------------------------------------------------------------------------------
     def eps(self, z: Tensor, t: Tensor, text: TextEmbeddings, time_ids: Tensor | None) -> Tensor:
-        """One UNet call: noise prediction ε(z, t, text)."""
+        """One UNet call: noise prediction ε(z, t, text). A timestep on another device than z is
+        copied without waiting for the device (no host-device synchronisation per step)."""
         added = None
         if self.is_sdxl:
             added = {"text_embeds": text.pooled, "time_ids": time_ids}
-        return self.unet(z, t, encoder_hidden_states=text.hidden, added_cond_kwargs=added).sample
+        if t.device != z.device:
+            t = t.to(z.device, non_blocking=True)
+        unet = self._unet_fn()
+        z = self._format(z)
+        return unet(z, t, encoder_hidden_states=text.hidden, added_cond_kwargs=added).sample
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents (B, c, h, w) → images (B, 3, H, W) in [0, 1]. Pixel-space models (no
@@ -149,7 +196,7 @@ class DiffusionModel(torch.nn.Module):
         if self.vae is None:
             x = z.expand(-1, 3, -1, -1) if z.shape[1] == 1 else z
         else:
-            x = self.vae.decode(z / self.vae.config.scaling_factor).sample
+            x = self.vae.decode(self._format(z / self.vae.config.scaling_factor)).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -180,17 +227,18 @@ def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> Diffusio
         raise ValueError(f"{path} is not a diffusers pipeline folder (no unet/ subfolder)")
     index = _load_config(path, "model_index.json")
     scheduler_config = _load_config(path, "scheduler/scheduler_config.json")
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", use_safetensors=True)
+    # fp32 weights whatever the checkpoint stores (fp16 variants included); lower precision is
+    # the job's choice (GuidanceConfig.precision), not the checkpoint's.
+    kw = {"use_safetensors": True, "torch_dtype": torch.float32}
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch scaled-dot-product attention
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
     is_sdxl = unet.config.addition_embed_type == "text_time"
-    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True)]
+    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
     tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
     if is_sdxl:
         encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(
-                path, subfolder="text_encoder_2", use_safetensors=True
-            )
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
         )
         tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)

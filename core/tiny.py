@@ -61,9 +61,13 @@ def _byte_chars() -> list[str]:
     return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def _tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
+def _tokenizer_files(
+    vocab_size: int | None = None,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A tiny CLIP vocabulary laid out like the real one: bytes, bytes + '</w>', merged words,
-    then the start and end tokens (so the end token has the largest id, as CLIP pooling expects)."""
+    then the start and end tokens (so the end token has the largest id, as CLIP pooling expects).
+    With `vocab_size`, unused filler tokens pad it to that size first, so that the start and end
+    tokens get the real CLIP ids (49406, 49407 for 49408) that full-size text encoders embed."""
     chars = _byte_chars()
     vocab = {tok: i for i, tok in enumerate(chars + [c + "</w>" for c in chars])}
     merges: list[tuple[str, str]] = []
@@ -76,16 +80,23 @@ def _tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
                 merges.append((merged, symbol))
             merged += symbol
             vocab.setdefault(merged, len(vocab))
+    if vocab_size is not None:
+        if vocab_size < len(vocab) + 2:
+            raise ValueError(f"vocab_size must be at least {len(vocab) + 2}, got {vocab_size}")
+        for n in range(len(vocab), vocab_size - 2):
+            vocab[f"<|unused{n}|>"] = n  # never produced: no merge leads to it
     vocab[BOS] = len(vocab)
     vocab[EOS] = len(vocab)
     return vocab, merges
 
 
-def _write_tokenizer(folder: Path) -> tuple[object, dict[str, int]]:
+def _write_tokenizer(
+    folder: Path, vocab_size: int | None = None, pad_token: str = EOS
+) -> tuple[object, dict[str, int]]:
     """Write vocab.json, merges.txt and tokenizer_config.json; load them back as CLIPTokenizer."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = _tokenizer_files()
+    vocab, merges = _tokenizer_files(vocab_size)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
@@ -95,7 +106,7 @@ def _write_tokenizer(folder: Path) -> tuple[object, dict[str, int]]:
         "model_max_length": 77,
         "bos_token": BOS,
         "eos_token": EOS,
-        "pad_token": EOS,
+        "pad_token": pad_token,
         "unk_token": EOS,
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")

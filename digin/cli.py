@@ -70,6 +70,33 @@ def make_tiny_models_command(
         typer.echo(f"{name}: {spec}")
 
 
+@app.command("make-random-models")
+def make_random_models_command(
+    out_dir: Annotated[
+        Path,
+        typer.Argument(
+            help="New folder to write the pipeline into (an old pipeline there is replaced)."
+        ),
+    ],
+    arch: Annotated[str, typer.Option(help="Architecture: sd15 (SD 1.5) or sdxl (SDXL base).")],
+    dtype: Annotated[
+        str, typer.Option(help="Stored weight dtype: fp16 (half the disk), bf16 or fp32.")
+    ] = "fp16",
+    seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
+) -> None:
+    """Write a full-size random-weight SD 1.5 or SDXL pipeline (timing and memory only)."""
+    from core.random_models import ARCHS, DTYPES, make_random_models  # torch: imported here
+
+    if arch not in ARCHS:
+        raise typer.BadParameter(f"must be one of {', '.join(ARCHS)}", param_hint="--arch")
+    if dtype not in DTYPES:
+        raise typer.BadParameter(f"must be one of {', '.join(DTYPES)}", param_hint="--dtype")
+    try:
+        typer.echo(make_random_models(arch, out_dir, dtype=dtype, seed=seed))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="OUT_DIR") from None
+
+
 @app.command()
 def run(
     kind: Annotated[
