@@ -21,6 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api import dashboard
 from api.db import make_engine, session_factory
 from api.deps import Services
 from api.dispatch import make_celery
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: sees all
     for router in ROUTERS:
         app.include_router(router)
+    dashboard.install(app, settings)  # /ui: the HTML pages (DESIGN §5.10)
     app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -24,6 +24,8 @@ KNOWN_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 # Values of the .env.example file: refused as secrets in production mode.
 PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret", "password"}
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# A CSP frame-ancestors source: 'self', 'none', or scheme://host[:port] (host may start with *.)
+_FRAME_SOURCE = re.compile(r"^('self'|'none'|https?://(\*\.)?[A-Za-z0-9.-]+(:(\d{1,5}|\*))?)$")
 
 
 def _split_list(value: Any) -> Any:
@@ -60,6 +62,20 @@ class Settings(BaseSettings):
     auth: Literal["on", "off"] | None = Field(None, description="default: off embedded, else on")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+
+    # --- the dashboard (/ui, DESIGN §5.10) -------------------------------------------------------
+    secret_key: SecretStr | None = Field(
+        None,
+        description="signs dashboard sessions and CSRF tokens (HMAC-SHA256; 32+ characters). "
+        "Production: the dashboard login needs it; embedded: made once in data_dir",
+    )
+    session_seconds: int = Field(
+        8 * 3600, ge=60, le=30 * 24 * 3600, description="lifetime of a dashboard session"
+    )
+    frame_ancestors: Annotated[list[str], NoDecode] = Field(
+        default=["'self'"],
+        description="who may embed the dashboard in a frame: CSP frame-ancestors sources",
+    )
 
     # --- limits (DESIGN §5.5) ------------------------------------------------------------------
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
@@ -115,7 +131,7 @@ class Settings(BaseSettings):
         description="port of the Prometheus metrics of a worker or reaper process (unset: none)",
     )
 
-    @field_validator("image_formats", "model_allow_list", mode="before")
+    @field_validator("image_formats", "model_allow_list", "frame_ancestors", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -130,6 +146,30 @@ class Settings(BaseSettings):
                 f"DIGIN_IMAGE_FORMATS: {unknown or 'empty'}; pick from {list(KNOWN_IMAGE_FORMATS)}"
             )
         return formats
+
+    @field_validator("frame_ancestors")
+    @classmethod
+    def _frame_ancestors(cls, value: list[str]) -> list[str]:
+        value = [f"'{v}'" if v in ("self", "none") else v for v in value]  # quotes are optional
+        bad = [v for v in value if not _FRAME_SOURCE.match(v)]
+        if bad or not value:
+            raise ValueError(
+                f"DIGIN_FRAME_ANCESTORS: {bad or 'empty'} are not CSP sources; give 'self', "
+                "'none', or origins such as https://dashboard.example.org or https://*.example.org"
+            )
+        if "'none'" in value and len(value) > 1:
+            raise ValueError("DIGIN_FRAME_ANCESTORS: 'none' cannot be combined with other sources")
+        return value
+
+    @field_validator("secret_key")
+    @classmethod
+    def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError(
+                "DIGIN_SECRET_KEY must have at least 32 characters "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return value
 
     @model_validator(mode="after")
     def _resolve(self) -> Settings:
