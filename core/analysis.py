@@ -25,6 +25,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, ValidationError
 
+from core.batching import job_batch
 from core.classifiers import Classifier
 from core.guidance import GuidanceResult, ProgressFn, StopFn, optimize
 from core.imagesets import ImageResolver, ImageSet, load_image_set
@@ -306,6 +307,7 @@ def run_pca_component(
     """Guidance towards neural PCA components: item i (component l, image j) seeded seed + i."""
     t_start = time.perf_counter()
     cache = cache or _DEFAULT_CACHE
+    max_batch = job_batch(max_batch, params.guidance)
 
     # 1. the PCA, its classifier and class k (the params' if given, which must agree)
     pca = load_pca(params.pca)

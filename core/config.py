@@ -9,11 +9,12 @@ Defaults follow the paper's official code (``OptimParams`` / ``CommonArguments``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Preset = Literal["reference", "optimised"]
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,55 @@ class GuidanceConfig:
     num_cutouts: Annotated[int, Field(ge=0, le=64)] = 16  # 0: the clean path (resize only)
     cut_power: Annotated[float, Field(gt=0.0, le=4.0)] = 0.3  # side = rand()**p * (S - r) + r
     noise_sd: Annotated[float, Field(ge=0.0, le=1.0)] = 0.005  # Gaussian noise on the cutouts
-    # --- numerics ------------------------------------------------------------------------------
+    # --- numerics and speed (the presets below set these) --------------------------------------
     precision: Precision = "fp32"  # autocast dtype of UNet and VAE; classifier losses stay fp32
     checkpointing: bool = True  # recompute each UNet call, VAE decode and classifier in backward
+    channels_last: bool = False  # UNet + VAE in channels-last memory format (CPU: slower, measured)
+    compile_unet: bool = False  # torch.compile the UNet; the first calls compile (minutes)
+    max_batch: Annotated[int, Field(ge=1, le=64)] | None = None  # items per run; None: runner's
+    preset: Preset | None = None  # the preset these fields started from (record only; see PRESETS)
 
     def __post_init__(self) -> None:
         if self.loss_steps > self.ddim_steps:
             raise ValueError(
                 f"loss_steps ({self.loss_steps}) must be at most ddim_steps ({self.ddim_steps})"
             )
+
+    @classmethod
+    def from_preset(cls, name: Preset, **fields: Any) -> GuidanceConfig:
+        """The named preset's settings, with `fields` on top."""
+        return cls(**apply_preset({"preset": name, **fields}))
+
+
+# Named settings of the numerics and speed fields (issue 9). `reference` is what the paper's code
+# does: fp32, one item per run, 16 cutouts, every UNet call and the VAE + classifier checkpointed.
+# `optimised` is the GPU path: bf16 autocast of UNet and VAE (classifier losses stay fp32), as many
+# items per run as the runner's batch limit allows (`core.batching` fits it to a memory budget),
+# same algorithm. Channels-last and torch.compile stay off in it: on the CPU channels-last was
+# measured slower and compiling costs minutes; bench/gpu.py measures both on a GPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "reference": {
+        "precision": "fp32",
+        "checkpointing": True,
+        "channels_last": False,
+        "compile_unet": False,
+        "max_batch": 1,
+        "num_cutouts": 16,
+    },
+    "optimised": {
+        "precision": "bf16",
+        "checkpointing": True,
+        "channels_last": False,
+        "compile_unet": False,
+        "max_batch": None,
+    },
+}
+
+
+def apply_preset(guidance: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Raw guidance params → the fields to validate: `base` (e.g. the digits zoo's settings),
+    then the values of the preset that `guidance` names (if any), then the fields it gives. An
+    unknown preset name is left for validation to reject."""
+    name = guidance.get("preset")
+    preset = PRESETS.get(name, {}) if isinstance(name, str) else {}
+    return {**(base or {}), **preset, **guidance}

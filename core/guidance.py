@@ -124,6 +124,10 @@ class DenoisingLoop:
         self.uncond_base = uncond_base  # hidden (B, L, D) or per step (T, B, L, D)
         self.device = model.device
         self.resolution = resolution
+        # The scheduler indexes its host-side tables with host timesteps; the UNet gets the same
+        # timesteps copied to the device once here, so no step waits on a host-device copy.
+        self.timesteps_device = self.scheduler.timesteps.to(self.device)
+        self._time_ids: dict[int, Tensor | None] = {}
 
     def uncond_at(self, i: int) -> TextEmbeddings:
         u = self.uncond_base
@@ -131,13 +135,21 @@ class DenoisingLoop:
             return TextEmbeddings(u.hidden[i], None if u.pooled is None else u.pooled[i])
         return u
 
+    def time_ids(self, b: int) -> Tensor | None:
+        """SDXL micro-conditioning of the CFG batch (2B, 6), made once per batch size."""
+        if b not in self._time_ids:
+            ids = self.model.time_ids(b, self.resolution)
+            self._time_ids[b] = None if ids is None else torch.cat([ids, ids])
+        return self._time_ids[b]
+
     def step(
-        self, z: Tensor, t: Tensor, text: TextEmbeddings, time_ids: Tensor | None
+        self, z: Tensor, i: int, text: TextEmbeddings, time_ids: Tensor | None
     ) -> tuple[Tensor, Tensor]:
-        """One DDIM step with classifier-free guidance: z_t → (z_{t-1}, x̂0)."""
+        """DDIM step i with classifier-free guidance: z_t → (z_{t-1}, x̂0)."""
+        t = self.scheduler.timesteps[i]  # host copy, for the scheduler's tables
         with autocast(self.device, self.config.precision):
-            eps = self.model.eps(torch.cat([z, z]), t, text, time_ids).float()
-        eps_uncond, eps_cond = eps.chunk(2)
+            eps = self.model.eps(torch.cat([z, z]), self.timesteps_device[i], text, time_ids)
+        eps_uncond, eps_cond = eps.float().chunk(2)
         eps = eps_uncond + self.config.guidance_scale * (eps_cond - eps_uncond)
         out = self.scheduler.step(eps, t, z, eta=0.0)
         return out.prev_sample, out.pred_original_sample
@@ -146,23 +158,23 @@ class DenoisingLoop:
         self, z: Tensor, cond: TextEmbeddings, deltas: Deltas | None, keep_last: int
     ) -> list[Tensor]:
         """Run the chain from z_T; return the x0-predictions of the last `keep_last` steps."""
-        b = z.shape[0]
-        time_ids = self.model.time_ids(b, self.resolution)
-        time_ids = None if time_ids is None else torch.cat([time_ids, time_ids])
-        timesteps = self.scheduler.timesteps
+        time_ids = self.time_ids(z.shape[0])
+        steps = len(self.scheduler.timesteps)
         grad = torch.is_grad_enabled() and self.config.checkpointing
         x0s = []
-        for i, t in enumerate(timesteps):
+        # Nothing in this loop reads a device value on the host (no .item(), .cpu(), bool of a
+        # device tensor): the steps queue up on the device without waiting for each other.
+        for i in range(steps):
             c, u = cond, self.uncond_at(i)
             if deltas is not None:
                 dc, du = deltas.at(i)
                 c, u = c + dc, u + du
             text = TextEmbeddings.cat([u, c])  # (2B, L, D): unconditional half first
             if grad:
-                z, x0 = checkpoint(self.step, z, t, text, time_ids, use_reentrant=False)
+                z, x0 = checkpoint(self.step, z, i, text, time_ids, use_reentrant=False)
             else:
-                z, x0 = self.step(z, t, text, time_ids)
-            if i >= len(timesteps) - keep_last:
+                z, x0 = self.step(z, i, text, time_ids)
+            if i >= steps - keep_last:
                 x0s.append(x0)
         return x0s
 
@@ -239,8 +251,29 @@ def optimize(
 
     `cond`/`uncond` hold B items (uncond may be per step, (T, B, L, D)); `seeds` give each item
     its own z_T (unless `latents` are given) and its own augmentation streams, so a batched run
-    equals B single runs up to float tolerance.
+    equals B single runs up to float tolerance. The model runs with the config's channels-last
+    and compile settings for the duration of the call.
     """
+    with model.runtime(channels_last=config.channels_last, compile_unet=config.compile_unet):
+        return _optimize(
+            model, objective, cond=cond, uncond=uncond, seeds=seeds, config=config,
+            resolution=resolution, latents=latents, progress=progress, should_stop=should_stop,
+        )  # fmt: skip
+
+
+def _optimize(
+    model: DiffusionModel,
+    objective: Objective,
+    *,
+    cond: TextEmbeddings,
+    uncond: TextEmbeddings,
+    seeds: list[int],
+    config: GuidanceConfig,
+    resolution: int | None,
+    latents: Tensor | None,
+    progress: ProgressFn | None,
+    should_stop: StopFn | None,
+) -> GuidanceResult:
     # 1. Check inputs
     b = len(seeds)
     if cond.hidden.shape[0] != b:
@@ -280,24 +313,26 @@ def optimize(
     decode_loss = _DecodeAndLoss(model, objective, config, rngs)
     weights = loss_step_weights(config.loss_steps).tolist()
 
-    # 4. Optimisation loop; iteration I only evaluates
+    # 4. Optimisation loop; iteration I only evaluates. The per-item bests stay on the device;
+    # each iteration copies its image and its numbers to the host once (one synchronisation).
+    pinned = device.type == "cuda"
     trajectory, clean_losses, train_losses, latent_norms = [], [], [], []
     metrics: dict[str, list[Tensor]] = {}
-    best_loss = torch.full((b,), torch.inf)
+    best_loss = torch.full((b,), torch.inf, device=device)
     best_images: Tensor | None = None
-    best_iteration = [0] * b
+    best_iteration = torch.zeros(b, dtype=torch.long, device=device)
     stopped = False
     t_chain = t_loss = 0.0
     for it in range(config.iterations + 1):
         train = it < config.iterations and optimizer is not None
         t0 = time.perf_counter()
-        latent_norms.append(z_T.detach().flatten(1).norm(dim=1).cpu())
+        norm = z_T.detach().flatten(1).norm(dim=1)  # (B,) ‖z_T‖ before this iteration's step
         with torch.set_grad_enabled(train):
             x0s = loop(z_T, cond, deltas, keep_last=config.loss_steps if train else 1)
         t1 = time.perf_counter()
 
         # 4a. augmented loss on the last k x̂0, weighted, back-propagated
-        final = None
+        final, train_loss = None, None
         if train:
             total = torch.zeros(b, device=device)
             for w, x0 in zip(weights, x0s, strict=True):
@@ -309,7 +344,7 @@ def optimize(
                 total = total + w * loss
             optimizer.zero_grad(set_to_none=True)
             total.sum().backward()  # sum over items: each item gets its own single-run gradient
-            train_losses.append(total.detach().float().cpu())
+            train_loss = total.detach().float()
             if config.grad_clip is not None:
                 for p, item_dim in ((z_T, 0), *((d, 1) for d in deltas.tensors())):
                     if p.grad is not None:
@@ -327,24 +362,37 @@ def optimize(
                     final = model.decode(x0s[-1])  # (B, 3, H, W) in [0, 1]
             final = final.detach().float()
             clean: ObjectiveOutput = objective(_clean_views(objective, final))
-        clean_loss = clean.loss.float().cpu()  # the one host sync of the iteration
-        trajectory.append((final * 255).round().to(torch.uint8).cpu())
-        clean_losses.append(clean_loss)
-        for name, value in clean.metrics.items():
-            metrics.setdefault(name, []).append(value.float().cpu())
-        improved = clean_loss < best_loss
-        if best_images is None:
-            best_images = final.cpu()
-        best_images[improved] = final.cpu()[improved]
-        best_loss = torch.where(improved, clean_loss, best_loss)
-        for i in improved.nonzero().flatten().tolist():
-            best_iteration[i] = it
+            clean_loss = clean.loss.detach().float()  # (B,)
+            improved = clean_loss < best_loss
+            if best_images is None:
+                best_images = final.clone()
+            best_images = torch.where(improved.view(-1, 1, 1, 1), final, best_images)
+            best_loss = torch.where(improved, clean_loss, best_loss)
+            best_iteration = torch.where(improved, it, best_iteration)
+            frame = (final * 255).round().to(torch.uint8)  # (B, 3, H, W)
+
+        # 4c. to the host: the image without waiting, then the numbers (the one synchronisation,
+        # which also completes the image's copy: both are queued on the same stream)
+        if pinned:
+            frame = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True).copy_(
+                frame, non_blocking=True
+            )
+        rows = [norm, clean_loss, *(v.detach().float() for v in clean.metrics.values())]
+        stats = torch.stack([r.reshape(b) for r in [*rows, *([train_loss] if train else [])]])
+        stats = stats.cpu()  # (2 + metrics [+ 1], B)
+        trajectory.append(frame)
+        latent_norms.append(stats[0])
+        clean_losses.append(stats[1])
+        for j, name in enumerate(clean.metrics):
+            metrics.setdefault(name, []).append(stats[2 + j])
+        if train:
+            train_losses.append(stats[-1])
         t2 = time.perf_counter()
         t_chain += t1 - t0
         t_loss += t2 - t1
 
         if progress is not None:
-            info = {"clean_loss": clean_loss.tolist()}
+            info = {"clean_loss": stats[1].tolist()}
             info.update({k: v[-1].tolist() for k, v in metrics.items()})
             progress(it + 1, config.iterations + 1, info)
         if should_stop is not None and it < config.iterations and should_stop():
@@ -352,8 +400,8 @@ def optimize(
             break
 
     return GuidanceResult(
-        images=best_images,
-        best_iteration=best_iteration,
+        images=best_images.cpu(),
+        best_iteration=best_iteration.tolist(),
         trajectory=torch.stack(trajectory),
         clean_loss=torch.stack(clean_losses),
         metrics={k: torch.stack(v) for k, v in metrics.items()},
@@ -362,6 +410,8 @@ def optimize(
         final_latents=z_T.detach().cpu(),
         iterations_done=len(train_losses),
         stopped=stopped,
+        # on a GPU the steps run asynchronously: the split between the two is approximate (the
+        # chain's work finishes during the loss part), their sum is exact
         timings={"chain_s": t_chain, "loss_backward_s": t_loss},
     )
 
@@ -377,7 +427,8 @@ def sample(
     resolution: int | None = None,
 ) -> Tensor:
     """Plain DDIM sampling with classifier-free guidance (no deltas): images (B, 3, H, W)."""
-    loop = DenoisingLoop(model, config, resolution or model.resolution, uncond)
-    x0 = loop(latents.to(model.device), cond, None, keep_last=1)[-1]
-    with autocast(model.device, config.precision):
-        return model.decode(x0)
+    with model.runtime(channels_last=config.channels_last, compile_unet=config.compile_unet):
+        loop = DenoisingLoop(model, config, resolution or model.resolution, uncond)
+        x0 = loop(latents.to(model.device), cond, None, keep_last=1)[-1]
+        with autocast(model.device, config.precision):
+            return model.decode(x0)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from pydantic import BaseModel
 
+from core.batching import job_batch
 from core.classes import imagenet_classes, resolve_class
 from core.classifiers import Classifier, load_classifier
 from core.diffusion import DiffusionModel, load_diffusion
@@ -237,6 +238,7 @@ def run_job(
     if isinstance(params, dict):
         params = validate_params(kind, params)
     cache = cache or _DEFAULT_CACHE
+    max_batch = job_batch(max_batch, params.guidance)  # e.g. 1 for the `reference` preset
 
     # 1. models, loaded once per process
     model = cache.diffusion(params.diffusion, device)

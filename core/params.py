@@ -25,7 +25,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.config import GuidanceConfig
+from core.config import GuidanceConfig, apply_preset
 from core.counterfactual.config import CounterfactualConfig
 from core.digits import settings as digits_settings
 
@@ -79,15 +79,16 @@ class _Generative(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _digits_guidance_defaults(cls, raw: Any) -> Any:
-        """The digits zoo's guidance settings under the fields the params give."""
+        """The digits zoo's guidance settings, then the named preset's (`guidance.preset`),
+        under the fields the params give."""
         if not isinstance(raw, dict):
             return raw
         diffusion = raw.get("diffusion", DEFAULT_DIFFUSION)
         guidance = raw.get("guidance", {})
         digits = isinstance(diffusion, str) and is_digits_diffusion(diffusion)
-        if digits and isinstance(guidance, dict):
-            base = asdict(digits_settings.DIGITS_GUIDANCE)
-            return {**raw, "guidance": {**base, **guidance}}
+        if isinstance(guidance, dict) and (digits or "preset" in guidance):
+            base = asdict(digits_settings.DIGITS_GUIDANCE) if digits else None
+            return {**raw, "guidance": apply_preset(guidance, base)}
         return raw
 
     @model_validator(mode="after")
@@ -404,15 +405,19 @@ class CounterfactualParams(BaseModel):
         if isinstance(targets, str) and targets != "others":
             raise ValueError(f"targets must be a list of classes or 'others', got {targets!r}")
         diffusion = raw.get("diffusion", DEFAULT_DIFFUSION)
-        if not (isinstance(diffusion, str) and is_digits_diffusion(diffusion)):
-            return raw
         out = dict(raw)
+        guidance = raw.get("guidance", {})
+        if isinstance(guidance, dict) and "preset" in guidance:  # the named preset's settings
+            out["guidance"] = apply_preset(guidance)
+        if not (isinstance(diffusion, str) and is_digits_diffusion(diffusion)):
+            return out
         for name, base in (
             ("guidance", digits_settings.DIGITS_COUNTERFACTUAL_GUIDANCE),
             ("counterfactual", digits_settings.DIGITS_COUNTERFACTUAL),
         ):
             given = raw.get(name, {})
             if isinstance(given, dict):
+                given = apply_preset(given) if name == "guidance" else given
                 out[name] = {**asdict(base), **given}
         return out
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from core.batching import job_batch
 from core.classes import imagenet_classes, resolve_class
 from core.classifiers import Classifier
 from core.counterfactual.attention import (
@@ -221,6 +222,7 @@ def run_counterfactual(
         params = validate_params(KIND, params)
     cache = cache or ModelCache()
     guidance, cf = params.guidance, params.counterfactual
+    max_batch = job_batch(max_batch, guidance)  # e.g. 1 for the `reference` preset
 
     # 1. models and the image
     model = cache.diffusion(params.diffusion, device)
