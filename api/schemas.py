@@ -580,7 +580,7 @@ class BatchCreate(BaseModel):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return JobCreate._metadata_size(value)  # type: ignore[no-any-return]
+        return JobCreate._metadata_size(value)
 
     @model_validator(mode="after")
     def _items_or_axes(self) -> BatchCreate:

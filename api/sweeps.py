@@ -26,7 +26,7 @@ from functools import cache
 from typing import Any
 
 from api.problems import ProblemError
-from api.schemas import BatchCreate, JobCreate
+from api.schemas import BatchCreate, ClassRange, JobCreate
 from core.classes import imagenet_class_names, resolve_class
 from core.params import group_key
 from core.registry import list_models, parse_spec, zoo_dir
@@ -126,7 +126,7 @@ class _Validator:
         rest = {k: v for k, v in raw.items() if k != "classes"} if cheap else raw
         key = json.dumps(rest, sort_keys=True, separators=(",", ":"), default=str)
         if key not in self._cache:
-            probe = {**rest, "classes": classes[:1]} if cheap else raw
+            probe = {**rest, "classes": list(classes or [])[:1]} if cheap else raw
             try:
                 params = JobCreate(kind=self.kind, params=probe).normalised_params(
                     self.allow_list, allow_paths=self.allow_paths
@@ -146,11 +146,11 @@ class _Validator:
             message = f"at most {MAX_CLASSES_PER_ITEM} classes, got {len(classes)}"
             return [{"field": "params.classes", "message": message}]
         spec = self.classifier_of(params) or ""
-        errors = [
-            {"field": f"params.classes.{i}", "message": message}
-            for i, ref in enumerate(classes)
-            if (message := class_error(ref, spec)) is not None
-        ]
+        errors = []
+        for i, ref in enumerate(classes):
+            problem = class_error(ref, spec)
+            if problem is not None:
+                errors.append({"field": f"params.classes.{i}", "message": problem})
         if errors:
             return errors
         return {**params, "classes": list(classes)}, gkey
@@ -253,7 +253,7 @@ def _axis_items(body: BatchCreate, validate: _Validator, plan: BatchPlan) -> Ite
     seeds = body.seeds if body.seeds is not None else [secrets.randbelow(2**31)]
     plan.spec = {
         "classes": body.classes.model_dump()
-        if hasattr(body.classes, "model_dump")
+        if isinstance(body.classes, ClassRange)
         else body.classes,
         "classifiers": body.classifiers,
         "classifier_pairs": body.classifier_pairs,

@@ -59,7 +59,7 @@ def webhook_secret(session: Session, *, tenant_id: uuid.UUID, rotate: bool = Fal
     secret = session.scalar(select(Tenant.webhook_secret).where(Tenant.id == tenant_id))
     if secret is None:
         raise LookupError(f"no tenant with id {tenant_id}")
-    return secret
+    return str(secret)
 
 
 # --- payloads ----------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def batch_counts(
             .group_by(Job.batch_id, Job.status)
         )
         for batch_id, status, n in rows:
-            counts[batch_id][status] = int(n)
+            counts[batch_id][status] = int(n)  # type: ignore[index]
     return counts
 
 

@@ -41,7 +41,7 @@ Limit = Annotated[int, Query(ge=1, le=500)]
 def delivery_public(d: WebhookDelivery) -> WebhookDeliveryPublic:
     return WebhookDeliveryPublic(
         event_id=d.event_id, event_type=d.event_type, job_id=d.job_id, batch_id=d.batch_id,
-        url=d.url, status=d.status,  # type: ignore[arg-type]
+        url=d.url, status=d.status,
         attempts=d.attempts, max_attempts=d.max_attempts, last_status_code=d.last_status_code,
         last_error=d.last_error, created_at=d.created_at, next_attempt_at=d.next_attempt_at,
         delivered_at=d.delivered_at, log=[WebhookAttempt(**e) for e in d.log or []],

@@ -11,11 +11,11 @@ from datetime import timedelta
 from typing import Any
 
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import repo
-from api.db import Batch, Job, utcnow
+from api.db import Batch, Job, WebhookDelivery, utcnow
 from tests.api.conftest import Broker
 
 DIGITS = ["digits:cnn", "digits:mlp"]
@@ -279,3 +279,46 @@ def test_a_broker_that_is_down_leaves_the_items_queued_for_the_reaper(make_clien
     assert {d.queue for d in report.to_enqueue} == {"sweep"}
     metrics = client.get("/metrics").text
     assert 'digin_enqueue_failures_total{queue="sweep"} 3.0' in metrics
+
+
+def test_the_reaper_treats_batch_items_like_any_job(client: TestClient, auth, sessions):
+    """A stale item on its last attempt fails with worker_lost, a stale one with attempts left
+    goes back to the sweep queue, and the batch ends (with its batch.completed event) when its
+    last item does."""
+    headers = auth("acme")
+    body = {
+        "kind": "guided",
+        "classes": [1, 2],
+        # a public address (an IP: nothing to resolve offline); never sent in this test
+        "webhook": {"url": "https://93.184.215.14/x", "events": ["batch.completed"]},
+    }
+    response = create(client, headers, body)
+    assert response.status_code == 202, response.text
+    batch = response.json()
+    with sessions() as session:
+        jobs = {j.item_index: j for j in session.scalars(select(Job))}
+        for job in jobs.values():
+            assert repo.claim_job(session, job_id=job.id, worker={}) is not None
+        session.execute(update(Job).where(Job.item_index == 0).values(max_attempts=1))
+        session.commit()
+        report = repo.reap(
+            session,
+            now=utcnow() + timedelta(hours=1),
+            heartbeat_stale_seconds=600,
+            queued_stale_seconds=1800,
+        )
+        session.commit()
+    assert report.failed == [jobs[0].id] and report.requeued == [jobs[1].id]
+    assert [d.queue for d in report.to_enqueue] == ["sweep"]
+    state = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+    assert state["status"] == "running" and state["counts"]["failed"] == 1
+    with sessions() as session:
+        assert repo.request_cancel(session, tenant_id=jobs[1].tenant_id, job_id=jobs[1].id)
+        session.commit()
+    final = client.get(f"/v1/batches/{batch['id']}", headers=headers).json()
+    assert final["status"] == "completed" and final["finished_at"] is not None
+    line = results(client, headers, batch["id"])[0]
+    assert line["error"]["code"] == "worker_lost"
+    with sessions() as session:
+        events = [d.event_type for d in session.scalars(select(WebhookDelivery))]
+    assert events == ["batch.completed"]
