@@ -70,16 +70,24 @@ def free_port() -> int:
 
 def axes_body(items: int) -> dict[str, Any]:
     seeds = max(1, items // (1000 * len(CLASSIFIERS)))
-    return {"kind": "guided", "params_template": TEMPLATE, "classes": "all",
-            "classifiers": CLASSIFIERS, "seeds": list(range(seeds))}  # fmt: skip
+    return {
+        "kind": "guided",
+        "params_template": TEMPLATE,
+        "classes": "all",
+        "classifiers": CLASSIFIERS,
+        "seeds": list(range(seeds)),
+    }
 
 
 def items_body(items: int) -> dict[str, Any]:
     rows = [
-        {"custom_id": f"item-{i}", "seed": i // 5000,
-         "params": {"classes": [i % 1000], "classifier": CLASSIFIERS[(i // 1000) % 5]}}
+        {
+            "custom_id": f"item-{i}",
+            "seed": i // 5000,
+            "params": {"classes": [i % 1000], "classifier": CLASSIFIERS[(i // 1000) % 5]},
+        }
         for i in range(items)
-    ]  # fmt: skip
+    ]
     return {"kind": "guided", "params_template": TEMPLATE, "items": rows}
 
 
@@ -98,9 +106,14 @@ class Deployment:
             conn.execute(text(f'CREATE DATABASE "{self.db_name}"'))
         self.url = make_url(ADMIN_URL).set(database=self.db_name).render_as_string(False)
         self.folder = Path(tempfile.mkdtemp(prefix="digin-bench-batches-"))
-        self.values = {"data_dir": str(self.folder / "data"), "database_url": self.url,
-                       "broker_url": REDIS_URL, "storage_url": f"file://{self.folder / 'art'}",
-                       "auth": "on", "max_body_bytes": 64 * 2**20}  # fmt: skip
+        self.values = {
+            "data_dir": str(self.folder / "data"),
+            "database_url": self.url,
+            "broker_url": REDIS_URL,
+            "storage_url": f"file://{self.folder / 'art'}",
+            "auth": "on",
+            "max_body_bytes": 64 * 2**20,
+        }
         self.api: subprocess.Popen[bytes] | None = None
 
     def settings(self) -> Any:
@@ -127,10 +140,25 @@ class Deployment:
         self.log = self.folder / "api.log"
         with self.log.open("wb") as out:
             self.api = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory",
-                 "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "api.app:create_app",
+                    "--factory",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--log-level",
+                    "warning",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -165,8 +193,12 @@ def accept(dep: Deployment, base: str, headers: dict[str, str], body: dict[str, 
     before = dep.messages()
     load = loadavg()
     started = time.perf_counter()
-    response = httpx.post(f"{base}/v1/batches", content=data, timeout=300,
-                          headers={**headers, "content-type": "application/json"})  # fmt: skip
+    response = httpx.post(
+        f"{base}/v1/batches",
+        content=data,
+        timeout=300,
+        headers={**headers, "content-type": "application/json"},
+    )
     seconds = time.perf_counter() - started
     if response.status_code != 202:
         raise RuntimeError(f"{response.status_code}: {response.text[:2000]}")
@@ -175,11 +207,18 @@ def accept(dep: Deployment, base: str, headers: dict[str, str], body: dict[str, 
         rows = session.scalar(
             select(func.count()).select_from(Job).where(Job.batch_id == uuid.UUID(batch["id"]))
         )
-    return {"batch_id": batch["id"], "items": batch["total"], "request_bytes": len(data),
-            "seconds": round(seconds, 3), "items_per_s": round(batch["total"] / seconds),
-            "rows_written": rows, "messages_sent": dep.messages() - before,
-            "target_s": TARGET_ACCEPT_S, "met": seconds <= TARGET_ACCEPT_S,
-            "loadavg_before": load}  # fmt: skip
+    return {
+        "batch_id": batch["id"],
+        "items": batch["total"],
+        "request_bytes": len(data),
+        "seconds": round(seconds, 3),
+        "items_per_s": round(batch["total"] / seconds),
+        "rows_written": rows,
+        "messages_sent": dep.messages() - before,
+        "target_s": TARGET_ACCEPT_S,
+        "met": seconds <= TARGET_ACCEPT_S,
+        "loadavg_before": load,
+    }
 
 
 def phases(dep: Deployment, items: int) -> dict[str, Any]:
@@ -200,16 +239,27 @@ def phases(dep: Deployment, items: int) -> dict[str, Any]:
     with dep.sessions() as session:
         tenant = repo.ensure_tenant(session, name="bench")
         t3 = time.perf_counter()
-        create_batch(session, tenant_id=tenant.id, plan=plan, params_template=TEMPLATE,
-                     priority=5, max_attempts=3)  # fmt: skip
+        create_batch(
+            session,
+            tenant_id=tenant.id,
+            plan=plan,
+            params_template=TEMPLATE,
+            priority=5,
+            max_attempts=3,
+        )
         session.commit()
         t4 = time.perf_counter()
     app = make_celery(settings, name="bench")
     enqueue_many(app, [str(i.job_id) for i in plan.items], queue="sweep", priority=5)
     t5 = time.perf_counter()
     app.close()
-    out |= {"parse_s": t1 - t0, "validate_and_expand_s": t2 - t1, "insert_and_commit_s": t4 - t3,
-            "enqueue_s": t5 - t4, "total_s": t5 - t0}  # fmt: skip
+    out |= {
+        "parse_s": t1 - t0,
+        "validate_and_expand_s": t2 - t1,
+        "insert_and_commit_s": t4 - t3,
+        "enqueue_s": t5 - t4,
+        "total_s": t5 - t0,
+    }
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -220,37 +270,65 @@ def stream(dep: Deployment, base: str, headers: dict[str, str], batch_id: str) -
     with dep.sessions() as session:  # every item succeeded, with a typical result
         tenant = "bench"
         session.execute(
-            update(Job).where(Job.batch_id == uuid.UUID(batch_id)).values(
+            update(Job)
+            .where(Job.batch_id == uuid.UUID(batch_id))
+            .values(
                 status="succeeded",
                 result=func.jsonb_build_object(
-                    "summary", func.jsonb_build_object(
-                        "items", func.jsonb_build_array(func.jsonb_build_object(
-                            "best", json.dumps({"clean_loss": 0.12, "p": 0.93})))),
-                    "artifacts", func.jsonb_build_array(*[
-                        func.jsonb_build_object(
-                            "name", n, "key",
-                            func.concat(f"{tenant}/jobs/", Job.id, f"/{n}"),
-                            "content_type", "image/png", "size", 1234)
-                        for n in names])),
+                    "summary",
+                    func.jsonb_build_object(
+                        "items",
+                        func.jsonb_build_array(
+                            func.jsonb_build_object(
+                                "best", json.dumps({"clean_loss": 0.12, "p": 0.93})
+                            )
+                        ),
+                    ),
+                    "artifacts",
+                    func.jsonb_build_array(
+                        *[
+                            func.jsonb_build_object(
+                                "name",
+                                n,
+                                "key",
+                                func.concat(f"{tenant}/jobs/", Job.id, f"/{n}"),
+                                "content_type",
+                                "image/png",
+                                "size",
+                                1234,
+                            )
+                            for n in names
+                        ]
+                    ),
+                ),
             )
-        )  # fmt: skip
+        )
         session.commit()
     out = {}
     for fmt in ("jsonl", "csv"):
         load = loadavg()
         started = time.perf_counter()
         lines = size = 0
-        with httpx.stream("GET", f"{base}/v1/batches/{batch_id}/results",
-                          params={"format": fmt}, headers=headers, timeout=300) as response:  # fmt: skip
+        with httpx.stream(
+            "GET",
+            f"{base}/v1/batches/{batch_id}/results",
+            params={"format": fmt},
+            headers=headers,
+            timeout=300,
+        ) as response:
             response.raise_for_status()
             for line in response.iter_lines():
                 lines += 1
                 size += len(line) + 1
         seconds = time.perf_counter() - started
         data_lines = lines - (1 if fmt == "csv" else 0)
-        out[fmt] = {"lines": data_lines, "seconds": round(seconds, 3),
-                    "lines_per_s": round(data_lines / seconds), "mb": round(size / 2**20, 1),
-                    "loadavg_before": load}  # fmt: skip
+        out[fmt] = {
+            "lines": data_lines,
+            "seconds": round(seconds, 3),
+            "lines_per_s": round(data_lines / seconds),
+            "mb": round(size / 2**20, 1),
+            "loadavg_before": load,
+        }
     return out
 
 
@@ -278,22 +356,37 @@ def execution(items: int, iterations: int) -> dict[str, Any]:
         sessions = session_factory(make_engine(url))
         classes = [i % 10 for i in range(items)]
         for label, max_items in (("warmup", 8), ("one_by_one", 1), ("batched_8", 8)):
-            body = BatchCreate(kind="guided", params_template={"guidance": {"iterations":
-                               iterations}}, items=[{"custom_id": f"{label}-{i}", "seed": i,
-                               "params": {"classes": [c]}} for i, c in enumerate(classes)])  # fmt: skip
+            body = BatchCreate(
+                kind="guided",
+                params_template={"guidance": {"iterations": iterations}},
+                items=[
+                    {"custom_id": f"{label}-{i}", "seed": i, "params": {"classes": [c]}}
+                    for i, c in enumerate(classes)
+                ],
+            )
             if label == "warmup":
                 body.items = body.items[:2]  # type: ignore[index]
             plan = plan_batch(body, allow_list=None, allow_paths=True, max_items=10**6)
             with sessions() as session:
                 tenant = repo.ensure_tenant(session, name="bench")
-                create_batch(session, tenant_id=tenant.id, plan=plan,
-                             params_template=body.params_template, priority=5, max_attempts=3)  # fmt: skip
+                create_batch(
+                    session,
+                    tenant_id=tenant.id,
+                    plan=plan,
+                    params_template=body.params_template,
+                    priority=5,
+                    max_attempts=3,
+                )
                 session.commit()
             ctx = WorkerContext(
                 settings=fresh_settings(data_dir=folder / "data", batch_max_items=max_items),
-                sessions=sessions, storage=LocalStorage(folder / "art"),
-                enqueue=lambda **_: None, device="cpu", heartbeat_interval=1.0, cache=cache,
-            )  # fmt: skip
+                sessions=sessions,
+                storage=LocalStorage(folder / "art"),
+                enqueue=lambda **_: None,
+                device="cpu",
+                heartbeat_interval=1.0,
+                cache=cache,
+            )
             load = loadavg()
             started = time.perf_counter()
             outcomes = [execute_job(item.job_id, ctx=ctx) for item in plan.items]  # type: ignore[arg-type]
@@ -301,12 +394,19 @@ def execution(items: int, iterations: int) -> dict[str, Any]:
             if label == "warmup":
                 continue
             with sessions() as session:
-                done = session.scalar(select(func.count()).select_from(Job).where(
-                    Job.custom_id.like(f"{label}-%"), Job.status == "succeeded"))  # fmt: skip
-            out[label] = {"seconds": round(seconds, 2), "items_per_min": round(items / seconds * 60, 1),
-                          "succeeded": done, "runs": sum(o == "succeeded" for o in outcomes),
-                          "skipped_messages": sum(o == "skipped" for o in outcomes),
-                          "loadavg_before": load}  # fmt: skip
+                done = session.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(Job.custom_id.like(f"{label}-%"), Job.status == "succeeded")
+                )
+            out[label] = {
+                "seconds": round(seconds, 2),
+                "items_per_min": round(items / seconds * 60, 1),
+                "succeeded": done,
+                "runs": sum(o == "succeeded" for o in outcomes),
+                "skipped_messages": sum(o == "skipped" for o in outcomes),
+                "loadavg_before": load,
+            }
         out["speedup"] = round(out["one_by_one"]["seconds"] / out["batched_8"]["seconds"], 2)
         sessions.kw["bind"].dispose()
     finally:
@@ -324,30 +424,48 @@ def main() -> None:
     args = parser.parse_args()
 
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(), "loadavg_start": loadavg()},
-    }  # fmt: skip
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "loadavg_start": loadavg(),
+        },
+    }
     dep = Deployment()
     try:
         headers = dep.setup()
         base = dep.start_api()
-        httpx.post(f"{base}/v1/batches", json={"kind": "guided", "classes": [1]},
-                   headers=headers, timeout=60).raise_for_status()  # warm-up  # fmt: skip
+        httpx.post(
+            f"{base}/v1/batches",
+            json={"kind": "guided", "classes": [1]},
+            headers=headers,
+            timeout=60,
+        ).raise_for_status()  # warm-up
         axes = accept(dep, base, headers, axes_body(args.items))
-        print(f"accept (axes): {axes['items']} items in {axes['seconds']} s "
-              f"({axes['items_per_s']}/s), rows {axes['rows_written']}, "
-              f"messages {axes['messages_sent']}, load {axes['loadavg_before']}")  # fmt: skip
+        print(
+            f"accept (axes): {axes['items']} items in {axes['seconds']} s "
+            f"({axes['items_per_s']}/s), rows {axes['rows_written']}, "
+            f"messages {axes['messages_sent']}, load {axes['loadavg_before']}"
+        )
         explicit = accept(dep, base, headers, items_body(args.items))
-        print(f"accept (items): {explicit['items']} items ({explicit['request_bytes'] / 2**20:.1f}"
-              f" MB) in {explicit['seconds']} s, load {explicit['loadavg_before']}")  # fmt: skip
+        print(
+            f"accept (items): {explicit['items']} items ({explicit['request_bytes'] / 2**20:.1f}"
+            f" MB) in {explicit['seconds']} s, load {explicit['loadavg_before']}"
+        )
         parts = phases(dep, args.items)
         print(f"phases in process: {parts}")
         streamed = stream(dep, base, headers, axes["batch_id"])
         for fmt, figures in streamed.items():
-            print(f"results index ({fmt}): {figures['lines']} lines in {figures['seconds']} s "
-                  f"= {figures['lines_per_s']} lines/s ({figures['mb']} MB)")  # fmt: skip
-        result |= {"accept_axes": axes, "accept_items": explicit, "accept_phases": parts,
-                   "results_index": streamed}  # fmt: skip
+            print(
+                f"results index ({fmt}): {figures['lines']} lines in {figures['seconds']} s "
+                f"= {figures['lines_per_s']} lines/s ({figures['mb']} MB)"
+            )
+        result |= {
+            "accept_axes": axes,
+            "accept_items": explicit,
+            "accept_phases": parts,
+            "results_index": streamed,
+        }
     finally:
         dep.close()
     if not args.skip_exec:
