@@ -28,9 +28,10 @@ from api.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
 CPU_OVERRIDE = ROOT / "docker-compose.cpu.yml"
-SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "DIGIN_S3_ACCESS_KEY", "DIGIN_S3_SECRET_KEY")
+SECRETS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "DIGIN_S3_ACCESS_KEY", "DIGIN_S3_SECRET_KEY",
+           "DIGIN_SECRET_KEY")  # fmt: skip
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN", re.IGNORECASE)
-ENV = {name: f"test-{name.lower()}-value" for name in SECRETS}
+ENV = {name: f"test-{name.lower()}-value-of-32-characters-at-least" for name in SECRETS}
 OUR_IMAGES = re.compile(r"digin-")
 # Variables the containers read besides the DIGIN_* settings.
 OTHER_CONTAINER_ENV = {"HF_HOME", "TORCH_HOME", "OMP_NUM_THREADS", "REDIS_PASSWORD"}
@@ -341,7 +342,8 @@ def test_the_settings_of_the_deployment_are_valid_production_settings(
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     assert settings.mode == "production" and settings.auth_enabled
     assert settings.database_url.startswith("postgresql+psycopg://digin:")
-    assert settings.broker_url.startswith("redis://:test-redis_password-value@redis:6379/")
+    assert settings.broker_url.startswith(f"redis://:{ENV['REDIS_PASSWORD']}@redis:6379/")
+    assert settings.secret_key is not None  # the dashboard can sign sessions
     assert settings.storage_backend == "s3" and settings.s3_endpoint == "http://minio:9000"
 
 
