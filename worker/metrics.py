@@ -105,7 +105,7 @@ def enable(*, multiprocess_dir: str | None = None) -> None:
     global _enabled
     if multiprocess_dir is not None:
         os.environ[MULTIPROC_ENV] = multiprocess_dir
-        values.ValueClass = values.get_value_class()  # chosen at import; choose again
+        values.ValueClass = values.get_value_class()  # type: ignore[no-untyped-call]  # re-chosen
         _metrics.cache_clear()
     _enabled = True
 
@@ -122,7 +122,7 @@ def serving_registry() -> CollectorRegistry:
     if not folder:
         return _registry
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=folder)
+    multiprocess.MultiProcessCollector(registry, path=folder)  # type: ignore[no-untyped-call]
     return registry
 
 
@@ -149,7 +149,7 @@ def stop_worker_metrics(folder: str) -> None:
 def process_exited(pid: int) -> None:
     """A worker child ended: its live gauges (GPU memory) go with it."""
     if os.environ.get(MULTIPROC_ENV):
-        multiprocess.mark_process_dead(pid)
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
 
 # --- recording ---------------------------------------------------------------------------------
