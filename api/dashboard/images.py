@@ -36,10 +36,11 @@ def matches(if_none_match: str | None, tag: str) -> bool:
 
 def thumbnail(data: bytes, side: int = THUMB_SIDE) -> bytes:
     """The PNG `data` scaled down to fit in side x side (kept as is when smaller)."""
-    with Image.open(io.BytesIO(data)) as image:
-        if image.width * image.height > MAX_SOURCE_PIXELS:
-            raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
-        image.load()
+    with Image.open(io.BytesIO(data)) as source:
+        if source.width * source.height > MAX_SOURCE_PIXELS:
+            raise ValueError(f"image of {source.width}x{source.height} pixels is too large")
+        source.load()
+        image: Image.Image = source
         if image.mode not in ("RGB", "RGBA", "L", "LA"):
             image = image.convert("RGBA")
         image.thumbnail((side, side), Image.Resampling.LANCZOS)

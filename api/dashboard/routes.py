@@ -63,7 +63,7 @@ def render(
     status_code: int = 200,
     **context: Any,
 ) -> Response:
-    response = dashboard.templates.TemplateResponse(
+    response: Response = dashboard.templates.TemplateResponse(
         request, template, {"viewer": viewer, **context}, status_code=status_code
     )
     if viewer is not None:
@@ -313,7 +313,8 @@ def batches_page(
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> Response:
     errors = []
-    batches, next_cursor = [], None
+    batches: list[Any] = []
+    next_cursor = None
     try:
         batches, next_cursor = repo_batches.list_batches(
             session, tenant_id=viewer.tenant.id, limit=BATCHES_PAGE, cursor=cursor or None
@@ -438,7 +439,7 @@ def login_form(
     """The login form with a CSRF token bound to a fresh anonymous session."""
     signer = dashboard.signer
     context: dict[str, Any] = {"error": error, "next_url": next_url, "csrf": "", "enabled": True}
-    cookie = None
+    cookie, token = None, None
     if signer is None:
         context["enabled"] = False
         context["error"] = (
@@ -452,7 +453,7 @@ def login_form(
             cookie, token = signer.issue(key_prefix=None, tenant_id=None)
         context["csrf"] = signer.csrf(token)
     response = render(request, dashboard, None, "login.html", status_code=status_code, **context)
-    if cookie is not None:
+    if cookie is not None and token is not None:
         set_session_cookie(response, request, cookie, token.expires)
     response.headers["Cache-Control"] = "no-store"
     return response

@@ -125,4 +125,6 @@ class Signer:
         return self._sign(f"csrf.{token.nonce}")
 
     def check_csrf(self, token: SessionToken | None, value: str | None) -> bool:
-        return token is not None and bool(value) and hmac.compare_digest(self.csrf(token), value)
+        if token is None or not value:
+            return False
+        return hmac.compare_digest(self.csrf(token), value)

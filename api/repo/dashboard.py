@@ -79,4 +79,7 @@ def batch_items(session: Session, *, tenant_id: uuid.UUID, batch_id: uuid.UUID) 
         .where(Job.batch_id == batch_id, Job.tenant_id == tenant_id)
         .order_by(Job.item_index)
     )
-    return [BatchItem(*row) for row in rows]
+    return [
+        BatchItem(job_id, index or 0, custom_id, status)
+        for job_id, index, custom_id, status in rows
+    ]
