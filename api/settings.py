@@ -82,7 +82,9 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(10 * 2**20, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
     image_formats: Annotated[list[str], NoDecode] = Field(default=["PNG", "JPEG", "WEBP"])
-    max_queued_per_tenant: int = Field(10_000, ge=1)
+    max_queued_per_tenant: int = Field(
+        10_000, ge=1, description="queued interactive jobs of a tenant (sweep items apart)"
+    )
     max_running_per_tenant: int = Field(8, ge=1)
     model_allow_list: Annotated[list[str] | None, NoDecode] = None
 

@@ -97,7 +97,8 @@ def create_job(
 ) -> tuple[Job, bool]:
     """Insert a queued job; returns (job, created). The same idempotency key with the same
     request hash returns the existing job (created False); with another hash it raises
-    IdempotencyConflict. Raises TenantLimitExceeded when the tenant has `max_queued` queued."""
+    IdempotencyConflict. Raises TenantLimitExceeded when the tenant has `max_queued` queued
+    jobs in `queue`."""
     if queue not in QUEUES:
         raise ValueError(f"queue: {queue!r} is not one of {list(QUEUES)}")
     if max_attempts < 1:
@@ -113,9 +114,10 @@ def create_job(
             if existing.request_hash != request_hash:
                 raise IdempotencyConflict(idempotency_key, existing.id)
             return existing, False
-    if max_queued is not None:
-        queued = count_jobs(session, tenant_id=tenant_id, statuses=(QUEUED,))
-        if queued >= max_queued:
+    if max_queued is not None:  # the tenant's queued jobs of this queue
+        stmt = select(func.count()).select_from(Job)
+        stmt = stmt.where(Job.tenant_id == tenant_id, Job.status == QUEUED, Job.queue == queue)
+        if int(session.scalar(stmt) or 0) >= max_queued:
             raise TenantLimitExceeded("max_queued_per_tenant", max_queued, RETRY_AFTER_S)
     job = Job(
         tenant_id=tenant_id,

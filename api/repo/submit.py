@@ -12,6 +12,7 @@ had the submissions come one after another in list order.
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -35,7 +36,8 @@ class Unauthenticated(Exception):
 class Submission:
     """One accepted-for-writing job: `secret` is the caller's bearer secret (or `LOCAL`),
     `values` the job's columns (kind, params, seed, priority, queue, max_attempts, meta,
-    idempotency_key, request_hash, and any others of `Job`); `max_queued` the tenant's cap."""
+    idempotency_key, request_hash, and any others of `Job`); `max_queued` the tenant's cap on
+    queued jobs of the same queue."""
 
     secret: str | object
     values: dict[str, Any]
@@ -112,15 +114,16 @@ def submit_jobs(session: Session, submissions: list[Submission]) -> list[Outcome
         stmt = select(Job).where(tuple_(Job.tenant_id, Job.idempotency_key).in_(list(keys)))
         existing = {(j.tenant_id, j.idempotency_key): j for j in session.scalars(stmt)}  # type: ignore[misc]
 
-    queued = dict.fromkeys(tenant_ids, 0)
+    # the cap counts the tenant's queued jobs of the same queue (sweep items have their own)
+    queued: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
     capped = {o.tenant.id for s, o in live if s.max_queued is not None}  # type: ignore[union-attr]
     if capped:
         stmt = (
-            select(Job.tenant_id, func.count())
+            select(Job.tenant_id, Job.queue, func.count())
             .where(Job.tenant_id.in_(capped), Job.status == QUEUED)
-            .group_by(Job.tenant_id)
+            .group_by(Job.tenant_id, Job.queue)
         )
-        queued.update({tenant_id: int(n) for tenant_id, n in session.execute(stmt)})
+        queued.update({(t, q): int(n) for t, q, n in session.execute(stmt)})
 
     rows: list[dict[str, Any]] = []
     now = utcnow()
@@ -134,14 +137,14 @@ def submit_jobs(session: Session, submissions: list[Submission]) -> list[Outcome
             else:
                 outcome.job = job
             continue
-        if sub.max_queued is not None and queued[tenant_id] >= sub.max_queued:
+        if sub.max_queued is not None and queued[tenant_id, sub.values["queue"]] >= sub.max_queued:
             limit = sub.max_queued
             outcome.error = TenantLimitExceeded("max_queued_per_tenant", limit, RETRY_AFTER_S)
             continue
         row = _row(sub.values, tenant_id=tenant_id, now=now)
         rows.append(row)
         outcome.job, outcome.created = Job(**row), True
-        queued[tenant_id] += 1
+        queued[tenant_id, sub.values["queue"]] += 1
         if key is not None:
             existing[(tenant_id, key)] = outcome.job
     if rows:

@@ -10,12 +10,21 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from api import repo
-from api.db import Job, Tenant
+from api.db import Batch, Job, Tenant
 from tests.api.helpers import new_job
 
 
+def new_batch(session: Session, tenant: Tenant) -> uuid.UUID:
+    """A batch row for jobs to point at (jobs.batch_id is a foreign key)."""
+    batch = Batch(tenant_id=tenant.id, kind="guided", params_template={}, spec={"items": 1},
+                  total=1, priority=5)  # fmt: skip
+    session.add(batch)
+    session.flush()
+    return batch.id
+
+
 def test_create_fills_the_row(session: Session, tenant: Tenant):
-    batch = uuid.uuid4()
+    batch = new_batch(session, tenant)
     job = new_job(session, tenant, seed=7, priority=5, queue="sweep", batch_id=batch,
                   metadata={"custom_id": "c3"})  # fmt: skip
     session.expire_all()
@@ -103,7 +112,7 @@ def test_cursor_pages_have_no_duplicates_or_gaps(session: Session, tenant: Tenan
 
 
 def test_list_filters(session: Session, tenant: Tenant):
-    batch = uuid.uuid4()
+    batch = new_batch(session, tenant)
     neuron = new_job(session, tenant, kind="neuron", batch_id=batch)
     guided = new_job(session, tenant)
     repo.request_cancel(session, tenant_id=tenant.id, job_id=guided.id)

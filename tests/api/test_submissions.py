@@ -163,3 +163,22 @@ def test_a_request_canceled_before_its_turn_is_not_written_and_the_writer_goes_o
         broken.result(timeout=30)
     assert writer.submit_future(Submission(acme, values(seed=3))).result(timeout=30).created
     writer.close()
+
+
+def test_the_queued_cap_counts_jobs_of_the_same_queue_only(
+    writer: JobWriter, sessions: sessionmaker[Session]
+):
+    acme = key_of(sessions, "acme")
+    sweep, interactive, over = write_group(
+        writer,
+        [Submission(acme, values(queue="sweep"), max_queued=1),
+         Submission(acme, values(), max_queued=1),
+         Submission(acme, values(seed=1), max_queued=1)],
+    )  # fmt: skip
+    assert sweep.created and interactive.created
+    assert isinstance(over.error, repo.TenantLimitExceeded)
+    with sessions() as session:  # one queued job in each queue: only interactive counts
+        tenant = repo.get_tenant(session, name="acme")
+        repo.create_job(session, tenant_id=tenant.id, max_queued=2, **values(seed=5))
+        with pytest.raises(repo.TenantLimitExceeded):
+            repo.create_job(session, tenant_id=tenant.id, max_queued=2, **values(seed=6))

@@ -72,4 +72,5 @@ def test_the_worker_app_imports_without_torch_or_a_database(tmp_path: Path):
     env = {**os.environ, "DIGIN_DATA_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
                          capture_output=True, text=True, check=True, timeout=60)  # fmt: skip
-    assert out.stdout.splitlines() == ["['digin.reap', 'digin.run_job']", "[]"]
+    tasks = "['digin.reap', 'digin.run_job', 'digin.send_webhooks']"
+    assert out.stdout.splitlines() == [tasks, "[]"]
