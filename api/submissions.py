@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import datetime
+from typing import cast
 
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # submissions written together at most
 _STOP = object()
+_Item = tuple[Submission, "Future[Outcome]"]
 
 
 class JobWriter:
@@ -57,9 +59,7 @@ class JobWriter:
     ) -> None:
         self.sessions, self.celery, self.metrics = sessions, celery, metrics
         self.max_batch, self.on_group = max_batch, on_group
-        self._queue: queue.SimpleQueue[tuple[Submission, Future[Outcome]] | object] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[_Item | object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -94,7 +94,7 @@ class JobWriter:
             first = self._queue.get()
             if first is _STOP:
                 return
-            group = [first]
+            group: list[_Item] = [cast(_Item, first)]
             stop = False
             while len(group) < self.max_batch:
                 try:
@@ -104,9 +104,9 @@ class JobWriter:
                 if item is _STOP:
                     stop = True
                     break
-                group.append(item)
+                group.append(cast(_Item, item))
             # requests whose client went away before their turn are not written
-            live = [(s, f) for s, f in group if f.set_running_or_notify_cancel()]  # type: ignore[misc]
+            live = [(s, f) for s, f in group if f.set_running_or_notify_cancel()]
             try:
                 if live:
                     self._write(live)

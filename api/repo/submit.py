@@ -111,19 +111,19 @@ def submit_jobs(session: Session, submissions: list[Submission]) -> list[Outcome
             if s.values.get("idempotency_key") is not None}  # fmt: skip
     existing: dict[tuple[uuid.UUID, str], Job] = {}
     if keys:
-        stmt = select(Job).where(tuple_(Job.tenant_id, Job.idempotency_key).in_(list(keys)))
-        existing = {(j.tenant_id, j.idempotency_key): j for j in session.scalars(stmt)}  # type: ignore[misc]
+        found = select(Job).where(tuple_(Job.tenant_id, Job.idempotency_key).in_(list(keys)))
+        existing = {(j.tenant_id, j.idempotency_key): j for j in session.scalars(found)}  # type: ignore[misc]
 
     # the cap counts the tenant's queued jobs of the same queue (sweep items have their own)
     queued: dict[tuple[uuid.UUID, str], int] = defaultdict(int)
     capped = {o.tenant.id for s, o in live if s.max_queued is not None}  # type: ignore[union-attr]
     if capped:
-        stmt = (
+        counts = (
             select(Job.tenant_id, Job.queue, func.count())
             .where(Job.tenant_id.in_(capped), Job.status == QUEUED)
             .group_by(Job.tenant_id, Job.queue)
         )
-        queued.update({(t, q): int(n) for t, q, n in session.execute(stmt)})
+        queued.update({(t, q): int(n) for t, q, n in session.execute(counts)})
 
     rows: list[dict[str, Any]] = []
     now = utcnow()
@@ -175,9 +175,10 @@ def mark_sent(session: Session, sent: list[tuple[uuid.UUID, datetime]]) -> None:
     that a worker claimed meanwhile still gets its time (only unset times are written)."""
     if not sent:
         return
+    jobs = Job.__table__.c
     stmt = (
-        update(Job.__table__)
-        .where(Job.__table__.c.id == bindparam("job_id"), Job.__table__.c.enqueued_at.is_(None))
+        update(Job)
+        .where(jobs.id == bindparam("job_id"), jobs.enqueued_at.is_(None))
         .values(enqueued_at=bindparam("sent_at"))
     )
     session.connection().execute(stmt, [{"job_id": i, "sent_at": t} for i, t in sent])
