@@ -48,7 +48,7 @@ log = logging.getLogger("digin.metrics")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DURATION_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600)
-REAPER_ACTIONS = ("requeued", "failed", "canceled", "enqueued")
+REAPER_ACTIONS = ("requeued", "failed", "canceled", "enqueued", "verified")
 
 _enabled = False
 _registry = CollectorRegistry()  # the samples of this process (served as is when single-process)

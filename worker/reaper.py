@@ -5,6 +5,12 @@ every queued job that needs one (re-queued jobs at once: their old message is go
 worker) and marks it enqueued. Several reapers may run: every change is a compare-and-set, and a
 message sent twice runs once (the claim). It runs as the Celery beat task `digin.reap`, as the
 `digin reaper` command, and as a thread of `digin serve`.
+
+Jobs that wait long in a deep queue (a big sweep) would otherwise get a duplicate message every
+`queued_stale_seconds`: with `broker_depths` (the broker's message counts per queue), a queue
+whose broker holds at least as many messages as it has queued jobs is taken to have lost none,
+and its old jobs are re-stamped instead of re-sent (checked again a period later; once the queue
+drains below its job count, what is still queued is re-sent). Never-sent jobs are always sent.
 """
 
 from __future__ import annotations
@@ -44,8 +50,9 @@ def reap_once(
     enqueue: Enqueue,
     now: datetime | None = None,
     unsent_grace_seconds: float = UNSENT_GRACE_S,
+    broker_depths: Callable[[], dict[str, int]] | None = None,
 ) -> repo.ReapReport:
-    """One round of the reaper; returns what it changed and sent."""
+    """One round of the reaper; returns what it changed, sent and `verified` (see above)."""
     now = now or utcnow()
     with session_scope(sessions) as session:
         report = repo.reap(
@@ -64,6 +71,8 @@ def reap_once(
                 )
             )
             report.to_enqueue += [repo.Dispatch(i, q, p) for i, q, p in rows]
+    if broker_depths is not None and any(d.sent_before for d in report.to_enqueue):
+        _skip_messages_the_broker_holds(report, sessions, broker_depths, now)
     # committed: a worker that gets the message finds the job queued
     sent: list[uuid.UUID] = []
     for dispatch in report.to_enqueue:
@@ -83,6 +92,7 @@ def reap_once(
         "failed": report.failed,
         "canceled": report.canceled,
         "enqueued": sent,
+        "verified": report.verified,
     }
     for event, ids in changes.items():
         for job_id in ids:
@@ -92,6 +102,40 @@ def reap_once(
         log.info(f"reaper round: {counts}", extra={"event": "reap", **counts})
     metrics.record_reap(changes)
     return report
+
+
+def _skip_messages_the_broker_holds(
+    report: repo.ReapReport,
+    sessions: sessionmaker[Session],
+    broker_depths: Callable[[], dict[str, int]],
+    now: datetime,
+) -> None:
+    try:
+        depths = broker_depths()
+    except Exception as exc:  # unknown: re-send as before
+        log.warning("reaper: cannot read the broker's queues (%s); re-sending old jobs", exc)
+        return
+    with session_scope(sessions) as session:
+        queued = repo.queue_depths(session)
+        full = {q for q, n in queued.items() if q in depths and depths[q] >= n}
+        verified = [d.job_id for d in report.to_enqueue if d.sent_before and d.queue in full]
+        if verified:
+            repo.restamp_enqueued(session, job_ids=verified, now=now)
+    report.verified = verified
+    report.to_enqueue = [d for d in report.to_enqueue if not (d.sent_before and d.queue in full)]
+
+
+def broker_depths_reader(settings: Settings) -> Callable[[], dict[str, int]] | None:
+    """Messages waiting per queue in the settings' broker (Redis or the filesystem broker),
+    or None where they cannot be counted."""
+    from api.metrics import BrokerCollector
+
+    url = settings.broker_url
+    folder = settings.broker_transport_options().get("data_folder_in")
+    if not (url.startswith("redis") or (url.startswith("filesystem") and folder)):
+        return None
+    collector = BrokerCollector(url, str(folder) if folder else None)
+    return lambda: collector.read()[0]
 
 
 def run_reaper(
@@ -105,10 +149,13 @@ def run_reaper(
 ) -> None:
     """Reap every `interval` seconds until `stop` is set; a failed round is logged and retried."""
     interval = reaper_interval(settings) if interval is None else interval
+    depths = broker_depths_reader(settings)
     log.info(f"reaper started (every {interval:g} s)", extra={"event": "reaper_started"})
     while not stop.is_set():
         try:
-            report = reap_once(sessions=sessions, settings=settings, enqueue=enqueue)
+            report = reap_once(
+                sessions=sessions, settings=settings, enqueue=enqueue, broker_depths=depths
+            )
             if on_round is not None:
                 on_round(report)
         except Exception:

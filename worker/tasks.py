@@ -20,7 +20,7 @@ from api.db import make_engine, session_factory
 from api.dispatch import TASK_REAP, TASK_RUN_JOB, TASK_SEND_WEBHOOKS, enqueue
 from api.settings import Settings, get_settings
 from api.storage import storage_from_settings
-from worker.reaper import reap_once
+from worker.reaper import broker_depths_reader, reap_once
 from worker.runner import Enqueue, Outcome, WorkerContext, backoff_seconds, execute_job
 
 log = logging.getLogger("digin.worker")
@@ -91,12 +91,18 @@ def register_tasks(app: Celery) -> dict[str, Task]:
     @app.task(name=TASK_REAP, shared=False)  # type: ignore[untyped-decorator]
     def reap() -> dict[str, Any]:
         ctx = worker_context(app)
-        report = reap_once(sessions=ctx.sessions, settings=ctx.settings, enqueue=ctx.enqueue)
+        report = reap_once(
+            sessions=ctx.sessions,
+            settings=ctx.settings,
+            enqueue=ctx.enqueue,
+            broker_depths=broker_depths_reader(ctx.settings),
+        )
         return {
             "requeued": [str(i) for i in report.requeued],
             "failed": [str(i) for i in report.failed],
             "canceled": [str(i) for i in report.canceled],
             "enqueued": [str(d.job_id) for d in report.to_enqueue],
+            "verified": [str(i) for i in report.verified],
         }
 
     @app.task(name=TASK_SEND_WEBHOOKS, shared=False)  # type: ignore[untyped-decorator]

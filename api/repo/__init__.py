@@ -22,7 +22,14 @@ from api.repo.jobs import (
     request_cancel,
     requeue_job,
 )
-from api.repo.reaper import Dispatch, ReapReport, job_counts, queue_depths, reap
+from api.repo.reaper import (
+    Dispatch,
+    ReapReport,
+    job_counts,
+    queue_depths,
+    reap,
+    restamp_enqueued,
+)
 from api.repo.tenants import (
     LOCAL_TENANT,
     TenantExists,
@@ -75,5 +82,6 @@ __all__ = [
     "reap",
     "request_cancel",
     "requeue_job",
+    "restamp_enqueued",
     "revoke_api_key",
 ]

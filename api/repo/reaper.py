@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from api.db.models import ACTIVE, CANCELED, CANCELING, FAILED, QUEUED, QUEUES, Job
@@ -20,6 +20,7 @@ class Dispatch:
     job_id: uuid.UUID
     queue: str
     priority: int
+    sent_before: bool = False  # its message went out more than queued_stale_seconds ago
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ReapReport:
     failed: list[uuid.UUID] = field(default_factory=list)  # stale on the last attempt
     canceled: list[uuid.UUID] = field(default_factory=list)  # stale while canceling
     to_enqueue: list[Dispatch] = field(default_factory=list)  # queued, message missing or old
+    verified: list[uuid.UUID] = field(default_factory=list)  # old, but the broker holds enough
 
 
 def reap(
@@ -96,13 +98,24 @@ def reap(
     )
     old = Job.enqueued_at < now - timedelta(seconds=queued_stale_seconds)
     unclaimed = session.execute(
-        select(Job.id, Job.queue, Job.priority)
+        select(Job.id, Job.queue, Job.priority, Job.enqueued_at)
         .where(Job.status == QUEUED, or_(unsent, old))
         .order_by(Job.created_at)
         .limit(limit)
     ).all()
-    report.to_enqueue = [Dispatch(job_id, queue, priority) for job_id, queue, priority in unclaimed]
+    report.to_enqueue = [Dispatch(i, q, p, sent is not None) for i, q, p, sent in unclaimed]
     return report
+
+
+def restamp_enqueued(session: Session, *, job_ids: list[uuid.UUID], now: datetime) -> None:
+    """Queued jobs whose messages are taken to be in the broker still: checked again only
+    after another queued_stale_seconds."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.status == QUEUED)
+        .values(enqueued_at=now)
+        .execution_options(synchronize_session=False)
+    )
 
 
 # --- metrics -----------------------------------------------------------------------------------

@@ -94,3 +94,38 @@ def test_the_loop_runs_rounds_until_stopped(sessions, tenant, tmp_path):
     assert not thread.is_alive() and len(rounds) == 3
     assert reaper_interval(settings(tmp_path)) == 2.5
     assert reaper_interval(fresh_settings(data_dir=tmp_path)) == 30.0
+
+
+def test_old_jobs_whose_messages_the_broker_holds_are_not_sent_again(
+    sessions, session, tenant, tmp_path
+):
+    """A deep queue (a big sweep) waits longer than queued_stale_seconds: while the broker
+    (here the real filesystem broker) holds a message per queued job, the reaper re-stamps
+    the old jobs instead of piling up duplicates; a lost message is re-sent."""
+    from api.dispatch import enqueue, make_celery
+    from worker.reaper import broker_depths_reader
+
+    config = settings(tmp_path)
+    celery = make_celery(config)
+    jobs = [new_job(session, tenant) for _ in range(3)]
+    for job in jobs:
+        enqueue(celery, job_id=str(job.id), queue="interactive")
+        repo.mark_enqueued(session, job_id=job.id)
+    session.commit()
+    depths = broker_depths_reader(config)
+    assert depths is not None and depths()["interactive"] == 3
+    later = utcnow() + timedelta(seconds=61)
+    sent = Sent()
+    report = reap_once(sessions=sessions, settings=config, enqueue=sent, now=later,
+                       broker_depths=depths)  # fmt: skip
+    assert sent == [] and sorted(report.verified) == sorted(j.id for j in jobs)
+    with sessions() as s:
+        assert {s.get_one(Job, j.id).enqueued_at for j in jobs} == {later}
+    # one message is lost (the broker was flushed): the next stale round re-sends them all
+    folder = Path(config.broker_transport_options()["data_folder_in"])
+    next(folder.glob("*.interactive.msg")).unlink()
+    report = reap_once(sessions=sessions, settings=config, enqueue=sent,
+                       now=later + timedelta(seconds=61), broker_depths=depths)  # fmt: skip
+    assert report.verified == [] and sorted(m["job_id"] for m in sent) == sorted(j.id for j in jobs)
+    # without a way to count the broker's messages, old jobs are re-sent as before
+    assert broker_depths_reader(fresh_settings(data_dir=tmp_path, broker_url="memory://")) is None

@@ -34,7 +34,7 @@ def test_tasks_are_registered_and_run_the_job(sessions, session, tenant, tmp_pat
         assert registered[TASK_RUN_JOB].run(str(job.id)) == "succeeded"
         assert registered[TASK_RUN_JOB].run(str(job.id)) == "skipped"
         assert registered[TASK_REAP].run() == {"requeued": [], "failed": [], "canceled": [],
-                                               "enqueued": []}  # fmt: skip
+                                               "enqueued": [], "verified": []}  # fmt: skip
     finally:
         tasks.use_context(None)
     with sessions() as s:
