@@ -16,6 +16,8 @@ drains below its job count, what is still queued is re-sent). Never-sent jobs ar
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -26,9 +28,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import repo
-from api.db import QUEUED, Job, session_scope, utcnow
+from api.db import ACTIVE, QUEUED, Job, session_scope, utcnow
+from api.repo.jobs import compare_and_set
 from worker import metrics
-from worker.runner import Enqueue
+from worker.runner import Enqueue, pid_namespace
 
 if TYPE_CHECKING:
     from api.settings import Settings
@@ -54,6 +57,7 @@ def reap_once(
 ) -> repo.ReapReport:
     """One round of the reaper; returns what it changed, sent and `verified` (see above)."""
     now = now or utcnow()
+    _expire_dead_local_workers(sessions)
     with session_scope(sessions) as session:
         report = repo.reap(
             session,
@@ -102,6 +106,49 @@ def reap_once(
         log.info(f"reaper round: {counts}", extra={"event": "reap", **counts})
     metrics.record_reap(changes)
     return report
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def _expire_dead_local_workers(sessions: sessionmaker[Session]) -> list[uuid.UUID]:
+    """Running jobs whose worker process ran on this host, in this PID namespace, and is gone
+    (`digin serve` stopped mid-job, a worker killed on this machine) lose their heartbeat now,
+    so this round recovers them instead of after `heartbeat_stale_seconds`. A reused pid only
+    delays that."""
+    here = {"host": socket.gethostname(), "pidns": pid_namespace()}
+    if here["pidns"] is None:
+        return []
+    with session_scope(sessions) as session:
+        rows = session.execute(
+            select(Job.id, Job.status, Job.attempts, Job.worker).where(
+                Job.status.in_(ACTIVE), Job.heartbeat_at.is_not(None)
+            )
+        ).all()
+        dead = []
+        for job_id, status, attempt, worker in rows:
+            worker = worker or {}
+            pid = worker.get("pid")
+            local = all(worker.get(k) == v for k, v in here.items())
+            if local and isinstance(pid, int) and not _pid_alive(pid):
+                where = [Job.status == status, Job.attempts == attempt]
+                if compare_and_set(
+                    session, job_id=job_id, where=where, values={"heartbeat_at": None}
+                ):
+                    dead.append(job_id)
+    for job_id in dead:
+        log.info(
+            "reaper: the job's worker process is gone",
+            extra={"job_id": str(job_id), "event": "reap_dead_worker"},
+        )
+    return dead
 
 
 def _skip_messages_the_broker_holds(

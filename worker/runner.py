@@ -91,7 +91,17 @@ class WorkerContext:
             import torch
 
             gpu = torch.cuda.get_device_name(torch.device(device))
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": device, "gpu": gpu}
+        return {"host": socket.gethostname(), "pid": os.getpid(), "pidns": pid_namespace(),
+                "device": device, "gpu": gpu}  # fmt: skip
+
+
+def pid_namespace() -> int | None:
+    """This process's PID namespace (Linux), so that a pid is only ever checked inside the
+    namespace it belongs to (two containers may share a host name)."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from datetime import timedelta
 from pathlib import Path
@@ -12,6 +13,7 @@ from api.settings import fresh_settings
 from tests.api.helpers import new_job
 from tests.worker.test_runner import Sent
 from worker.reaper import reap_once, reaper_interval, run_reaper
+from worker.runner import pid_namespace
 
 WORKER = {"host": "gpu-1", "pid": 1}
 
@@ -129,3 +131,35 @@ def test_old_jobs_whose_messages_the_broker_holds_are_not_sent_again(
     assert report.verified == [] and sorted(m["job_id"] for m in sent) == sorted(j.id for j in jobs)
     # without a way to count the broker's messages, old jobs are re-sent as before
     assert broker_depths_reader(fresh_settings(data_dir=tmp_path, broker_url="memory://")) is None
+
+
+def test_a_job_whose_local_worker_process_is_gone_is_recovered_at_once(
+    sessions, session, tenant, tmp_path
+):
+    """`digin serve` stopped mid-job: its worker ran on this host and its pid is gone, so the
+    next round re-queues the job without waiting for the heartbeat to go stale."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    here = {"host": socket.gethostname(), "pidns": pid_namespace()}
+    dead = {**here, "pid": int(gone.stdout)}
+    alive = {**here, "pid": os.getpid()}
+    elsewhere = {**here, "host": "gpu-7", "pid": int(gone.stdout)}
+    other_namespace = {**here, "pidns": 1, "pid": int(gone.stdout)}  # a container on this host
+    jobs = {}
+    workers = {"dead": dead, "alive": alive, "elsewhere": elsewhere, "other": other_namespace}
+    for name, worker in workers.items():
+        jobs[name] = new_job(session, tenant)
+        repo.claim_job(session, job_id=jobs[name].id, worker=worker)
+    session.commit()
+    sent = Sent()
+    report = reap_once(sessions=sessions, settings=settings(tmp_path), enqueue=sent)
+    assert report.requeued == [jobs["dead"].id]
+    assert [m["job_id"] for m in sent] == [jobs["dead"].id]
+    with sessions() as s:
+        assert s.get_one(Job, jobs["alive"].id).status == "running"
+        assert s.get_one(Job, jobs["elsewhere"].id).status == "running"
+        assert s.get_one(Job, jobs["other"].id).status == "running"
