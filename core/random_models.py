@@ -49,9 +49,13 @@ def fill_random(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Overwrite every parameter and buffer-free weight of `module` in place: tensors of two or
     more dims with uniform noise of PyTorch's default scale, 1-D weights (norms) with 1, biases
     and other 1-D tensors with 0. Deterministic in `seed`."""
-    block = torch.rand(_BLOCK, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    source = torch.rand(_BLOCK, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    blocks: dict[torch.device, torch.Tensor] = {}  # the source block, copied once per device
     for i, (name, p) in enumerate(module.named_parameters()):
         flat = p.view(-1)
+        if p.device not in blocks:
+            blocks[p.device] = source.to(p.device)
+        block = blocks[p.device]
         if p.dim() < 2:
             flat.fill_(1.0 if name.endswith("weight") else 0.0)
             continue

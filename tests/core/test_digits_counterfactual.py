@@ -27,6 +27,7 @@ from core.digits.settings import (
 )
 from core.jobs import ModelCache
 from core.params import validate_params
+from tests.core.precision import with_precision
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "counterfactual_digits.json"
 STARTS = (0, 2, 4, 6, 8)  # one held-out digit of each of these classes …
@@ -74,7 +75,7 @@ def counterfactuals():
             "start_class": k,
             "targets": [(k + d) % 10 for d in OFFSETS],
         }
-        result = run_counterfactual(params, seed=n, cache=cache)
+        result = run_counterfactual(with_precision(params), seed=n, cache=cache)
         for b, item in enumerate(result.summary()["items"]):
             rows.append(
                 (result.original[0, 0], item["target_index"], result.guidance.images[b], item)

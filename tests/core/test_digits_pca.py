@@ -22,6 +22,7 @@ from core.digits.settings import DIGITS_GUIDANCE
 from core.digits.zoo import card_patch, read_card
 from core.jobs import ModelCache, run_job
 from core.output import write_outputs
+from tests.core.precision import with_precision
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -98,7 +99,7 @@ def test_pca_component_visualisations_draw_the_patch(pca_result, cache, card):
     r = result.data["patch_correlation"]
     component = max(range(3), key=lambda l: abs(r[l]))
     params = example("pca_component") | {"pca": str(path), "components": [component]}
-    job = run_job("pca_component", params, seed=0, cache=cache, max_batch=32)
+    job = run_job("pca_component", with_precision(params), seed=0, cache=cache, max_batch=32)
     assert len(job.items) == 10 and {it.component for it in job.items} == {component}
     assert job.models["classifier"] == "digits:cnn-spurious"  # read from the result file
     guided, unguided = patch_rates(job, card_patch(card))
