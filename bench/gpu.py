@@ -229,7 +229,8 @@ def bench_arch(arch: str, args, device: torch.device) -> tuple[list[Row], dict]:
             b_max, info = probe_largest_batch(model, clf, config, resolution, device, args.limit)
             fits[name] = {"largest_batch": b_max, **info}
             batches = sorted({*batches, b_max} - {0})
-        for b in batches if not name.startswith("optimised+") else batches[:1]:
+        ablation = name.startswith("optimised+")
+        for b in batches[:1] if ablation else batches:
             while b >= 1:
                 try:
                     rows.append(measure(model, clf, name, config, b, resolution, arch))
@@ -238,6 +239,12 @@ def bench_arch(arch: str, args, device: torch.device) -> tuple[list[Row], dict]:
                     torch.cuda.empty_cache()
                     print(f"{arch} {name} B={b}: out of memory, trying B={b - 1}", flush=True)
                     b -= 1
+                except Exception as exc:  # an ablation that fails (e.g. compile) is a finding
+                    if not ablation:
+                        raise
+                    fits[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                    print(f"{arch} {name} B={b}: failed: {fits[name]['error']}", flush=True)
+                    break
         if device.type == "cpu" and len(batches) >= 2:  # the memory line from the measured rows
             peaks = {r.batch: r.peak_gib * GIB for r in rows if r.config == name}
             line = fit_memory_line(peaks)
@@ -254,10 +261,13 @@ def bench_arch(arch: str, args, device: torch.device) -> tuple[list[Row], dict]:
         config = GuidanceConfig.from_preset(
             "optimised", ddim_steps=args.ddim_steps, iterations=args.iterations, max_batch=None
         )
-        rows.append(
-            measure(model, clf, "optimised+bf16_weights", config, args.batches[0], resolution,
-                    arch, note="UNet, VAE and text encoders stored in bf16")
-        )  # fmt: skip
+        try:
+            rows.append(
+                measure(model, clf, "optimised+bf16_weights", config, args.batches[0],
+                        resolution, arch, note="UNet, VAE and text encoders stored in bf16")
+            )  # fmt: skip
+        except Exception as exc:  # a finding, not the end of the benchmark
+            fits["optimised+bf16_weights"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
     del model
     return rows, {"build_s": build_s, "batch_fits": fits}
 
@@ -377,10 +387,10 @@ def main(args: argparse.Namespace) -> dict:
     args.out.write_text(json.dumps(results, indent=2))
     print(f"\n{results['machine']['device']}: {len(rows)} runs")
     for arch, s in results["summary"].items():
+        ratio = "n/a" if s["peak_ratio_B1"] is None else f"{s['peak_ratio_B1']:.2f}"
         print(
             f"{arch}: optimised / reference images per hour {s['speedup_images_per_hour']:.2f}x "
-            f"(target >= 3x); peak at B=1 {s['peak_ratio_B1']:.2f} of the reference's "
-            f"(target <= 0.6)"
+            f"(target >= 3x); peak at B=1 {ratio} of the reference's (target <= 0.6)"
         )
     print(f"wrote {args.out}")
     return results
