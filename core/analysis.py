@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from core.batching import job_batch
 from core.classifiers import Classifier
-from core.guidance import GuidanceResult, ProgressFn, StopFn, optimize
+from core.guidance import ProgressFn, StopFn
 from core.imagesets import ImageResolver, ImageSet, load_image_set
 from core.jobs import (
     _DEFAULT_CACHE,
@@ -35,7 +35,7 @@ from core.jobs import (
     JobResult,
     ModelCache,
     _class_index,
-    concat_results,
+    optimize_in_batches,
     software_versions,
 )
 from core.objectives import ComponentObjective
@@ -342,41 +342,19 @@ def run_pca_component(
     model.latent_shape(resolution)  # fail early on a bad resolution
 
     # 3. the optimisation, in batches of at most max_batch items (as run_job)
-    results: list[GuidanceResult] = []
-    total = (params.guidance.iterations + 1) * -(-len(items) // max_batch)
-    done = 0
-    for start in range(0, len(items), max_batch):
-        chunk = items[start : start + max_batch]
-
-        def chunk_progress(
-            step: int, _total: int, info: dict, _done: int = done, _chunk: list = chunk
-        ) -> None:
-            if progress is not None:
-                progress(_done + step, total, {"items": [it.index for it in _chunk], **info})
-
-        objective = ComponentObjective(
+    def objective_for(chunk: list[ComponentItem]) -> ComponentObjective:
+        return ComponentObjective(
             clf,
             torch.full((len(chunk),), k, device=model.device),
             mean,
             directions[[it.component for it in chunk]],
             params.keep_class,
         )
-        result = optimize(
-            model,
-            objective,
-            cond=model.encode_text([it.prompt for it in chunk]),
-            uncond=model.null_text(len(chunk), params.negative_prompt),
-            seeds=[it.seed for it in chunk],
-            config=params.guidance,
-            resolution=resolution,
-            progress=chunk_progress,
-            should_stop=should_stop,
-        )
-        results.append(result)
-        done += params.guidance.iterations + 1
-        if result.stopped:
-            items = items[: start + len(chunk)]
-            break
+
+    items, guidance = optimize_in_batches(
+        model, items, objective_for, params, resolution=resolution, max_batch=max_batch,
+        progress=progress, should_stop=should_stop,
+    )  # fmt: skip
 
     return JobResult(
         kind="pca_component",
@@ -384,7 +362,7 @@ def run_pca_component(
         seed=seed,
         models={"diffusion": params.diffusion, "classifier": spec},
         items=items,
-        guidance=concat_results(results),
+        guidance=guidance,
         device=device,
         timings={"load_s": t_loaded - t_start, "total_s": time.perf_counter() - t_start},
     )

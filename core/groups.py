@@ -1,7 +1,7 @@
 """Several jobs as one batched optimisation (DESIGN §5.8: sweeps run compatible items together).
 
 Jobs that share everything but their items (`core.params.group_key`: same kind, models, prompt
-template, resolution, guidance settings, loss) run through one `optimize` call over the items
+template, resolution, guidance settings, loss) run through one optimisation over the items
 of all of them, each item with its own seed (job seed + item index, as when the job runs alone),
 and the result is split back into one `JobResult` per job. The core's batch dimension keeps
 items independent (own z_T, own crops and noise, per-item loss summed), so every job gets the
@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from pydantic import BaseModel
 
-from core.guidance import GuidanceResult, ProgressFn, StopFn, optimize
+from core.guidance import GuidanceResult, ProgressFn, StopFn
 from core.jobs import (
     _DEFAULT_CACHE,
     JobResult,
@@ -23,6 +23,7 @@ from core.jobs import (
     _expand,
     _load_classifiers,
     _objective,
+    optimize_in_batches,
 )
 from core.params import GROUP_ITEM_FIELDS, group_key, validate_params
 
@@ -84,18 +85,11 @@ def run_group(
     resolution = params.resolution or model.resolution
     model.latent_shape(resolution)  # fail early on a bad resolution
 
-    # 3. one optimisation over all items
-    result = optimize(
-        model,
-        _objective(params, clfs, items),
-        cond=model.encode_text([it.prompt for it in items]),
-        uncond=model.null_text(len(items), params.negative_prompt),
-        seeds=[it.seed for it in items],
-        config=params.guidance,
-        resolution=resolution,
-        progress=progress,
-        should_stop=should_stop,
-    )
+    # 3. one optimisation over all items (one batch)
+    _, result = optimize_in_batches(
+        model, items, lambda chunk: _objective(params, clfs, chunk), params,
+        resolution=resolution, max_batch=len(items), progress=progress, should_stop=should_stop,
+    )  # fmt: skip
     total_s = time.perf_counter() - t_start
 
     # 4. split back into one result per job (item indices stay the job's own)

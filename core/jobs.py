@@ -253,6 +253,39 @@ def run_job(
     model.latent_shape(resolution)  # fail early on a bad resolution
 
     # 3. the optimisation, in batches of at most max_batch items
+    items, guidance = optimize_in_batches(
+        model, items, lambda chunk: _objective(params, clfs, chunk), params,
+        resolution=resolution, max_batch=max_batch, progress=progress, should_stop=should_stop,
+    )  # fmt: skip
+
+    return JobResult(
+        kind=kind,
+        params=params.model_dump(mode="json"),
+        seed=seed,
+        models={"diffusion": params.diffusion, **specs},
+        items=items,
+        guidance=guidance,
+        device=device,
+        timings={"load_s": t_loaded - t_start, "total_s": time.perf_counter() - t_start},
+    )
+
+
+def optimize_in_batches(
+    model: DiffusionModel,
+    items: list[Any],
+    objective_for: Callable[[list[Any]], Objective],
+    params: Any,
+    *,
+    resolution: int,
+    max_batch: int,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+) -> tuple[list[Any], GuidanceResult]:
+    """Optimise `items` (each with `.index`, `.seed`, `.prompt`) in batches of at most
+    `max_batch`, each batch with `objective_for(batch)` and the params' guidance settings,
+    prompt and negative prompt; progress counts (iterations + 1) steps per batch over the whole
+    job. Returns the items that ran (a stop ends after the current batch) and their joined
+    result."""
     results: list[GuidanceResult] = []
     total = (params.guidance.iterations + 1) * -(-len(items) // max_batch)
     done = 0
@@ -267,7 +300,7 @@ def run_job(
 
         result = optimize(
             model,
-            _objective(params, clfs, chunk),
+            objective_for(chunk),
             cond=model.encode_text([it.prompt for it in chunk]),
             uncond=model.null_text(len(chunk), params.negative_prompt),
             seeds=[it.seed for it in chunk],
@@ -281,17 +314,7 @@ def run_job(
         if result.stopped:
             items = items[: start + len(chunk)]
             break
-
-    return JobResult(
-        kind=kind,
-        params=params.model_dump(mode="json"),
-        seed=seed,
-        models={"diffusion": params.diffusion, **specs},
-        items=items,
-        guidance=concat_results(results),
-        device=device,
-        timings={"load_s": t_loaded - t_start, "total_s": time.perf_counter() - t_start},
-    )
+    return items, concat_results(results)
 
 
 def concat_results(results: list[GuidanceResult]) -> GuidanceResult:
