@@ -226,12 +226,39 @@ def _clip_per_item(param: Tensor, item_dim: int, max_norm: float) -> None:
     g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
-def _make_optimizer(config: GuidanceConfig, groups: list[dict]) -> torch.optim.Optimizer:
+def make_optimizer(
+    config: GuidanceConfig, z_T: Tensor, deltas: Deltas
+) -> tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LRScheduler | None]:
+    """The optimiser over what the config optimises (z_T, prompt deltas, null-text deltas),
+    each group at its own learning rate, and its learning-rate schedule (or None); None, None
+    when nothing is optimised. Marks those tensors as requiring gradients."""
+    groups = []
+    if config.optimize_latents:
+        groups.append({"params": [z_T], "lr": config.lr * config.latent_lr_factor})
+    if config.optimize_conditioning:
+        params = [p for p in (deltas.cond, deltas.cond_pooled) if p is not None]
+        groups.append({"params": params, "lr": config.lr * config.conditioning_lr_factor})
+    if config.optimize_uncond:
+        params = [p for p in (deltas.uncond, deltas.uncond_pooled) if p is not None]
+        groups.append({"params": params, "lr": config.lr * config.uncond_lr_factor})
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    if not groups or not config.iterations:
+        return None, None
+    optimizer: torch.optim.Optimizer
     if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
+        optimizer = torch.optim.Adam(groups, lr=config.lr)
+    elif config.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
+    scheduler = None
+    if config.lr_schedule == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=config.iterations, eta_min=config.lr / 10
+        )
+    return optimizer, scheduler
 
 
 def optimize(
@@ -290,24 +317,7 @@ def _optimize(
     # 3. Deltas and optimiser with per-group learning rates
     steps = config.ddim_steps if config.per_step_deltas else 1
     deltas = Deltas.zeros(cond, steps)
-    groups = []
-    if config.optimize_latents:
-        groups.append({"params": [z_T], "lr": config.lr * config.latent_lr_factor})
-    if config.optimize_conditioning:
-        params = [p for p in (deltas.cond, deltas.cond_pooled) if p is not None]
-        groups.append({"params": params, "lr": config.lr * config.conditioning_lr_factor})
-    if config.optimize_uncond:
-        params = [p for p in (deltas.uncond, deltas.uncond_pooled) if p is not None]
-        groups.append({"params": params, "lr": config.lr * config.uncond_lr_factor})
-    for group in groups:
-        for p in group["params"]:
-            p.requires_grad_(True)
-    optimizer = _make_optimizer(config, groups) if groups and config.iterations else None
-    scheduler = None
-    if optimizer is not None and config.lr_schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=config.iterations, eta_min=config.lr / 10
-        )
+    optimizer, scheduler = make_optimizer(config, z_T, deltas)
 
     loop = DenoisingLoop(model, config, resolution, uncond)
     decode_loss = _DecodeAndLoss(model, objective, config, rngs)

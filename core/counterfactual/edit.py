@@ -37,7 +37,15 @@ from core.config import GuidanceConfig
 from core.counterfactual.attention import CrossAttentionControl
 from core.counterfactual.config import CounterfactualConfig
 from core.diffusion import DiffusionModel, TextEmbeddings
-from core.guidance import Deltas, GuidanceResult, ProgressFn, StopFn, autocast, loss_step_weights
+from core.guidance import (
+    Deltas,
+    GuidanceResult,
+    ProgressFn,
+    StopFn,
+    autocast,
+    loss_step_weights,
+    make_optimizer,
+)
 from core.objectives import ClassObjective
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # what lpips loads through torchvision
@@ -290,14 +298,6 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _optimizer(config: GuidanceConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    if config.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=config.lr)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr)
-    return torch.optim.SGD(groups, lr=config.lr, momentum=0.9)
-
-
 def _clip_per_item(param: Tensor, item_dim: int, max_norm: float) -> None:
     g = param.grad
     norm = g.abs().amax(dim=[d for d in range(g.dim()) if d != item_dim], keepdim=True)
@@ -365,24 +365,7 @@ def edit(
 
     # 3. Deltas and optimiser (as core.guidance.optimize)
     deltas = Deltas.zeros(cond, steps if config.per_step_deltas else 1)
-    groups = []
-    if config.optimize_latents:
-        groups.append({"params": [z_T], "lr": config.lr * config.latent_lr_factor})
-    if config.optimize_conditioning:
-        params = [p for p in (deltas.cond, deltas.cond_pooled) if p is not None]
-        groups.append({"params": params, "lr": config.lr * config.conditioning_lr_factor})
-    if config.optimize_uncond:
-        params = [p for p in (deltas.uncond, deltas.uncond_pooled) if p is not None]
-        groups.append({"params": params, "lr": config.lr * config.uncond_lr_factor})
-    for group in groups:
-        for p in group["params"]:
-            p.requires_grad_(True)
-    optimizer = _optimizer(config, groups) if groups and config.iterations else None
-    scheduler = None
-    if optimizer is not None and config.lr_schedule == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=config.iterations, eta_min=config.lr / 10
-        )
+    optimizer, scheduler = make_optimizer(config, z_T, deltas)
     weights = loss_step_weights(config.loss_steps).tolist()
 
     # 4. Optimisation loop; iteration I only evaluates
