@@ -56,12 +56,6 @@ class LiveAPI:
             engine.dispose()
         return secret
 
-    def has_route(self, path: str) -> bool:
-        import httpx
-
-        spec = httpx.get(f"{self.url}/openapi.json", timeout=10).json()
-        return path in spec.get("paths", {})
-
 
 def serve(settings: Settings, port: int | None = None) -> Iterator[LiveAPI]:
     """The app of `settings` served by uvicorn in a daemon thread until the generator closes."""
