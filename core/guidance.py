@@ -226,6 +226,31 @@ def _clip_per_item(param: Tensor, item_dim: int, max_norm: float) -> None:
     g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
+def descend(
+    total: Tensor,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+    z_T: Tensor,
+    norms: Tensor,
+    deltas: Deltas,
+    config: GuidanceConfig,
+) -> None:
+    """One update from the per-item losses `total` (B,): the summed loss backpropagated (items
+    are independent: each gets its own single-run gradient), per-item gradient clipping, the
+    optimiser and schedule steps, and z_T re-projected onto its initial norms."""
+    optimizer.zero_grad(set_to_none=True)
+    total.sum().backward()
+    if config.grad_clip is not None:
+        for p, item_dim in ((z_T, 0), *((d, 1) for d in deltas.tensors())):
+            if p.grad is not None:
+                _clip_per_item(p, item_dim, config.grad_clip)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    with torch.no_grad():
+        z_T.mul_(norms / z_T.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+
+
 def make_optimizer(
     config: GuidanceConfig, z_T: Tensor, deltas: Deltas
 ) -> tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LRScheduler | None]:
@@ -352,18 +377,8 @@ def _optimize(
                 else:
                     loss, final = decode_loss(x0, plans)
                 total = total + w * loss
-            optimizer.zero_grad(set_to_none=True)
-            total.sum().backward()  # sum over items: each item gets its own single-run gradient
             train_loss = total.detach().float()
-            if config.grad_clip is not None:
-                for p, item_dim in ((z_T, 0), *((d, 1) for d in deltas.tensors())):
-                    if p.grad is not None:
-                        _clip_per_item(p, item_dim, config.grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            with torch.no_grad():  # re-project z_T onto its initial norm
-                z_T.mul_(norms / z_T.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+            descend(total, optimizer, scheduler, z_T, norms, deltas, config)
 
         # 4b. clean path on the final x̂0 (before this step's update): trajectory, selection
         with torch.no_grad():

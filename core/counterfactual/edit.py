@@ -43,6 +43,7 @@ from core.guidance import (
     ProgressFn,
     StopFn,
     autocast,
+    descend,
     loss_step_weights,
     make_optimizer,
 )
@@ -298,12 +299,6 @@ class EditResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _clip_per_item(param: Tensor, item_dim: int, max_norm: float) -> None:
-    g = param.grad
-    norm = g.abs().amax(dim=[d for d in range(g.dim()) if d != item_dim], keepdim=True)
-    g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
-
-
 def edit(
     model: DiffusionModel,
     classifier: Classifier,
@@ -401,18 +396,8 @@ def edit(
                 else:
                     loss, _ = unit(x0, plan)
                 total = total + w * loss
-            optimizer.zero_grad(set_to_none=True)
-            total.sum().backward()  # items are independent: each gets its own gradient
             train_losses.append(total.detach().float().cpu())
-            if config.grad_clip is not None:
-                for p, item_dim in ((z_T, 0), *((d, 1) for d in deltas.tensors())):
-                    if p.grad is not None:
-                        _clip_per_item(p, item_dim, config.grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            with torch.no_grad():  # re-project z_T onto its initial norm
-                z_T.mul_(norms / z_T.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+            descend(total, optimizer, scheduler, z_T, norms, deltas, config)
 
         # clean path on the final x̂0 (before this iteration's update)
         ev = clean(x0s[-1].detach())
