@@ -9,7 +9,7 @@ DEVICE ?= cpu
 
 ZOO    ?= core/zoo
 
-.PHONY: install run test lint format bench bench-zoo tiny zoo
+.PHONY: install run test lint format bench bench-zoo tiny zoo gpu-wheels gpu-smoke
 
 install:
 	python3.11 -m venv $(VENV) && . $(BIN)/activate && pip install torch==2.14.1 torchvision==0.29.1 && pip install -e '.[core,dev]'
@@ -42,3 +42,25 @@ bench: tiny
 
 bench-zoo:
 	$(BIN)/python bench/zoo.py --zoo $(ZOO)
+
+# The GPU benchmark for a bare GPU machine (bench/gpu_run.sh): the wheels it lacks there, for
+# CPython 3.12 on x86-64 Linux, into .whl/ (ignored; carried with the source tree).
+WHEELS ?= .whl
+gpu-wheels:
+	rm -rf $(WHEELS) && mkdir -p $(WHEELS)
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(WHEELS) -r bench/gpu-wheels.txt
+
+# The same run on this CPU at toy sizes, in a Python 3.12 virtualenv that holds what the GPU
+# image holds (its torch 2.11 and libraries, no diffusers or pydantic): checks that everything
+# the GPU run imports works there. Needs pyenv's Python 3.12 and about 5 GB for torch.
+VENV_GPU ?= .venv-gpu312
+PY312    ?= $(shell ls -d $$HOME/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -1)
+$(VENV_GPU)/bin/python:
+	$(PY312) -m venv $(VENV_GPU)
+	PIP_CONSTRAINT= $(VENV_GPU)/bin/pip install -r bench/gpu-image.txt
+	$(VENV_GPU)/bin/pip uninstall -y pydantic pydantic-core annotated-types typing-inspection \
+		diffusers importlib-metadata
+gpu-smoke: gpu-wheels $(VENV_GPU)/bin/python
+	PYTHON=$(VENV_GPU)/bin/python DIGIN_GPU_SITE=$$(mktemp -d) bash bench/gpu_run.sh out/gpu-smoke --smoke

@@ -1,28 +1,36 @@
-"""Full-scale speed and memory of the guidance loop (issue 9, DESIGN §7): figures, never asserts.
+"""Full-scale speed and memory of the guidance loop: figures, never asserts.
 
-For each architecture (full-size random-weight SD 1.5 at 512 px, SDXL at 1024 px, built in memory
-by `core.random_models`) and each configuration (the `reference` preset: the paper's fp32, one
-item, 16 cutouts, full checkpointing; the `optimised` preset: bf16 autocast, batched), one
-`core.guidance.optimize` run of `iterations` iterations of `ddim_steps` DDIM steps, at B = 1 and
-at the largest B that fits the device's memory, measures
+For each architecture (full-size random-weight SD 1.5 at 512 px, SDXL at 1024 px, built directly
+on the device by `core.random_models`) and each configuration (the `reference` preset: the
+paper's fp32, one item, 16 cutouts, full checkpointing; the `optimised` preset: bf16 autocast,
+batched), `core.guidance.optimize` runs `iterations` iterations of `ddim_steps` DDIM steps, at
+B = 1 and at the largest B that fits the device's memory, and measures
 
 - seconds per optimisation iteration (steady state: the iterations after the first, which also
   pays for warm-up and compilation; each iteration ends with its one host copy, so the wall time
   between progress callbacks is the device's time),
 - peak memory (GPU: `torch.cuda.max_memory_allocated`, models included; CPU: the process's peak
   resident set, models included, with glibc told to return freed memory at once),
-- images per hour: 3600 · B / (iterations · seconds per iteration), i.e. steady state without
-  model loading, compilation and the final evaluation pass.
+- images per hour: 3600 · B / (20 · seconds per iteration), an image being 20 iterations
+  (`--per-image-iterations`), steady state without model loading, compilation and the final
+  evaluation pass,
+- the FLOPs of an iteration (`core.flops`, counted on the model) and the achieved fraction of the
+  device's bf16 matrix rate, measured in the same run (a large bf16 matrix product).
 
 The classifier is a random-weight timm ResNet-50 (224 px, 1000 classes), the objective CE to a
 class. On a GPU the largest B comes from the peaks of two one-iteration probes (B = 1, 2) and
-`core.batching.largest_batch` under 92 % of the device's memory, backing off on out-of-memory.
-Ablation rows (GPU default) add channels-last, torch.compile of the UNet, and bf16 weights to the
-optimised path.
+`core.batching.largest_batch` under 92 % of the device's memory (capped by `--limit`), backing off
+on out-of-memory. Ablation rows add channels-last, torch.compile of the UNet, and bf16 weights to
+the optimised path. A torch profiler table of the top kernels of one optimised iteration shows
+where the time goes.
 
     python bench/gpu.py [--archs sd15 sdxl] [--out bench/results/gpu.json]
-    python bench/gpu.py --smoke     # CPU: SD 1.5 at 256 px, 4 DDIM steps, 2 iterations, B = 1, 2
+    python bench/gpu.py --smoke     # CPU: the full-size archs at 64 px, 3 DDIM steps
     python bench/gpu.py --diffusion diffusers:<dir> …   # a downloaded (or written) pipeline
+    python bench/gpu.py --report a.json [b.json …]      # the table of earlier runs
+
+`bench/gpu_run.sh` runs all of it (and the digits semantic tests in fp32 and bf16) on a bare
+GPU machine; BENCHMARKS.md has the figures.
 """
 
 from __future__ import annotations
@@ -31,15 +39,18 @@ import argparse
 import json
 import os
 import platform
+import re
+import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from core.batching import fit_memory_line, largest_batch
 from core.config import GuidanceConfig
+from core.flops import iteration_flops
 from core.guidance import optimize
 from core.objectives import ClassObjective
 from core.random_models import build_random_diffusion
@@ -49,6 +60,15 @@ NATIVE = {"sd15": 512, "sdxl": 1024}
 # resident set follows the live tensors (see BENCHMARKS.md, core benchmark section 2).
 RETURNING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
 GIB = 2**30
+BASE = ("reference", "optimised")
+ABLATIONS = (
+    "optimised+channels_last",
+    "optimised+cudnn_benchmark",
+    "optimised+compile",
+    "optimised+bf16_weights",
+    "optimised+bf16_weights+channels_last",
+)
+TARGET_SPEEDUP, TARGET_PEAK_RATIO = 3.0, 0.6
 
 
 @dataclass
@@ -58,13 +78,16 @@ class Row:
     batch: int
     resolution: int
     ddim_steps: int
-    iterations: int
+    iterations: int  # timed here
     s_per_iteration: float  # steady state, the whole batch
     first_iteration_s: float  # warm-up (and compilation) included
     run_s: float  # the whole optimize() call
-    images_per_hour: float
+    images_per_hour: float  # an image = per_image_iterations iterations
     peak_gib: float  # models included
     peak_above_start_gib: float  # above the memory in use before the run (models, caches)
+    tflop_per_iteration: float | None = None  # the whole batch
+    achieved_tflops: float | None = None
+    fraction_of_bf16_peak: float | None = None  # achieved / the measured bf16 matrix rate
     note: str = ""
 
 
@@ -97,6 +120,44 @@ def read_peak(device: torch.device) -> float:
     return _rss_gib("VmHWM")
 
 
+def _mem_available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 / GIB
+    return 0.0
+
+
+# --- the device's matrix rate -----------------------------------------------------------------
+
+
+def bf16_matmul_tflops(device: torch.device, n: int | None = None, reps: int = 10) -> float:
+    """The median rate of an n×n×n bf16 matrix product on random data (TFLOP/s): the ceiling the
+    achieved rates are compared with (GPU: n = 8192; CPU: n = 1024, fewer repeats)."""
+    cuda = device.type == "cuda"
+    n = n or (8192 if cuda else 1024)
+    reps = reps if cuda else 3
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=gen)
+    times = []
+    for i in range(reps + 3):  # three warm-ups
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            a @ b
+            end.record()
+            end.synchronize()
+            seconds = start.elapsed_time(end) / 1000
+        else:
+            t0 = time.perf_counter()
+            a @ b
+            seconds = time.perf_counter() - t0
+        if i >= 3:
+            times.append(seconds)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
 # --- one run ---------------------------------------------------------------------------------
 
 
@@ -122,18 +183,21 @@ def make_classifier(name: str, device: torch.device):
     return clf.to(device)
 
 
+def _prompts(clf, batch: int) -> list[str]:
+    return [f"a photograph of a {clf.class_names[i % len(clf.class_names)]}" for i in range(batch)]
+
+
 def run(
     model, clf, config: GuidanceConfig, batch: int, resolution: int
 ) -> tuple[float, float, float]:
     """One optimisation of `batch` items, timed by the progress callback's clock: (seconds per
     steady iteration, seconds of the first iteration, seconds of the whole run)."""
     stamps: list[float] = []
-    prompts = [f"a photograph of a {clf.class_names[i]}" for i in range(batch)]
     t0 = time.perf_counter()
     optimize(
         model,
-        ClassObjective(clf, torch.arange(batch, device=model.device)),
-        cond=model.encode_text(prompts),
+        ClassObjective(clf, torch.arange(batch, device=model.device) % len(clf.class_names)),
+        cond=model.encode_text(_prompts(clf, batch)),
         uncond=model.null_text(batch),
         seeds=list(range(batch)),
         config=config,
@@ -147,257 +211,496 @@ def run(
     return steady, first, run_s
 
 
-def measure(model, clf, name, config, batch, resolution, arch, note="") -> Row:
-    device = model.device
-    start = reset_peak(device)
-    steady, first, run_s = run(model, clf, config, batch, resolution)
-    peak = read_peak(device)
-    row = Row(
-        arch=arch,
-        config=name,
-        batch=batch,
-        resolution=resolution,
-        ddim_steps=config.ddim_steps,
-        iterations=config.iterations,
-        s_per_iteration=steady,
-        first_iteration_s=first,
-        run_s=run_s,
-        images_per_hour=3600 * batch / (config.iterations * steady),
-        peak_gib=peak,
-        peak_above_start_gib=peak - start,
-        note=note,
-    )
-    print(format_row(row), flush=True)
-    return row
+def count_flops(model, clf, config: GuidanceConfig, resolution: int) -> dict:
+    """FLOPs of one item's training iteration (`core.flops`), with its parts."""
+    objective = ClassObjective(clf, torch.zeros(1, dtype=torch.long, device=model.device))
+    flops = iteration_flops(
+        model, objective, config, model.encode_text(_prompts(clf, 1)), model.null_text(1),
+        resolution,
+    )  # fmt: skip
+    return flops.as_dict()
 
 
-def probe_largest_batch(model, clf, config, resolution, device, limit: int) -> tuple[int, dict]:
-    """Peaks of one-iteration runs at B = 1, 2 → the largest B under 92 % of the GPU."""
-    probe = GuidanceConfig(**{**asdict(config), "iterations": 1, "max_batch": None})
-    peaks = {}
-    for b in (1, 2):
-        reset_peak(device)
-        run(model, clf, probe, b, resolution)
-        peaks[b] = read_peak(device) * GIB
-    line = fit_memory_line(peaks)
-    budget = 0.92 * torch.cuda.get_device_properties(device).total_memory
-    info = {
-        "peaks_gib": {b: p / GIB for b, p in peaks.items()},
-        "budget_gib": budget / GIB,
-        "per_item_gib": line.per_item_bytes / GIB,
-        "fixed_gib": line.fixed_bytes / GIB,
+class Bench:
+    """The runs of one architecture, written to the results file after every row (a run cut
+    short by its time limit keeps what it measured)."""
+
+    def __init__(self, args, device: torch.device, results: dict) -> None:
+        self.args, self.device, self.results = args, device, results
+
+    def save(self) -> None:
+        self.results["summary"] = summary(
+            [Row(**r) for r in self.results["rows"]], self.results["machine"]
+        )
+        self.args.out.parent.mkdir(parents=True, exist_ok=True)
+        self.args.out.write_text(json.dumps(self.results, indent=2))
+
+    def measure(self, model, clf, name, config, batch, resolution, arch, flops, note="") -> Row:
+        start = reset_peak(self.device)
+        steady, first, run_s = run(model, clf, config, batch, resolution)
+        peak = read_peak(self.device)
+        tflop = batch * flops["per_iteration"] / 1e12 if flops else None
+        achieved = tflop / steady if tflop else None
+        rate = self.results["machine"].get("bf16_matmul_tflops")
+        row = Row(
+            arch=arch,
+            config=name,
+            batch=batch,
+            resolution=resolution,
+            ddim_steps=config.ddim_steps,
+            iterations=config.iterations,
+            s_per_iteration=steady,
+            first_iteration_s=first,
+            run_s=run_s,
+            images_per_hour=3600 * batch / (self.args.per_image_iterations * steady),
+            peak_gib=peak,
+            peak_above_start_gib=peak - start,
+            tflop_per_iteration=tflop,
+            achieved_tflops=achieved,
+            fraction_of_bf16_peak=achieved / rate if achieved and rate else None,
+            note=note,
+        )
+        print(format_row(row), flush=True)
+        self.results["rows"].append(asdict(row))
+        self.save()
+        return row
+
+    def measure_backing_off(self, model, clf, name, config, batch, resolution, arch, flops,
+                            note="") -> Row | None:  # fmt: skip
+        """`measure` at `batch`, one item fewer after every out-of-memory; an error other than
+        out-of-memory in an ablation is recorded as its finding."""
+        while batch >= 1:
+            try:
+                return self.measure(model, clf, name, config, batch, resolution, arch, flops, note)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                print(f"{arch} {name} B={batch}: out of memory, trying B={batch - 1}", flush=True)
+                batch -= 1
+            except Exception as exc:
+                if name in BASE:
+                    raise
+                error = f"{type(exc).__name__}: {exc}"[:500]
+                self.fits(arch)[name] = {"error": error}
+                print(f"{arch} {name} B={batch}: failed: {error}", flush=True)
+                self.save()
+                return None
+        return None
+
+    def fits(self, arch: str) -> dict:
+        return self.results["per_arch"].setdefault(arch, {}).setdefault("batch_fits", {})
+
+    def probe_largest_batch(self, model, clf, config, resolution, limit: int) -> tuple[int, dict]:
+        """Peaks of one-iteration runs at B = 1, 2 → the largest B under 92 % of the GPU."""
+        probe = replace(config, iterations=1, max_batch=None)
+        peaks = {}
+        for b in (1, 2):
+            reset_peak(self.device)
+            run(model, clf, probe, b, resolution)
+            peaks[b] = read_peak(self.device) * GIB
+        line = fit_memory_line(peaks)
+        budget = 0.92 * torch.cuda.get_device_properties(self.device).total_memory
+        info = {
+            "peaks_gib": {b: p / GIB for b, p in peaks.items()},
+            "budget_gib": budget / GIB,
+            "per_item_gib": line.per_item_bytes / GIB,
+            "fixed_gib": line.fixed_bytes / GIB,
+            "limit": limit,
+            "fits_uncapped": largest_batch(line, budget, limit=4096),
+        }
+        return largest_batch(line, budget, limit=limit), info
+
+    def arch(self, arch: str) -> None:
+        """All runs on one model: `arch` names a random full-size architecture, or (with
+        `--diffusion`) is a model spec loaded by the normal loader."""
+        args, device = self.args, self.device
+        t0 = time.perf_counter()
+        if arch in NATIVE:
+            model = build_random_diffusion(arch, device=device)
+        else:
+            from core.diffusion import load_diffusion
+
+            model = load_diffusion(arch, device=device)
+        info = self.results["per_arch"].setdefault(arch, {})
+        info["build_s"] = time.perf_counter() - t0
+        resolution = args.resolution or model.resolution
+        clf = make_classifier(args.classifier, device)
+        common = {
+            "ddim_steps": args.ddim_steps,
+            "iterations": args.iterations,
+            "num_cutouts": args.num_cutouts,
+            "max_batch": None,
+        }
+        configs = {
+            "reference": GuidanceConfig.from_preset("reference", **common),
+            "optimised": GuidanceConfig.from_preset("optimised", **common),
+            "optimised+channels_last": GuidanceConfig.from_preset(
+                "optimised", channels_last=True, **common
+            ),
+            "optimised+compile": GuidanceConfig.from_preset(
+                "optimised", compile_unet=True, **common
+            ),
+        }
+        t0 = time.perf_counter()
+        flops = count_flops(model, clf, configs["optimised"], resolution)
+        info["flops_per_item"] = flops
+        info["flops_count_s"] = time.perf_counter() - t0
+        print(f"{arch}: {flops['per_iteration'] / 1e12:.1f} TFLOP per item and iteration "
+              f"(UNet CFG call {flops['unet_forward'] / 1e12:.2f} forward, "
+              f"{flops['unet_backward'] / 1e12:.2f} backward; decode + loss "
+              f"{flops['decode_forward'] / 1e12:.2f} forward)", flush=True)  # fmt: skip
+        cuda = device.type == "cuda"
+        wanted = args.configs
+        largest: dict[str, int] = {}
+        for name in BASE:
+            if name not in wanted:
+                continue
+            config = configs[name]
+            self.measure_backing_off(model, clf, name, config, 1, resolution, arch, flops)
+            limit = args.limit_reference if name == "reference" else args.limit
+            if cuda and limit > 1:
+                b_max, fit = self.probe_largest_batch(model, clf, config, resolution, limit)
+                self.fits(arch)[name] = {"largest_batch": b_max, **fit}
+                self.save()
+                if b_max > 1:
+                    large = replace(config, iterations=args.iterations_large)
+                    row = self.measure_backing_off(
+                        model, clf, name, large, b_max, resolution, arch, flops
+                    )
+                    largest[name] = row.batch if row else 1
+            elif not cuda and len(args.batches) > 1:
+                for b in args.batches[1:]:
+                    self.measure_backing_off(model, clf, name, config, b, resolution, arch, flops)
+                self.predict_fit(arch, name)
+        if args.profile and "optimised" in wanted:
+            self.profile(model, clf, configs["optimised"], resolution, arch)
+        for name in ("optimised+channels_last", "optimised+compile"):
+            if name in wanted:
+                self.measure_backing_off(model, clf, name, configs[name], 1, resolution, arch,
+                                         flops)  # fmt: skip
+        if "optimised+cudnn_benchmark" in wanted:  # cuDNN times its algorithms per conv shape
+            before = torch.backends.cudnn.benchmark
+            torch.backends.cudnn.benchmark = True
+            try:
+                name = "optimised+cudnn_benchmark"
+                config = configs["optimised"]
+                self.measure_backing_off(model, clf, name, config, 1, resolution, arch, flops)
+            finally:
+                torch.backends.cudnn.benchmark = before
+        if any(n.startswith("optimised+bf16_weights") for n in wanted):
+            model.to(torch.bfloat16)  # last: it converts the shared model's weights for good
+            note = "UNet, VAE and text encoders stored in bf16"
+            config = configs["optimised"]
+            if "optimised+bf16_weights" in wanted:
+                name = "optimised+bf16_weights"
+                self.measure_backing_off(model, clf, name, config, 1, resolution, arch, flops,
+                                         note)  # fmt: skip
+                if largest.get("optimised", 1) > 1:
+                    large = replace(config, iterations=args.iterations_large)
+                    self.measure_backing_off(model, clf, name, large, largest["optimised"],
+                                             resolution, arch, flops, note)  # fmt: skip
+            if "optimised+bf16_weights+channels_last" in wanted:
+                self.measure_backing_off(
+                    model, clf, "optimised+bf16_weights+channels_last",
+                    configs["optimised+channels_last"], 1, resolution, arch, flops, note,
+                )  # fmt: skip
+        del model, clf
+        if cuda:
+            torch.cuda.empty_cache()
+
+    def predict_fit(self, arch: str, name: str) -> None:
+        """CPU: the memory line through the measured rows (not run)."""
+        rows = [r for r in self.results["rows"] if r["arch"] == arch and r["config"] == name]
+        line = fit_memory_line({r["batch"]: r["peak_gib"] * GIB for r in rows})
+        budget = (_mem_available_gib() + _rss_gib("VmRSS")) * GIB  # what this process may use
+        self.fits(arch)[name] = {
+            "largest_batch_predicted": largest_batch(line, 0.9 * budget, limit=self.args.limit),
+            "per_item_gib": line.per_item_bytes / GIB,
+            "fixed_gib": line.fixed_bytes / GIB,
+            "budget_gib": 0.9 * budget / GIB,
+            "note": "predicted from the measured rows, not run (CPU)",
+        }
+        self.save()
+
+    def profile(self, model, clf, config: GuidanceConfig, resolution: int, arch: str) -> None:
+        """A torch profiler table of one optimised training iteration (and the final evaluation
+        pass) at B = 1: the top kernels by device time, their kinds, and how busy the device
+        was; written next to the results file."""
+        try:
+            info = profile_iteration(model, clf, replace(config, iterations=1), resolution)
+        except Exception as exc:  # the figures above stand without it
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            self.results["per_arch"][arch]["profile"] = {"error": error}
+            print(f"{arch}: profile failed: {error}", flush=True)
+            return
+        path = self.args.out.parent / f"profile_{_slug(arch)}.txt"
+        path.write_text(info.pop("table"))
+        info["table_file"] = path.name
+        self.results["per_arch"][arch]["profile"] = info
+        self.save()
+        kinds = ", ".join(f"{k} {v:.0%}" for k, v in info["share_by_kind"].items())
+        busy = f"{info['busy_fraction']:.0%} of {info['wall_s']:.2f} s"
+        print(f"{arch}: profiled one optimised iteration: device busy {busy}; by kind {kinds}")
+
+
+# --- profile ----------------------------------------------------------------------------------
+
+KERNEL_KINDS = (  # first match wins; names of cuBLAS/cuDNN/CUTLASS/Triton/ATen kernels
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("convolution", r"conv|implicit_gemm|dgrad|wgrad|fprop|winograd|nhwc|nchw"),
+    ("matmul", r"gemm|matmul|cutlass|xmma|sm90|cublas|addmm|\bmm\b|bmm|linear"),
+    ("normalisation", r"norm|welford"),
+    ("copy", r"copy|memcpy|memset|cat|fill|transpose|permute"),
+    ("elementwise", r"elementwise|vectorized|unrolled|reduce|kernel"),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, pattern in KERNEL_KINDS:
+        if re.search(pattern, low):
+            return kind
+    return "other"
+
+
+def profile_iteration(model, clf, config: GuidanceConfig, resolution: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = model.device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    run(model, clf, config, 1, resolution)  # warm: the profile shows the steady state
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        run(model, clf, config, 1, resolution)
+        if cuda:
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    events = prof.key_averages()
+
+    def self_us(e) -> float:
+        if not cuda:
+            return float(e.self_cpu_time_total)
+        for attr in ("self_device_time_total", "self_cuda_time_total", "device_time_total"):
+            if getattr(e, attr, 0):  # the first the profiler filled in for this event
+                return float(getattr(e, attr))
+        return 0.0
+
+    rows = sorted(((self_us(e), e.count, e.key) for e in events), reverse=True)
+    rows = [r for r in rows if r[0] > 0]
+    total_us = sum(r[0] for r in rows) or 1.0
+    by_kind: dict[str, float] = {}
+    for us, _, key in rows:
+        by_kind[kernel_kind(key)] = by_kind.get(kernel_kind(key), 0.0) + us / total_us
+    unit = "device" if cuda else "CPU"
+    lines = [
+        f"one optimised iteration + final evaluation, B = 1, {resolution} px, "
+        f"{config.ddim_steps} DDIM steps; wall {wall:.3f} s, {unit} time {total_us / 1e6:.3f} s",
+        f"{'self ' + unit + ' ms':>14} {'share':>6} {'calls':>7}  kind           kernel",
+    ]
+    for us, count, key in rows[:30]:
+        lines.append(f"{us / 1e3:14.2f} {us / total_us:6.1%} {count:7d}  "
+                     f"{kernel_kind(key):<14} {key[:110]}")  # fmt: skip
+    return {
+        "wall_s": wall,
+        "device_time_s": total_us / 1e6,
+        "busy_fraction": total_us / 1e6 / wall,
+        "share_by_kind": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+        "top": [
+            {"kernel": key[:200], "calls": count, "ms": us / 1e3, "share": us / total_us}
+            for us, count, key in rows[:30]
+        ],
+        "table": "\n".join(lines) + "\n",
     }
-    return largest_batch(line, budget, limit=limit), info
+
+
+def _slug(arch: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", arch)[-60:]
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def format_row(r: Row) -> str:
+    rate = "" if r.fraction_of_bf16_peak is None else f"  {r.fraction_of_bf16_peak:5.1%} of bf16"
+    return (
+        f"{r.arch[-5:]:>5} {r.resolution:>5}px {r.config:<37} B={r.batch:<3} "
+        f"{r.s_per_iteration:8.3f} s/it {r.images_per_hour:9.1f} img/h  "
+        f"peak {r.peak_gib:6.2f} GiB{rate}"
+    )
+
+
+def summary(rows: list[Row], machine: dict | None = None) -> dict:
+    """Optimised against reference per architecture: speed-up in images per hour (best B of
+    each), peak memory at B = 1 (the targets: ≥ 3x, ≤ 60 %), and the best configuration."""
+    out = {}
+    for arch in sorted({r.arch for r in rows}):
+        mine = [r for r in rows if r.arch == arch]
+        ref = [r for r in mine if r.config == "reference"]
+        opt = [r for r in mine if r.config == "optimised"]
+        best = max(mine, key=lambda r: r.images_per_hour)
+        entry = {
+            "best_config": best.config,
+            "best_batch": best.batch,
+            "best_images_per_hour": best.images_per_hour,
+        }
+        if ref and opt:
+            ref1 = next((r for r in ref if r.batch == 1), None)
+            opt1 = next((r for r in opt if r.batch == 1), None)
+            ref_best = max(r.images_per_hour for r in ref)
+            entry.update(
+                speedup_images_per_hour=max(r.images_per_hour for r in opt) / ref_best,
+                best_speedup_images_per_hour=best.images_per_hour / ref_best,
+                target_speedup_min=TARGET_SPEEDUP,
+                peak_ratio_B1=None if not (ref1 and opt1) else opt1.peak_gib / ref1.peak_gib,
+                target_peak_ratio_max=TARGET_PEAK_RATIO,
+            )
+            for r in mine:  # the peak at B = 1 of every configuration against the reference's
+                if r.batch == 1 and ref1 and r.config != "reference":
+                    entry.setdefault("peak_ratio_B1_by_config", {})[r.config] = (
+                        r.peak_gib / ref1.peak_gib
+                    )
+        out[arch] = entry
+    return out
+
+
+def report(paths: list[Path]) -> None:
+    """The table of one or more results files (missing or unfinished ones say so)."""
+    for path in paths:
+        if not path.exists():
+            print(
+                f"{path.name}: no results (the run did not start or was cut before its first row)"
+            )
+            continue
+        results = json.loads(path.read_text())
+        m = results["machine"]
+        rate = m.get("bf16_matmul_tflops")
+        measured = f"bf16 matmul {rate:.1f} TFLOP/s measured" if rate else "no matmul rate"
+        print(f"\n{path.name}: {m['device']}, torch {m['torch']}, {measured}")
+        for arch, info in results.get("per_arch", {}).items():
+            f = info.get("flops_per_item")
+            if f:
+                print(f"  {arch}: {f['per_iteration'] / 1e12:.1f} TFLOP per item-iteration")
+            for name, fit in info.get("batch_fits", {}).items():
+                if "error" in fit:
+                    print(f"  {arch} {name}: FAILED {fit['error'][:160]}")
+                elif "largest_batch" in fit:
+                    print(f"  {arch} {name}: largest B {fit['largest_batch']} (limit "
+                          f"{fit.get('limit')}, {fit['per_item_gib']:.2f} GiB per item, fits "
+                          f"{fit.get('fits_uncapped')} uncapped)")  # fmt: skip
+            prof = info.get("profile")
+            if prof and "error" in prof:
+                print(f"  {arch} profile: FAILED {prof['error'][:160]}")
+            elif prof:
+                kinds = ", ".join(f"{k} {v:.0%}" for k, v in prof["share_by_kind"].items())
+                print(f"  {arch} profile: busy {prof['busy_fraction']:.0%}; {kinds}")
+        for row in results["rows"]:
+            print("  " + format_row(Row(**row)))
+        if not results["rows"]:
+            print("  no rows: the run was cut short or failed before its first measurement")
+        for arch, s in results.get("summary", {}).items():
+            if "speedup_images_per_hour" in s:
+                ratio = "n/a" if s["peak_ratio_B1"] is None else f"{s['peak_ratio_B1']:.2f}"
+                print(f"  {arch}: optimised / reference images per hour "
+                      f"{s['speedup_images_per_hour']:.2f}x (target >= {TARGET_SPEEDUP:g}x); "
+                      f"peak at B=1 {ratio} of the reference's (target <= {TARGET_PEAK_RATIO}); "
+                      f"best {s['best_config']} B={s['best_batch']} "
+                      f"{s['best_images_per_hour']:.0f} img/h")  # fmt: skip
+            else:
+                print(f"  {arch}: best {s['best_config']} B={s['best_batch']} "
+                      f"{s['best_images_per_hour']:.0f} img/h")  # fmt: skip
 
 
 # --- the benchmark ---------------------------------------------------------------------------
 
 
-def configs(args) -> dict[str, GuidanceConfig]:
-    common = {"ddim_steps": args.ddim_steps, "iterations": args.iterations, "max_batch": None}
-    out = {
-        "reference": GuidanceConfig.from_preset("reference", **common),
-        "optimised": GuidanceConfig.from_preset("optimised", **common),
-    }
-    if args.ablations:
-        out["optimised+channels_last"] = GuidanceConfig.from_preset(
-            "optimised", channels_last=True, **common
-        )
-        out["optimised+compile"] = GuidanceConfig.from_preset(
-            "optimised", compile_unet=True, **common
-        )
-    return out
-
-
-def bench_arch(arch: str, args, device: torch.device) -> tuple[list[Row], dict]:
-    """All runs on one model: `arch` names a random full-size architecture, or (with
-    `--diffusion`) is a model spec loaded by the normal loader."""
-    t0 = time.perf_counter()
-    if arch in NATIVE:
-        model = build_random_diffusion(arch, device=device)
-    else:
-        from core.diffusion import load_diffusion
-
-        model = load_diffusion(arch, device=device)
-    build_s = time.perf_counter() - t0
-    resolution = args.resolution or model.resolution
-    clf = make_classifier(args.classifier, device)
-    rows, fits = [], {}
-    for name, config in configs(args).items():
-        batches = list(args.batches)
-        if device.type == "cuda" and name in ("reference", "optimised"):
-            b_max, info = probe_largest_batch(model, clf, config, resolution, device, args.limit)
-            fits[name] = {"largest_batch": b_max, **info}
-            batches = sorted({*batches, b_max} - {0})
-        ablation = name.startswith("optimised+")
-        for b in batches[:1] if ablation else batches:
-            while b >= 1:
-                try:
-                    rows.append(measure(model, clf, name, config, b, resolution, arch))
-                    break
-                except torch.cuda.OutOfMemoryError:
-                    torch.cuda.empty_cache()
-                    print(f"{arch} {name} B={b}: out of memory, trying B={b - 1}", flush=True)
-                    b -= 1
-                except Exception as exc:  # an ablation that fails (e.g. compile) is a finding
-                    if not ablation:
-                        raise
-                    fits[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-                    print(f"{arch} {name} B={b}: failed: {fits[name]['error']}", flush=True)
-                    break
-        if device.type == "cpu" and len(batches) >= 2:  # the memory line from the measured rows
-            peaks = {r.batch: r.peak_gib * GIB for r in rows if r.config == name}
-            line = fit_memory_line(peaks)
-            budget = (_mem_available_gib() + _rss_gib("VmRSS")) * GIB  # what this process may use
-            fits[name] = {
-                "largest_batch_predicted": largest_batch(line, 0.9 * budget, limit=args.limit),
-                "per_item_gib": line.per_item_bytes / GIB,
-                "fixed_gib": line.fixed_bytes / GIB,
-                "budget_gib": 0.9 * budget / GIB,
-                "note": "predicted from the measured rows, not run (CPU)",
-            }
-    if args.ablations:  # last: it converts the shared model's weights for good
-        model.to(torch.bfloat16)
-        config = GuidanceConfig.from_preset(
-            "optimised", ddim_steps=args.ddim_steps, iterations=args.iterations, max_batch=None
-        )
-        try:
-            rows.append(
-                measure(model, clf, "optimised+bf16_weights", config, args.batches[0],
-                        resolution, arch, note="UNet, VAE and text encoders stored in bf16")
-            )  # fmt: skip
-        except Exception as exc:  # a finding, not the end of the benchmark
-            fits["optimised+bf16_weights"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    del model
-    return rows, {"build_s": build_s, "batch_fits": fits}
-
-
-def _mem_available_gib() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024 / GIB
-    return 0.0
-
-
-def format_row(r: Row) -> str:
-    return (
-        f"{r.arch:>5} {r.resolution:>5}px {r.config:<24} B={r.batch:<3} "
-        f"{r.s_per_iteration:8.2f} s/it  {r.images_per_hour:9.2f} img/h  "
-        f"peak {r.peak_gib:6.2f} GiB (+{r.peak_above_start_gib:5.2f})  "
-        f"first {r.first_iteration_s:7.1f} s"
-    )
-
-
-def summary(rows: list[Row]) -> dict:
-    """Optimised against reference per architecture: speed-up in images per hour (best B of
-    each) and peak memory at B = 1 (the issue's targets: ≥ 3x, ≤ 60 %)."""
-    out = {}
-    for arch in sorted({r.arch for r in rows}):
-        ref = [r for r in rows if r.arch == arch and r.config == "reference"]
-        opt = [r for r in rows if r.arch == arch and r.config == "optimised"]
-        if not ref or not opt:
-            continue
-        ref1 = next((r for r in ref if r.batch == 1), None)
-        opt1 = next((r for r in opt if r.batch == 1), None)
-        out[arch] = {
-            "speedup_images_per_hour": max(r.images_per_hour for r in opt)
-            / max(r.images_per_hour for r in ref),
-            "target_speedup_min": 3.0,
-            "peak_ratio_B1": None if not (ref1 and opt1) else opt1.peak_gib / ref1.peak_gib,
-            "peak_above_start_ratio_B1": None
-            if not (ref1 and opt1)
-            else opt1.peak_above_start_gib / ref1.peak_above_start_gib,
-            "target_peak_ratio_max": 0.6,
-        }
-    return out
-
-
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU size: 256 px, T=4, 2 iterations")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU size: the full-size archs at 64 px, 3 DDIM steps")  # fmt: skip
     parser.add_argument("--archs", nargs="+", choices=list(NATIVE))
     parser.add_argument(
         "--diffusion", nargs="+", help="model specs to load instead of random --archs"
     )
+    parser.add_argument("--configs", nargs="+", choices=[*BASE, *ABLATIONS],
+                        help="default: all (compile on a GPU only)")  # fmt: skip
     parser.add_argument("--resolution", type=int, help="default: 512 (SD 1.5), 1024 (SDXL)")
     parser.add_argument("--ddim-steps", type=int)
-    parser.add_argument("--iterations", type=int)
-    parser.add_argument("--batches", type=int, nargs="+", help="B to run (GPU: + the largest)")
-    parser.add_argument("--limit", type=int, default=64, help="largest B considered")
+    parser.add_argument("--iterations", type=int, help="timed iterations at B = 1")
+    parser.add_argument("--iterations-large", type=int, help="timed iterations at the largest B")
+    parser.add_argument("--per-image-iterations", type=int, default=20)
+    parser.add_argument("--batches", type=int, nargs="+", help="CPU: B to run")
+    parser.add_argument("--limit", type=int, default=32, help="largest B considered (optimised)")
+    parser.add_argument("--limit-reference", type=int, default=16, help="largest B (reference)")
     parser.add_argument("--classifier", default="resnet50", help="timm architecture")
-    parser.add_argument("--ablations", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--num-cutouts", type=int, help="default: the presets' 16")
+    parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
+    parser.add_argument("--report", type=Path, nargs="+", help="print the table of these files")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    smoke = {"archs": ["sd15"], "resolution": 256, "ddim_steps": 4, "iterations": 2,
-             "batches": [1, 2], "ablations": False}  # fmt: skip
-    full = {"archs": ["sd15", "sdxl"], "resolution": None, "ddim_steps": 20, "iterations": 20,
-            "batches": [1], "ablations": device.type == "cuda"}  # fmt: skip
+    smoke = {"archs": ["sd15", "sdxl"], "resolution": 64, "ddim_steps": 3, "iterations": 2,
+             "iterations_large": 2, "batches": [1, 2], "num_cutouts": 2}  # fmt: skip
+    full = {"archs": ["sd15", "sdxl"], "resolution": None, "ddim_steps": 20, "iterations": 3,
+            "iterations_large": 2, "batches": [1], "num_cutouts": 16}  # fmt: skip
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.configs is None:
+        args.configs = [
+            *BASE,
+            *(n for n in ABLATIONS if device.type == "cuda" or "compile" not in n),
+        ]
     return args
 
 
 def main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    rows: list[Row] = []
-    per_arch = {}
-    for arch in args.diffusion or args.archs:
-        arch_rows, info = bench_arch(arch, args, device)
-        rows += arch_rows
-        per_arch[arch] = info
+    cuda = device.type == "cuda"
     results = {
         "machine": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "device": torch.cuda.get_device_name(device) if cuda else "cpu",
             "device_memory_gib": torch.cuda.get_device_properties(device).total_memory / GIB
-            if device.type == "cuda"
+            if cuda
             else None,
+            "bf16_matmul_tflops": bf16_matmul_tflops(device),
             "platform": platform.platform(),
             "processor": platform.processor(),
+            "python": platform.python_version(),
             "cpu_threads": torch.get_num_threads(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
+            "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_tf32": torch.backends.cuda.matmul.allow_tf32,
         },
         "settings": {
-            k: getattr(args, k)
-            for k in (
-                "smoke",
-                "archs",
-                "diffusion",
-                "resolution",
-                "ddim_steps",
-                "iterations",
-                "batches",
-                "classifier",
-                "ablations",
-            )
-        },  # fmt: skip
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k not in ("report",)
+        },
         "memory_measure": "torch.cuda.max_memory_allocated"
-        if device.type == "cuda"
+        if cuda
         else "peak resident set (VmHWM, reset per run), returning malloc",
-        "per_arch": per_arch,
-        "rows": [asdict(r) for r in rows],
-        "summary": summary(rows),
+        "per_arch": {},
+        "rows": [],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
-    print(f"\n{results['machine']['device']}: {len(rows)} runs")
-    for arch, s in results["summary"].items():
-        ratio = "n/a" if s["peak_ratio_B1"] is None else f"{s['peak_ratio_B1']:.2f}"
-        print(
-            f"{arch}: optimised / reference images per hour {s['speedup_images_per_hour']:.2f}x "
-            f"(target >= 3x); peak at B=1 {ratio} of the reference's (target <= 0.6)"
-        )
+    bench = Bench(args, device, results)
+    bench.save()
+    print(f"{results['machine']['device']}: bf16 matmul "
+          f"{results['machine']['bf16_matmul_tflops']:.1f} TFLOP/s", flush=True)  # fmt: skip
+    for arch in args.diffusion or args.archs:
+        bench.arch(arch)
+    print(f"\n{results['machine']['device']}: {len(results['rows'])} runs")
+    report([args.out])
     print(f"wrote {args.out}")
     return results
 
 
 if __name__ == "__main__":
     arguments = parse()
+    if arguments.report:
+        report(arguments.report)
+        sys.exit(0)
     cpu = torch.device(arguments.device).type == "cpu"
     if cpu and any(os.environ.get(k) != v for k, v in RETURNING_MALLOC.items()):
         # glibc reads these at start: run again with them, so that the peak resident set of a

@@ -1,12 +1,16 @@
-"""The precision the digits semantic tests run in: `DIGIN_TEST_PRECISION=bf16` (or fp16) runs them
-under that autocast of UNet and VAE, with the classifier losses in fp32 (issue 9: the pass rates
-must be the same in bf16 as in fp32; run both on a GPU). Unset or `fp32`: the params as written."""
+"""Where and in what precision the digits semantic tests run.
+
+`DIGIN_TEST_PRECISION=bf16` (or fp16) runs them under that autocast of UNet and VAE, with the
+classifier losses in fp32 (the pass rates must be the same in bf16 as in fp32; bench/gpu_run.sh
+runs both on a GPU). Unset or `fp32`: the params as written. `DIGIN_TEST_DEVICE` (default cpu) is
+the device the jobs run on."""
 
 from __future__ import annotations
 
 import os
 
 PRECISION = os.environ.get("DIGIN_TEST_PRECISION", "fp32")
+DEVICE = os.environ.get("DIGIN_TEST_DEVICE", "cpu")
 if PRECISION not in ("fp32", "bf16", "fp16"):
     raise ValueError(f"DIGIN_TEST_PRECISION must be fp32, bf16 or fp16, got {PRECISION!r}")
 

@@ -20,7 +20,7 @@ from core.digits.semantic import judge_agreement, patch_rates
 from core.digits.settings import CLASS_PROMPT, DIGITS_GUIDANCE, PLAIN_PROMPT
 from core.digits.zoo import card_patch, read_card
 from core.jobs import ModelCache, run_job
-from tests.core.precision import with_precision
+from tests.core.precision import DEVICE, with_precision
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 KINDS = ("guided", "disagreement", "neuron")
@@ -62,7 +62,7 @@ def test_examples_name_the_shipped_correlated_class_and_patch_unit(cache, spurio
 def test_guided_cnn_towards_each_class_convinces_the_judge(cache):
     params = example("guided")
     assert params["classifier"] == "digits:cnn" and len(params["classes"]) == 10
-    result = run_job("guided", with_precision(params), cache=cache, max_batch=32)
+    result = run_job("guided", with_precision(params), cache=cache, max_batch=32, device=DEVICE)
     judge = cache.classifier("digits:judge", "cpu", "openai")
     agreement, _ = judge_agreement(result, judge)
     assert agreement >= 0.90
@@ -71,7 +71,9 @@ def test_guided_cnn_towards_each_class_convinces_the_judge(cache):
 def test_disagreement_spurious_vs_clean_draws_the_patch(cache, spurious_card):
     params = example("disagreement")
     assert (params["classifier1"], params["classifier2"]) == ("digits:cnn-spurious", "digits:cnn")
-    result = run_job("disagreement", with_precision(params), cache=cache, max_batch=32)
+    result = run_job(
+        "disagreement", with_precision(params), cache=cache, max_batch=32, device=DEVICE
+    )
     guided, unguided = patch_rates(result, card_patch(spurious_card))
     assert guided >= 0.80
     assert guided >= unguided + 0.4  # far above the rate of the unguided samples
@@ -80,7 +82,7 @@ def test_disagreement_spurious_vs_clean_draws_the_patch(cache, spurious_card):
 def test_neuron_of_the_patch_unit_draws_the_patch(cache, spurious_card):
     params = example("neuron")
     assert params["classifier"] == "digits:cnn-spurious" and params["mode"] == "activate"
-    result = run_job("neuron", with_precision(params), cache=cache, max_batch=32)
+    result = run_job("neuron", with_precision(params), cache=cache, max_batch=32, device=DEVICE)
     guided, unguided = patch_rates(result, card_patch(spurious_card))
     assert guided >= 0.80
     assert guided >= unguided + 0.4

@@ -1,0 +1,61 @@
+"""FLOPs of one guidance iteration (core.flops): the per-part counts, composed by the formula,
+equal what the flop counter sees around the optimisation loop itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from core.classifiers import load_classifier
+from core.config import GuidanceConfig
+from core.diffusion import load_diffusion
+from core.flops import iteration_flops
+from core.guidance import optimize
+from core.objectives import ClassObjective
+
+
+def _loop_flops(model, clf, config, iterations: int) -> int:
+    with FlopCounterMode(display=False) as counter:
+        optimize(
+            model,
+            ClassObjective(clf, torch.tensor([3])),
+            cond=model.encode_text(["a photograph of a dog"]),
+            uncond=model.null_text(1),
+            seeds=[0],
+            config=GuidanceConfig(**{**config.__dict__, "iterations": iterations}),
+        )
+    return int(counter.get_total_flops())
+
+
+@pytest.mark.parametrize("arch", ["sd", "sdxl"])
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_counted_iteration_equals_one_more_iteration_of_the_loop(tiny_models, arch, checkpointing):
+    model = load_diffusion(tiny_models[arch])
+    clf = load_classifier(tiny_models["classifier"])
+    config = GuidanceConfig(ddim_steps=4, loss_steps=2, num_cutouts=3, checkpointing=checkpointing)
+    # the text encoders run outside the counted iteration: count them apart and take them out
+    with FlopCounterMode(display=False) as text:
+        model.encode_text(["a photograph of a dog"]), model.null_text(1)
+    one, two = (_loop_flops(model, clf, config, i) - text.get_total_flops() for i in (1, 2))
+    counted = iteration_flops(
+        model, ClassObjective(clf, torch.tensor([3])), config,
+        model.encode_text(["a photograph of a dog"]), model.null_text(1),
+    )  # fmt: skip
+    assert counted.unet_forward > 0 and counted.decode_forward > 0
+    assert counted.unet_backward > 0 and counted.decode_backward > 0
+    assert counted.per_iteration == two - one  # one training iteration, exactly
+    recompute = counted.ddim_steps * counted.unet_forward + 2 * counted.decode_forward
+    assert counted.as_dict()["per_iteration"] == counted.per_iteration
+    if checkpointing:  # every forward runs twice
+        unchecked = counted.__class__(**{**counted.__dict__, "checkpointing": False})
+        assert counted.per_iteration - unchecked.per_iteration == recompute
+
+
+def test_one_item_only(tiny_models):
+    model = load_diffusion(tiny_models["sd"])
+    clf = load_classifier(tiny_models["classifier"])
+    cond = model.encode_text(["a", "b"])
+    with pytest.raises(ValueError, match="one item"):
+        iteration_flops(model, ClassObjective(clf, torch.tensor([1, 2])), GuidanceConfig(), cond,
+                        model.null_text(2))  # fmt: skip
