@@ -60,14 +60,36 @@ NATIVE = {"sd15": 512, "sdxl": 1024}
 # resident set follows the live tensors (see BENCHMARKS.md, core benchmark section 2).
 RETURNING_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "0"}
 GIB = 2**30
-BASE = ("reference", "optimised")
-ABLATIONS = (
-    "optimised+channels_last",
-    "optimised+cudnn_benchmark",
-    "optimised+compile",
-    "optimised+bf16_weights",
-    "optimised+bf16_weights+channels_last",
-)
+# Configurations: a preset and the fields changed from it. The bases run at B = 1 and at their
+# largest B; the ablations at B = 1 (and at the optimised's largest B when --ablations-large
+# names them). `autocast` is the earlier optimised path: bf16 autocast over fp32 weights, the
+# decode checkpointed as one unit.
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "reference": ("reference", {}),
+    "optimised": ("optimised", {}),
+    "autocast": ("optimised", {"weights": "fp32", "checkpoint_decoder_blocks": False}),
+    "optimised+channels_last": ("optimised", {"channels_last": True}),
+    "optimised+cudnn_benchmark": ("optimised", {}),  # and torch.backends.cudnn.benchmark
+    "optimised+compile": ("optimised", {"compile_unet": True}),
+    "optimised-decoder_checkpointing": ("optimised", {"checkpoint_decoder_blocks": False}),
+}
+BASE = ("reference", "optimised", "autocast")
+ABLATIONS = tuple(n for n in VARIANTS if n not in BASE)
+CPU_ABLATIONS = ("optimised+channels_last", "optimised-decoder_checkpointing")  # no cuDNN, compile
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_config(name: str, common: dict) -> GuidanceConfig:
+    preset, changes = VARIANTS[name]
+    return GuidanceConfig.from_preset(preset, **common, **changes)  # type: ignore[arg-type]
+
+
+def _flops_key(config: GuidanceConfig) -> str:
+    ckpt = "checkpointed" if config.checkpointing else "not checkpointed"
+    blocks = ", decoder blocks recomputed" if config.checkpoint_decoder_blocks else ""
+    return ckpt + blocks
+
+
 TARGET_SPEEDUP, TARGET_PEAK_RATIO = 3.0, 0.6
 
 
@@ -311,7 +333,8 @@ class Bench:
 
     def arch(self, arch: str) -> None:
         """All runs on one model: `arch` names a random full-size architecture, or (with
-        `--diffusion`) is a model spec loaded by the normal loader."""
+        `--diffusion`) is a model spec loaded by the normal loader. The configurations with fp32
+        weights run first; then the weights are converted to bf16 for the others."""
         args, device = self.args, self.device
         t0 = time.perf_counter()
         if arch in NATIVE:
@@ -330,79 +353,65 @@ class Bench:
             "num_cutouts": args.num_cutouts,
             "max_batch": None,
         }
-        configs = {
-            "reference": GuidanceConfig.from_preset("reference", **common),
-            "optimised": GuidanceConfig.from_preset("optimised", **common),
-            "optimised+channels_last": GuidanceConfig.from_preset(
-                "optimised", channels_last=True, **common
-            ),
-            "optimised+compile": GuidanceConfig.from_preset(
-                "optimised", compile_unet=True, **common
-            ),
-        }
-        t0 = time.perf_counter()
-        flops = count_flops(model, clf, configs["optimised"], resolution)
-        info["flops_per_item"] = flops
-        info["flops_count_s"] = time.perf_counter() - t0
-        print(f"{arch}: {flops['per_iteration'] / 1e12:.1f} TFLOP per item and iteration "
-              f"(UNet CFG call {flops['unet_forward'] / 1e12:.2f} forward, "
-              f"{flops['unet_backward'] / 1e12:.2f} backward; decode + loss "
-              f"{flops['decode_forward'] / 1e12:.2f} forward)", flush=True)  # fmt: skip
+        configs = {name: make_config(name, common) for name in args.configs}
+        flops_by_key: dict[tuple, dict] = {}
+
+        def flops_of(model, clf, config: GuidanceConfig) -> dict:
+            key = (config.checkpointing, config.checkpoint_decoder_blocks)
+            if key not in flops_by_key:
+                t0 = time.perf_counter()
+                flops_by_key[key] = count_flops(model, clf, config, resolution)
+                f = flops_by_key[key]
+                info.setdefault("flops_per_item", {})[_flops_key(config)] = f
+                info["flops_count_s"] = info.get("flops_count_s", 0) + time.perf_counter() - t0
+                print(f"{arch}: {f['per_iteration'] / 1e12:.1f} TFLOP per item and iteration "
+                      f"({_flops_key(config)}; UNet CFG call {f['unet_forward'] / 1e12:.2f} "
+                      f"forward, {f['unet_train'] / 1e12:.2f} as trained; decode + loss "
+                      f"{f['decode_forward'] / 1e12:.2f} forward, "
+                      f"{f['decode_train'] / 1e12:.2f} as trained)", flush=True)  # fmt: skip
+            return flops_by_key[key]
+
         cuda = device.type == "cuda"
-        wanted = args.configs
         largest: dict[str, int] = {}
-        for name in BASE:
-            if name not in wanted:
-                continue
+        fp32_first = sorted(configs, key=lambda n: configs[n].weights != "fp32")
+        for name in fp32_first:
             config = configs[name]
-            self.measure_backing_off(model, clf, name, config, 1, resolution, arch, flops)
-            limit = args.limit_reference if name == "reference" else args.limit
-            if cuda and limit > 1:
-                b_max, fit = self.probe_largest_batch(model, clf, config, resolution, limit)
-                self.fits(arch)[name] = {"largest_batch": b_max, **fit}
-                self.save()
-                if b_max > 1:
-                    large = replace(config, iterations=args.iterations_large)
-                    row = self.measure_backing_off(
-                        model, clf, name, large, b_max, resolution, arch, flops
-                    )
-                    largest[name] = row.batch if row else 1
-            elif not cuda and len(args.batches) > 1:
-                for b in args.batches[1:]:
-                    self.measure_backing_off(model, clf, name, config, b, resolution, arch, flops)
-                self.predict_fit(arch, name)
-        if args.profile and "optimised" in wanted:
-            self.profile(model, clf, configs["optimised"], resolution, arch)
-        for name in ("optimised+channels_last", "optimised+compile"):
-            if name in wanted:
-                self.measure_backing_off(model, clf, name, configs[name], 1, resolution, arch,
-                                         flops)  # fmt: skip
-        if "optimised+cudnn_benchmark" in wanted:  # cuDNN times its algorithms per conv shape
-            before = torch.backends.cudnn.benchmark
-            torch.backends.cudnn.benchmark = True
+            dtype = WEIGHT_DTYPES[config.weights]
+            if model.dtype != dtype:  # fp32 → bf16 once, after every fp32 configuration
+                model.to(dtype)
+            flops = flops_of(model, clf, config)
+            if name == "optimised+cudnn_benchmark":  # cuDNN times its algorithms per shape
+                torch.backends.cudnn.benchmark = True
             try:
-                name = "optimised+cudnn_benchmark"
-                config = configs["optimised"]
                 self.measure_backing_off(model, clf, name, config, 1, resolution, arch, flops)
-            finally:
-                torch.backends.cudnn.benchmark = before
-        if any(n.startswith("optimised+bf16_weights") for n in wanted):
-            model.to(torch.bfloat16)  # last: it converts the shared model's weights for good
-            note = "UNet, VAE and text encoders stored in bf16"
-            config = configs["optimised"]
-            if "optimised+bf16_weights" in wanted:
-                name = "optimised+bf16_weights"
-                self.measure_backing_off(model, clf, name, config, 1, resolution, arch, flops,
-                                         note)  # fmt: skip
-                if largest.get("optimised", 1) > 1:
+                if name in BASE:
+                    limit = args.limit_reference if name == "reference" else args.limit
+                    if cuda and limit > 1:
+                        b_max, fit = self.probe_largest_batch(model, clf, config, resolution, limit)
+                        self.fits(arch)[name] = {"largest_batch": b_max, **fit}
+                        self.save()
+                        if b_max > 1:
+                            large = replace(config, iterations=args.iterations_large)
+                            row = self.measure_backing_off(
+                                model, clf, name, large, b_max, resolution, arch, flops
+                            )
+                            largest[name] = row.batch if row else 1
+                    elif not cuda and len(args.batches) > 1:
+                        for b in args.batches[1:]:
+                            self.measure_backing_off(
+                                model, clf, name, config, b, resolution, arch, flops
+                            )
+                        self.predict_fit(arch, name)
+                    if name == "optimised" and args.profile:
+                        b = min(args.profile_batch, largest.get(name, 1))
+                        self.profile(model, clf, config, resolution, arch, b)
+                elif name in args.ablations_large and largest.get("optimised", 1) > 1:
                     large = replace(config, iterations=args.iterations_large)
-                    self.measure_backing_off(model, clf, name, large, largest["optimised"],
-                                             resolution, arch, flops, note)  # fmt: skip
-            if "optimised+bf16_weights+channels_last" in wanted:
-                self.measure_backing_off(
-                    model, clf, "optimised+bf16_weights+channels_last",
-                    configs["optimised+channels_last"], 1, resolution, arch, flops, note,
-                )  # fmt: skip
+                    self.measure_backing_off(
+                        model, clf, name, large, largest["optimised"], resolution, arch, flops
+                    )
+            finally:
+                torch.backends.cudnn.benchmark = False
         del model, clf
         if cuda:
             torch.cuda.empty_cache()
@@ -421,12 +430,12 @@ class Bench:
         }
         self.save()
 
-    def profile(self, model, clf, config: GuidanceConfig, resolution: int, arch: str) -> None:
+    def profile(self, model, clf, config, resolution: int, arch: str, batch: int) -> None:
         """A torch profiler table of one optimised training iteration (and the final evaluation
-        pass) at B = 1: the top kernels by device time, their kinds, and how busy the device
+        pass) at `batch`: the top kernels by device time, their kinds, and how busy the device
         was; written next to the results file."""
         try:
-            info = profile_iteration(model, clf, replace(config, iterations=1), resolution)
+            info = profile_iteration(model, clf, replace(config, iterations=1), resolution, batch)
         except Exception as exc:  # the figures above stand without it
             error = f"{type(exc).__name__}: {exc}"[:500]
             self.results["per_arch"][arch]["profile"] = {"error": error}
@@ -462,15 +471,15 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def profile_iteration(model, clf, config: GuidanceConfig, resolution: int) -> dict:
+def profile_iteration(model, clf, config: GuidanceConfig, resolution: int, batch: int) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = model.device.type == "cuda"
     activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    run(model, clf, config, 1, resolution)  # warm: the profile shows the steady state
+    run(model, clf, config, batch, resolution)  # warm: the profile shows the steady state
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
-        run(model, clf, config, 1, resolution)
+        run(model, clf, config, batch, resolution)
         if cuda:
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -492,7 +501,7 @@ def profile_iteration(model, clf, config: GuidanceConfig, resolution: int) -> di
         by_kind[kernel_kind(key)] = by_kind.get(kernel_kind(key), 0.0) + us / total_us
     unit = "device" if cuda else "CPU"
     lines = [
-        f"one optimised iteration + final evaluation, B = 1, {resolution} px, "
+        f"one optimised iteration + final evaluation, B = {batch}, {resolution} px, "
         f"{config.ddim_steps} DDIM steps; wall {wall:.3f} s, {unit} time {total_us / 1e6:.3f} s",
         f"{'self ' + unit + ' ms':>14} {'share':>6} {'calls':>7}  kind           kernel",
     ]
@@ -500,6 +509,7 @@ def profile_iteration(model, clf, config: GuidanceConfig, resolution: int) -> di
         lines.append(f"{us / 1e3:14.2f} {us / total_us:6.1%} {count:7d}  "
                      f"{kernel_kind(key):<14} {key[:110]}")  # fmt: skip
     return {
+        "batch": batch,
         "wall_s": wall,
         "device_time_s": total_us / 1e6,
         "busy_fraction": total_us / 1e6 / wall,
@@ -576,9 +586,8 @@ def report(paths: list[Path]) -> None:
         measured = f"bf16 matmul {rate:.1f} TFLOP/s measured" if rate else "no matmul rate"
         print(f"\n{path.name}: {m['device']}, torch {m['torch']}, {measured}")
         for arch, info in results.get("per_arch", {}).items():
-            f = info.get("flops_per_item")
-            if f:
-                print(f"  {arch}: {f['per_iteration'] / 1e12:.1f} TFLOP per item-iteration")
+            for key, f in info.get("flops_per_item", {}).items():
+                print(f"  {arch}: {f['per_iteration'] / 1e12:.1f} TFLOP per item-iteration ({key})")
             for name, fit in info.get("batch_fits", {}).items():
                 if "error" in fit:
                     print(f"  {arch} {name}: FAILED {fit['error'][:160]}")
@@ -620,7 +629,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--diffusion", nargs="+", help="model specs to load instead of random --archs"
     )
-    parser.add_argument("--configs", nargs="+", choices=[*BASE, *ABLATIONS],
+    parser.add_argument("--configs", nargs="+", choices=list(VARIANTS),
                         help="default: all (compile on a GPU only)")  # fmt: skip
     parser.add_argument("--resolution", type=int, help="default: 512 (SD 1.5), 1024 (SDXL)")
     parser.add_argument("--ddim-steps", type=int)
@@ -633,6 +642,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--classifier", default="resnet50", help="timm architecture")
     parser.add_argument("--num-cutouts", type=int, help="default: the presets' 16")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--profile-batch", type=int, default=1, help="B of the profiled run")
+    parser.add_argument("--ablations-large", nargs="*", default=[], choices=list(ABLATIONS),
+                        help="ablations also run at the optimised's largest B")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results/gpu.json"))
     parser.add_argument("--report", type=Path, nargs="+", help="print the table of these files")
@@ -648,7 +660,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.configs is None:
         args.configs = [
             *BASE,
-            *(n for n in ABLATIONS if device.type == "cuda" or "compile" not in n),
+            *(n for n in ABLATIONS if device.type == "cuda" or n in CPU_ABLATIONS),
         ]
     return args
 

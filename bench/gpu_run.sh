@@ -18,7 +18,9 @@
 #
 # Environment: PYTHON (default python3), DIGIN_GPU_SITE (the wheels' target folder, default
 # /tmp/digin-site), DIGIN_GPU_BUDGET_S (seconds for the whole run, default 400; the compile step
-# gets what is left), DIGIN_GPU_WHEELS (default .whl under the source tree).
+# gets what is left), DIGIN_GPU_WHEELS (default .whl under the source tree), DIGIN_GPU_STEPS (the
+# steps to run, default "sd15 digits sdxl compile"; "digits-bf16" runs the bf16 digits tests
+# first), DIGIN_GPU_SD15_ARGS / DIGIN_GPU_SDXL_ARGS (bench/gpu.py arguments instead of these).
 set -uo pipefail
 
 OUT=${1:?usage: bench/gpu_run.sh OUT_DIR [--smoke]}
@@ -59,46 +61,66 @@ import core.flops, core.jobs, core.random_models  # everything the run imports
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu,clocks.sm,temperature.gpu --format=csv
 
-ABL=(optimised+channels_last optimised+bf16_weights optimised+bf16_weights+channels_last)
+STEPS=${DIGIN_GPU_STEPS:-sd15 digits sdxl compile}
 if [ "$MODE" = "--smoke" ]; then
     DEVICE=cpu
     SD15=(--smoke --device cpu --archs sd15)
     SDXL=(--smoke --device cpu --archs sdxl --configs reference optimised --no-profile)
     COMPILE=()
     DIGITS_K=(-k "guided")
-else  # sized to end well inside 8 minutes on an H100-class GPU (BENCHMARKS.md)
+else  # sized to end inside 8 minutes on an H200 (BENCHMARKS.md)
     DEVICE=cuda
-    SD15=(--archs sd15 --configs reference optimised "${ABL[@]}" optimised+cudnn_benchmark
-          --limit 32 --limit-reference 8)
-    SDXL=(--archs sdxl --configs reference optimised "${ABL[@]}" --iterations 2 --limit 8
-          --limit-reference 1 --no-profile)
+    SD15=(--archs sd15 --configs reference autocast optimised optimised+channels_last
+          optimised-decoder_checkpointing optimised+cudnn_benchmark
+          --ablations-large optimised+channels_last --limit 32 --limit-reference 8
+          --profile-batch 8)
+    SDXL=(--archs sdxl --configs reference optimised optimised+channels_last --iterations 2
+          --limit 8 --limit-reference 1 --no-profile)
     COMPILE=(--archs sd15 --configs optimised+compile --no-profile)
     DIGITS_K=()
 fi
-
+# DIGIN_GPU_SD15_ARGS / DIGIN_GPU_SDXL_ARGS replace the bench/gpu.py arguments above
+[ -n "${DIGIN_GPU_SD15_ARGS:-}" ] && read -r -a SD15 <<< "$DIGIN_GPU_SD15_ARGS"
+[ -n "${DIGIN_GPU_SDXL_ARGS:-}" ] && read -r -a SDXL <<< "$DIGIN_GPU_SDXL_ARGS"
+has() { [[ " $STEPS " == *" $1 "* ]]; }
 status=0
-stamp "SD 1.5 speed and memory (bench/gpu.py)"
-"$PYTHON" bench/gpu.py "${SD15[@]}" --out "$OUT/gpu_sd15.json" || status=1
+reports=()
 
-: > "$OUT/digits.txt"
-for precision in fp32 bf16; do
-    stamp "digits semantic tests on $DEVICE in $precision"
-    DIGIN_TEST_DEVICE=$DEVICE DIGIN_TEST_PRECISION=$precision "$PYTHON" -m pytest -q \
+digits() {  # $1: the precision
+    stamp "digits semantic tests on $DEVICE in $1"
+    DIGIN_TEST_DEVICE=$DEVICE DIGIN_TEST_PRECISION=$1 "$PYTHON" -m pytest -q \
         -p no:cacheprovider tests/core/test_digits_semantic.py "${DIGITS_K[@]}" 2>&1 \
         | tee -a "$OUT/digits.txt" | tail -3
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-    echo "-- $precision above" >> "$OUT/digits.txt"
-done
+    echo "-- $1 above" >> "$OUT/digits.txt"
+}
+: > "$OUT/digits.txt"
+has digits-bf16 && digits bf16
 
-stamp "SDXL speed and memory (bench/gpu.py)"
-"$PYTHON" bench/gpu.py "${SDXL[@]}" --out "$OUT/gpu_sdxl.json" || status=1
+if has sd15; then
+    stamp "SD 1.5 speed and memory (bench/gpu.py)"
+    "$PYTHON" bench/gpu.py "${SD15[@]}" --out "$OUT/gpu_sd15.json" || status=1
+    reports+=("$OUT/gpu_sd15.json")
+fi
 
-if [ ${#COMPILE[@]} -gt 0 ]; then
+if has digits; then
+    digits fp32
+    digits bf16
+fi
+
+if has sdxl; then
+    stamp "SDXL speed and memory (bench/gpu.py)"
+    "$PYTHON" bench/gpu.py "${SDXL[@]}" --out "$OUT/gpu_sdxl.json" || status=1
+    reports+=("$OUT/gpu_sdxl.json")
+fi
+
+if has compile && [ ${#COMPILE[@]} -gt 0 ]; then
     left=$((BUDGET - (SECONDS - START) - 15))
     if [ "$left" -ge 60 ]; then
         stamp "torch.compile ablation, at most $left s"
         timeout --signal=KILL "$left" "$PYTHON" bench/gpu.py "${COMPILE[@]}" \
             --out "$OUT/compile.json" || echo "compile ablation: did not finish within $left s"
+        reports+=("$OUT/compile.json")
     else
         echo "compile ablation skipped: $left s left of the ${BUDGET} s budget"
     fi
@@ -107,7 +129,5 @@ fi
 stamp "done"
 echo "digits semantic tests:"
 grep -E "passed|failed|error" "$OUT/digits.txt" | sed 's/^/  /'
-reports=("$OUT/gpu_sd15.json" "$OUT/gpu_sdxl.json")
-[ ${#COMPILE[@]} -gt 0 ] && reports+=("$OUT/compile.json")
-"$PYTHON" bench/gpu.py --report "${reports[@]}"
+[ ${#reports[@]} -gt 0 ] && "$PYTHON" bench/gpu.py --report "${reports[@]}"
 exit $status

@@ -326,7 +326,7 @@ def run_pca_component(
             f"components: must be < {len(pca.components)} (the components of the PCA), "
             f"got {max(params.components)}"
         )
-    model = cache.diffusion(params.diffusion, device)
+    model = cache.diffusion(params.diffusion, device, params.guidance.weights)
     mean = torch.tensor(pca.mean, device=model.device)  # (F,) μ
     directions = torch.tensor(pca.components, device=model.device)  # (L, F) v_l
     t_loaded = time.perf_counter()

@@ -45,13 +45,23 @@ class GuidanceConfig:
     noise_sd: Annotated[float, Field(ge=0.0, le=1.0)] = 0.005  # Gaussian noise on the cutouts
     # --- numerics and speed (the presets below set these) --------------------------------------
     precision: Precision = "fp32"  # autocast dtype of UNet and VAE; classifier losses stay fp32
+    # storage dtype of the diffusion model's weights: bf16/fp16 run UNet and VAE natively in it
+    # (no per-call weight casts, norms in that dtype); must equal `precision` unless fp32
+    weights: Precision = "fp32"
     checkpointing: bool = True  # recompute each UNet call, VAE decode and classifier in backward
+    # also recompute the VAE decoder block by block in backward: the decode's activations are
+    # not all alive at once (less memory per item), one more decoder forward per loss step
+    checkpoint_decoder_blocks: bool = False
     channels_last: bool = False  # UNet + VAE in channels-last memory format (CPU: slower, measured)
     compile_unet: bool = False  # torch.compile the UNet; the first calls compile (minutes)
     max_batch: Annotated[int, Field(ge=1, le=64)] | None = None  # items per run; None: runner's
     preset: Preset | None = None  # the preset these fields started from (record only; see PRESETS)
 
     def __post_init__(self) -> None:
+        if self.weights != "fp32" and self.weights != self.precision:
+            raise ValueError(
+                f"weights ({self.weights}) must be fp32 or equal precision ({self.precision})"
+            )
         if self.loss_steps > self.ddim_steps:
             raise ValueError(
                 f"loss_steps ({self.loss_steps}) must be at most ddim_steps ({self.ddim_steps})"
@@ -63,16 +73,20 @@ class GuidanceConfig:
         return cls(**apply_preset({"preset": name, **fields}))
 
 
-# Named settings of the numerics and speed fields (issue 9). `reference` is what the paper's code
-# does: fp32, one item per run, 16 cutouts, every UNet call and the VAE + classifier checkpointed.
-# `optimised` is the GPU path: bf16 autocast of UNet and VAE (classifier losses stay fp32), as many
-# items per run as the runner's batch limit allows (`core.batching` fits it to a memory budget),
-# same algorithm. Channels-last and torch.compile stay off in it: on the CPU channels-last was
-# measured slower and compiling costs minutes; bench/gpu.py measures both on a GPU.
+# Named settings of the numerics and speed fields. `reference` is what the paper's code does:
+# fp32, one item per run, 16 cutouts, every UNet call and the VAE + classifier checkpointed.
+# `optimised` is the GPU path: UNet and VAE stored and run in bf16 (classifier losses stay fp32;
+# z_T and the embedding deltas are optimised in fp32), the VAE decoder recomputed block by block
+# in backward (less memory per item, so more items per run), as many items per run as the
+# runner's batch limit allows (`core.batching` fits it to a memory budget), same algorithm.
+# Channels-last and torch.compile stay off: on an H200 channels-last was slower at B = 1
+# (BENCHMARKS.md) and compiling costs minutes; bench/gpu.py measures both.
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": {
         "precision": "fp32",
+        "weights": "fp32",
         "checkpointing": True,
+        "checkpoint_decoder_blocks": False,
         "channels_last": False,
         "compile_unet": False,
         "max_batch": 1,
@@ -80,7 +94,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "optimised": {
         "precision": "bf16",
+        "weights": "bf16",
         "checkpointing": True,
+        "checkpoint_decoder_blocks": True,
         "channels_last": False,
         "compile_unet": False,
         "max_batch": None,

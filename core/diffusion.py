@@ -71,23 +71,45 @@ class DiffusionModel(torch.nn.Module):
         # plain attribute, not as a submodule, so that it never shows up in `state_dict`
         self._channels_last = False
         self._use_compiled = False
+        self._decoder_checkpointing = False
         object.__setattr__(self, "_compiled_unet", None)
 
     # --- runtime settings ------------------------------------------------------------------------
     @contextlib.contextmanager
-    def runtime(self, *, channels_last: bool = False, compile_unet: bool = False) -> Iterator[None]:
-        """Run the calls inside the block with UNet and VAE in channels-last memory format and/or
-        the UNet compiled by `torch.compile` (compiled once per process, on first use; every new
-        input shape or grad mode compiles again). The previous settings come back afterwards:
-        the model is shared by the jobs of a worker process."""
-        before = (self._channels_last, self._use_compiled)
+    def runtime(
+        self,
+        *,
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        checkpoint_decoder_blocks: bool = False,
+    ) -> Iterator[None]:
+        """Run the calls inside the block with UNet and VAE in channels-last memory format, the
+        UNet compiled by `torch.compile` (compiled once per process, on first use; every new
+        input shape or grad mode compiles again), and/or the VAE decoder recomputed block by
+        block when gradients flow through it. The previous settings come back afterwards: the
+        model is shared by the jobs of a worker process."""
+        before = (self._channels_last, self._use_compiled, self._decoder_checkpointing)
         try:
             self._set_channels_last(channels_last)
             self._use_compiled = compile_unet
+            self._set_decoder_checkpointing(checkpoint_decoder_blocks)
             yield
         finally:
             self._set_channels_last(before[0])
             self._use_compiled = before[1]
+            self._set_decoder_checkpointing(before[2])
+
+    def _set_decoder_checkpointing(self, on: bool) -> None:
+        if on == self._decoder_checkpointing:
+            return
+        vae = self.vae
+        if vae is None or not getattr(vae, "_supports_gradient_checkpointing", False):
+            return  # nothing to recompute block by block (pixel space, or a custom autoencoder)
+        if on:
+            vae.enable_gradient_checkpointing()  # diffusers: non-reentrant, per decoder block
+        else:
+            vae.disable_gradient_checkpointing()
+        self._decoder_checkpointing = on
 
     def _set_channels_last(self, on: bool) -> None:
         if on == self._channels_last:
@@ -104,6 +126,19 @@ class DiffusionModel(torch.nn.Module):
         if self._compiled_unet is None:
             object.__setattr__(self, "_compiled_unet", torch.compile(self.unet))
         return self._compiled_unet
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the UNet's (and VAE's) weights are stored in."""
+        return next(self.unet.parameters()).dtype
+
+    def native(self):
+        """Weights stored in a reduced precision (`weights` bf16/fp16) run in it, inside or
+        outside an autocast region: no per-call weight casts, norms and softmax in that dtype
+        (they accumulate in fp32 internally). fp32 weights follow the caller's autocast."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, enabled=False)
 
     def _format(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self._channels_last else x
@@ -160,7 +195,8 @@ class DiffusionModel(torch.nn.Module):
                     pooled = out.text_embeds  # (B, P) from the projection encoder
             else:
                 hidden_states.append(out.last_hidden_state)
-        return TextEmbeddings(torch.cat(hidden_states, dim=-1).float(), pooled)
+        hidden = torch.cat(hidden_states, dim=-1).float()  # fp32 whatever the weights' dtype
+        return TextEmbeddings(hidden, None if pooled is None else pooled.float())
 
     def null_text(self, batch: int, negative_prompt: str = "") -> TextEmbeddings:
         """The unconditional embedding ∅ for `batch` items (zeros where SDXL asks for them)."""
@@ -181,14 +217,18 @@ class DiffusionModel(torch.nn.Module):
     def eps(self, z: Tensor, t: Tensor, text: TextEmbeddings, time_ids: Tensor | None) -> Tensor:
         """One UNet call: noise prediction ε(z, t, text). A timestep on another device than z is
         copied without waiting for the device (no host-device synchronisation per step)."""
+        dtype = self.dtype
         added = None
         if self.is_sdxl:
-            added = {"text_embeds": text.pooled, "time_ids": time_ids}
+            added = {"text_embeds": text.pooled.to(dtype), "time_ids": time_ids.to(dtype)}
         if t.device != z.device:
             t = t.to(z.device, non_blocking=True)
         unet = self._unet_fn()
-        z = self._format(z)
-        return unet(z, t, encoder_hidden_states=text.hidden, added_cond_kwargs=added).sample
+        z = self._format(z.to(dtype))
+        with self.native():
+            return unet(
+                z, t, encoder_hidden_states=text.hidden.to(dtype), added_cond_kwargs=added
+            ).sample
 
     def decode(self, z: Tensor) -> Tensor:
         """Latents (B, c, h, w) → images (B, 3, H, W) in [0, 1]. Pixel-space models (no
@@ -196,7 +236,9 @@ class DiffusionModel(torch.nn.Module):
         if self.vae is None:
             x = z.expand(-1, 3, -1, -1) if z.shape[1] == 1 else z
         else:
-            x = self.vae.decode(self._format(z / self.vae.config.scaling_factor)).sample
+            z = self._format((z / self.vae.config.scaling_factor).to(self.dtype))
+            with self.native():
+                x = self.vae.decode(z).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
 
     def encode(self, x: Tensor) -> Tensor:
@@ -204,7 +246,9 @@ class DiffusionModel(torch.nn.Module):
         x = x * 2 - 1
         if self.vae is None:
             return x.mean(1, keepdim=True) if self.latent_channels == 1 else x
-        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+        with self.native():
+            mean = self.vae.encode(x.to(self.dtype)).latent_dist.mean
+        return mean.float() * self.vae.config.scaling_factor
 
 
 def _load_config(path: str, name: str) -> dict:

@@ -306,7 +306,11 @@ def optimize(
     equals B single runs up to float tolerance. The model runs with the config's channels-last
     and compile settings for the duration of the call.
     """
-    with model.runtime(channels_last=config.channels_last, compile_unet=config.compile_unet):
+    with model.runtime(
+        channels_last=config.channels_last,
+        compile_unet=config.compile_unet,
+        checkpoint_decoder_blocks=config.checkpoint_decoder_blocks,
+    ):
         return _optimize(
             model, objective, cond=cond, uncond=uncond, seeds=seeds, config=config,
             resolution=resolution, latents=latents, progress=progress, should_stop=should_stop,

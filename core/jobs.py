@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from core.counterfactual.job import CounterfactualResult
 
 
+WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class ModelCache:
     """Models loaded once per process (and device), keyed by spec and loader options."""
 
@@ -42,8 +45,19 @@ class ModelCache:
             self._models[key] = load()
         return self._models[key]
 
-    def diffusion(self, spec: str, device: str) -> DiffusionModel:
-        return self.get(("diffusion", spec, device), lambda: load_diffusion(spec, device=device))
+    def diffusion(self, spec: str, device: str, weights: str = "fp32") -> DiffusionModel:
+        """The model of `spec` on `device` with its weights stored in `weights` (fp32, bf16,
+        fp16): one cached copy per dtype (a worker that runs both presets holds both)."""
+
+        def load() -> DiffusionModel:
+            model = load_diffusion(spec, device=device)
+            if weights != "fp32":
+                model.to(WEIGHT_DTYPES[weights])
+            return model
+
+        if weights not in WEIGHT_DTYPES:
+            raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+        return self.get(("diffusion", spec, device, weights), load)
 
     def classifier(
         self, spec: str, device: str, templates: str, class_names: list[str] | None = None
@@ -241,7 +255,7 @@ def run_job(
     max_batch = job_batch(max_batch, params.guidance)  # e.g. 1 for the `reference` preset
 
     # 1. models, loaded once per process
-    model = cache.diffusion(params.diffusion, device)
+    model = cache.diffusion(params.diffusion, device, params.guidance.weights)
     roles = ["classifier1", "classifier2"] if kind == "disagreement" else ["classifier"]
     specs = {role: getattr(params, role) for role in roles}
     clfs = _load_classifiers([specs[r] for r in roles], device, params.clip_templates, cache)

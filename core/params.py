@@ -199,9 +199,13 @@ class ImageSetSpec(BaseModel):
         description="a folder of .png/.jpg/.jpeg/.bmp/.webp files; '{class}' and '{index}' are "
         "replaced by the class name and index (one folder per class)",
     )
-    image_ids: Annotated[list[Annotated[str, Field(min_length=1, max_length=200)]], Field(
-        min_length=1, max_length=MAX_SET_IMAGES
-    )] | None = Field(default=None, description="ids of uploaded images (POST /v1/images)")
+    image_ids: (
+        Annotated[
+            list[Annotated[str, Field(min_length=1, max_length=200)]],
+            Field(min_length=1, max_length=MAX_SET_IMAGES),
+        ]
+        | None
+    ) = Field(default=None, description="ids of uploaded images (POST /v1/images)")
     limit: Annotated[int, Field(ge=1, le=MAX_SET_IMAGES)] | None = Field(
         default=None, description="use at most this many images (the first ones, in order)"
     )
@@ -363,9 +367,9 @@ class CounterfactualParams(BaseModel):
         default=DEFAULT_DIFFUSION, description="diffusion model spec; default: the digits zoo's"
     )
     classifier: ModelSpec = DEFAULT_CLASSIFIER
-    targets: Annotated[list[ClassRef], Field(min_length=1, max_length=1000)] | Literal[
-        "others"
-    ] = Field(description="target classes (indices or names), or 'others': every other class")
+    targets: Annotated[list[ClassRef], Field(min_length=1, max_length=1000)] | Literal["others"] = (
+        Field(description="target classes (indices or names), or 'others': every other class")
+    )
     start_class: ClassRef | None = Field(
         default=None, description="the image's class; default: the classifier's prediction"
     )

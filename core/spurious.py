@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 Scores = Sequence[float] | np.ndarray  # (N,) probabilities p(k|x)
 
+
 def roc_auc(positive: Scores, negative: Scores) -> float:
     """P(pos > neg) + ½ P(pos == neg) over all pairs (the Mann-Whitney U statistic / n⁺n⁻)."""
     pos, neg = np.asarray(positive, np.float64), np.asarray(negative, np.float64)

@@ -26,6 +26,7 @@ LogFn = Callable[[str], None]
 def _log(line: str) -> None:
     print(line, flush=True)
 
+
 NORM_MEAN, NORM_STD = 0.5, 0.5  # classifier input standardisation: (x − 0.5) / 0.5
 
 

@@ -117,9 +117,7 @@ def load_digits_classifier(
 
     if name not in CLASSIFIER_NAMES:
         _check_name(name)
-        raise ValueError(
-            "'digits' is the diffusion model, not a classifier; use 'digits:cnn' etc."
-        )
+        raise ValueError("'digits' is the diffusion model, not a classifier; use 'digits:cnn' etc.")
     weights, _ = model_files(name, zoo_dir)
     card = read_card(name, zoo_dir)
     names = list(CLASS_NAMES if class_names is None else class_names)

@@ -29,11 +29,17 @@ def _loop_flops(model, clf, config, iterations: int) -> int:
 
 
 @pytest.mark.parametrize("arch", ["sd", "sdxl"])
-@pytest.mark.parametrize("checkpointing", [True, False])
-def test_counted_iteration_equals_one_more_iteration_of_the_loop(tiny_models, arch, checkpointing):
+@pytest.mark.parametrize(
+    "settings",
+    [{"checkpointing": True}, {"checkpointing": False},
+     {"checkpoint_decoder_blocks": True}, {"precision": "bf16", "weights": "bf16"}],
+)  # fmt: skip
+def test_counted_iteration_equals_one_more_iteration_of_the_loop(tiny_models, arch, settings):
     model = load_diffusion(tiny_models[arch])
+    if settings.get("weights") == "bf16":
+        model.to(torch.bfloat16)
     clf = load_classifier(tiny_models["classifier"])
-    config = GuidanceConfig(ddim_steps=4, loss_steps=2, num_cutouts=3, checkpointing=checkpointing)
+    config = GuidanceConfig(ddim_steps=4, loss_steps=2, num_cutouts=3, **settings)
     # the text encoders run outside the counted iteration: count them apart and take them out
     with FlopCounterMode(display=False) as text:
         model.encode_text(["a photograph of a dog"]), model.null_text(1)
@@ -43,13 +49,12 @@ def test_counted_iteration_equals_one_more_iteration_of_the_loop(tiny_models, ar
         model.encode_text(["a photograph of a dog"]), model.null_text(1),
     )  # fmt: skip
     assert counted.unet_forward > 0 and counted.decode_forward > 0
-    assert counted.unet_backward > 0 and counted.decode_backward > 0
     assert counted.per_iteration == two - one  # one training iteration, exactly
-    recompute = counted.ddim_steps * counted.unet_forward + 2 * counted.decode_forward
     assert counted.as_dict()["per_iteration"] == counted.per_iteration
-    if checkpointing:  # every forward runs twice
-        unchecked = counted.__class__(**{**counted.__dict__, "checkpointing": False})
-        assert counted.per_iteration - unchecked.per_iteration == recompute
+    # recompute runs the forward again: at least twice the forward, plus a backward
+    times = 2 if config.checkpointing else 1
+    assert counted.unet_train > (times + 0.5) * counted.unet_forward
+    assert counted.decode_train > (times + 0.5) * counted.decode_forward
 
 
 def test_one_item_only(tiny_models):
