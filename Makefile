@@ -54,7 +54,8 @@ gpu-wheels:
 
 # The same run on this CPU at toy sizes, in a Python 3.12 virtualenv that holds what the GPU
 # image holds (its torch 2.11 and libraries, no diffusers or pydantic): checks that everything
-# the GPU run imports works there. Needs pyenv's Python 3.12 and about 5 GB for torch.
+# the GPU run imports works there (full-size SD 1.5 and SDXL at 64 px: about half an hour on 2
+# cores). Needs pyenv's Python 3.12 and about 5 GB for torch.
 VENV_GPU ?= .venv-gpu312
 PY312    ?= $(shell ls -d $$HOME/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -1)
 $(VENV_GPU)/bin/python:

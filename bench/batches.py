@@ -1,4 +1,4 @@
-"""Sweep benchmark (issue 6): accepting a large batch, streaming its results index, and batched
+"""Sweep benchmark: accepting a large batch, streaming its results index, and batched
 versus one-by-one execution of sweep items. Figures are printed and written as JSON; nothing is
 asserted (the machine is shared: the load average is recorded beside every figure).
 

@@ -1,4 +1,4 @@
-"""Dashboard benchmark (issue 7): server-side render time of the /ui pages with many jobs in the
+"""Dashboard benchmark: server-side render time of the /ui pages with many jobs in the
 database. Figures are printed and written as JSON; nothing is asserted (the machine is shared:
 the load average is recorded).
 

@@ -1,10 +1,12 @@
 """Full-scale speed and memory of the guidance loop: figures, never asserts.
 
 For each architecture (full-size random-weight SD 1.5 at 512 px, SDXL at 1024 px, built directly
-on the device by `core.random_models`) and each configuration (the `reference` preset: the
-paper's fp32, one item, 16 cutouts, full checkpointing; the `optimised` preset: bf16 autocast,
-batched), `core.guidance.optimize` runs `iterations` iterations of `ddim_steps` DDIM steps, at
-B = 1 and at the largest B that fits the device's memory, and measures
+on the device by `core.random_models`) and each configuration (`VARIANTS`: the `reference`
+preset, the paper's fp32, one item, 16 cutouts, full checkpointing; the `optimised` preset, bf16
+weights run natively, the VAE decoder recomputed block by block, batched; `autocast`, the earlier
+optimised path, bf16 autocast over fp32 weights; ablations on top of the optimised preset),
+`core.guidance.optimize` runs `iterations` iterations of `ddim_steps` DDIM steps, at B = 1 and at
+the largest B that fits the device's memory, and measures
 
 - seconds per optimisation iteration (steady state: the iterations after the first, which also
   pays for warm-up and compilation; each iteration ends with its one host copy, so the wall time
@@ -20,9 +22,10 @@ B = 1 and at the largest B that fits the device's memory, and measures
 The classifier is a random-weight timm ResNet-50 (224 px, 1000 classes), the objective CE to a
 class. On a GPU the largest B comes from the peaks of two one-iteration probes (B = 1, 2) and
 `core.batching.largest_batch` under 92 % of the device's memory (capped by `--limit`), backing off
-on out-of-memory. Ablation rows add channels-last, torch.compile of the UNet, and bf16 weights to
-the optimised path. A torch profiler table of the top kernels of one optimised iteration shows
-where the time goes.
+on out-of-memory. Ablation rows add channels-last, torch.compile of the UNet or cuDNN's benchmark
+mode to the optimised path, or take its decoder recompute away. The configurations with fp32
+weights run first; then the model's weights are converted to bf16 once. A torch profiler table of
+the top kernels of one optimised iteration (`--profile-batch`) shows where the time goes.
 
     python bench/gpu.py [--archs sd15 sdxl] [--out bench/results/gpu.json]
     python bench/gpu.py --smoke     # CPU: the full-size archs at 64 px, 3 DDIM steps
@@ -373,10 +376,10 @@ class Bench:
 
         cuda = device.type == "cuda"
         largest: dict[str, int] = {}
-        fp32_first = sorted(configs, key=lambda n: configs[n].weights != "fp32")
+        fp32_first = sorted(configs, key=lambda n: configs[n].weights_precision != "fp32")
         for name in fp32_first:
             config = configs[name]
-            dtype = WEIGHT_DTYPES[config.weights]
+            dtype = WEIGHT_DTYPES[config.weights_precision]
             if model.dtype != dtype:  # fp32 → bf16 once, after every fp32 configuration
                 model.to(dtype)
             flops = flops_of(model, clf, config)

@@ -1,4 +1,4 @@
-"""Service benchmark (issue 5): one API process on PostgreSQL and Redis, measured from outside.
+"""Service benchmark: one API process on PostgreSQL and Redis, measured from outside.
 
 1. Submissions per second: `--submissions` POST /v1/jobs (digits guided jobs) from
    `--concurrency` concurrent keep-alive connections (a lean asyncio HTTP/1.1 client, not

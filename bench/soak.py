@@ -1,4 +1,4 @@
-"""Soak benchmark (issue 8): `--jobs` tiny digits jobs (one guidance iteration) through a private
+"""Soak benchmark: `--jobs` tiny digits jobs (one guidance iteration) through a private
 Redis, PostgreSQL and S3 (moto) while `--kills` random workers are SIGKILLed and replaced; the
 reaper recovers their jobs. Prints and writes the counts: faults injected, jobs run, jobs lost,
 duplicates, result sets, attempts, wall time (tests/reliability/soak.py does the work; the suite

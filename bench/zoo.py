@@ -1,4 +1,4 @@
-"""Quality bars of the bundled digits zoo (issue 3): figures, and each bar's verdict.
+"""Quality bars of the bundled digits zoo: figures, and each bar's verdict.
 
 1. Test accuracy of the classifiers (bar: ≥ 95 % for cnn, mlp, judge; ≥ 90 % clean accuracy for
    cnn-spurious) and how often cnn-spurious predicts its correlated class on patched test digits
@@ -9,7 +9,7 @@
 3. The semantic jobs of `examples/*_digits.json` (the zoo's guidance settings) with more items
    than the tests use: judge agreement (guided, bar ≥ 90 %) and patch rate (disagreement and
    neuron, bar ≥ 80 %, against the unguided rate), with their run times.
-4. Neural PCA and the spurious score (issue 4): |r| of a top-3 component of cnn-spurious with the
+4. Neural PCA and the spurious score: |r| of a top-3 component of cnn-spurious with the
    planted patch over train sevens, half patched (bar ≥ 0.8; digits:cnn for contrast), the patch
    rate of that component's `pca_component` visualisations (bar ≥ 80 %), and the AUC of p(seven)
    separating real sevens from patched other digits (bars: ≤ 0.7 for cnn-spurious, ≥ 0.9 for cnn).
@@ -42,7 +42,7 @@ def bar(value: float, threshold: float) -> dict:
 
 
 def pca_and_spurious(cache: ModelCache, spec, items: int) -> tuple[dict, dict]:
-    """Section 4 (issue 4): neural PCA of cnn-spurious for seven (|r| of the best of the top
+    """Section 4: neural PCA of cnn-spurious for seven (|r| of the best of the top
     three components with the planted patch; digits:cnn on the same images for contrast), that
     component's `pca_component` visualisations (patch rate, guided vs. unguided), and the
     spurious score of seven (patched other digits vs. real sevens) of each classifier, with
@@ -208,7 +208,7 @@ def main() -> None:
     }
     results["semantic"] = semantic
 
-    # 4. neural PCA, its component visualisations, spurious scores (issue 4)
+    # 4. neural PCA, its component visualisations, spurious scores
     results["pca_and_spurious"], pca_bars = pca_and_spurious(cache, spec, args.items)
     bars |= pca_bars
     results["bars"] = bars

@@ -1,4 +1,4 @@
-"""The neural PCA and spurious-feature kinds (DESIGN §3.2, issue 4), end to end.
+"""The neural PCA and spurious-feature kinds (DESIGN §3.2), end to end.
 
     neural_pca      PCA of a ⊙ w_k over a set of class-k images (core.pca): mean, components,
                     explained variance, each image's α values, the top images per component,
@@ -326,7 +326,7 @@ def run_pca_component(
             f"components: must be < {len(pca.components)} (the components of the PCA), "
             f"got {max(params.components)}"
         )
-    model = cache.diffusion(params.diffusion, device, params.guidance.weights)
+    model = cache.diffusion(params.diffusion, device, params.guidance.weights_precision)
     mean = torch.tensor(pca.mean, device=model.device)  # (F,) μ
     directions = torch.tensor(pca.components, device=model.device)  # (L, F) v_l
     t_loaded = time.perf_counter()

@@ -1,4 +1,4 @@
-"""How many items run together in one optimisation (issue 9).
+"""How many items run together in one optimisation.
 
 The core's batch dimension B runs B independent items in one DDIM chain (same images as B single
 runs). Bigger B is faster per item until the device's memory is full. Peak memory is close to

@@ -45,9 +45,10 @@ class GuidanceConfig:
     noise_sd: Annotated[float, Field(ge=0.0, le=1.0)] = 0.005  # Gaussian noise on the cutouts
     # --- numerics and speed (the presets below set these) --------------------------------------
     precision: Precision = "fp32"  # autocast dtype of UNet and VAE; classifier losses stay fp32
-    # storage dtype of the diffusion model's weights: bf16/fp16 run UNet and VAE natively in it
-    # (no per-call weight casts, norms in that dtype); must equal `precision` unless fp32
-    weights: Precision = "fp32"
+    # storage dtype of the diffusion model's weights; None: the same as `precision`. bf16/fp16 run
+    # UNet and VAE natively in it (no per-call weight casts, norms in that dtype); fp32 weights
+    # with a bf16/fp16 precision run under autocast instead
+    weights: Precision | None = None
     checkpointing: bool = True  # recompute each UNet call, VAE decode and classifier in backward
     # also recompute the VAE decoder block by block in backward: the decode's activations are
     # not all alive at once (less memory per item), one more decoder forward per loss step
@@ -58,7 +59,7 @@ class GuidanceConfig:
     preset: Preset | None = None  # the preset these fields started from (record only; see PRESETS)
 
     def __post_init__(self) -> None:
-        if self.weights != "fp32" and self.weights != self.precision:
+        if self.weights not in (None, "fp32", self.precision):
             raise ValueError(
                 f"weights ({self.weights}) must be fp32 or equal precision ({self.precision})"
             )
@@ -66,6 +67,11 @@ class GuidanceConfig:
             raise ValueError(
                 f"loss_steps ({self.loss_steps}) must be at most ddim_steps ({self.ddim_steps})"
             )
+
+    @property
+    def weights_precision(self) -> Precision:
+        """The dtype the diffusion model's weights are stored in for this job."""
+        return self.weights or self.precision
 
     @classmethod
     def from_preset(cls, name: Preset, **fields: Any) -> GuidanceConfig:
@@ -84,7 +90,6 @@ class GuidanceConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     "reference": {
         "precision": "fp32",
-        "weights": "fp32",
         "checkpointing": True,
         "checkpoint_decoder_blocks": False,
         "channels_last": False,
@@ -94,7 +99,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "optimised": {
         "precision": "bf16",
-        "weights": "bf16",
         "checkpointing": True,
         "checkpoint_decoder_blocks": True,
         "channels_last": False,

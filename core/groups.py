@@ -73,7 +73,7 @@ def run_group(
     cache = cache or _DEFAULT_CACHE
 
     # 1. models, loaded once per process
-    model = cache.diffusion(params.diffusion, device, params.guidance.weights)
+    model = cache.diffusion(params.diffusion, device, params.guidance.weights_precision)
     roles = ["classifier1", "classifier2"] if kind == "disagreement" else ["classifier"]
     specs = {role: getattr(params, role) for role in roles}
     clfs = _load_classifiers([specs[r] for r in roles], device, params.clip_templates, cache)

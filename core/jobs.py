@@ -255,7 +255,7 @@ def run_job(
     max_batch = job_batch(max_batch, params.guidance)  # e.g. 1 for the `reference` preset
 
     # 1. models, loaded once per process
-    model = cache.diffusion(params.diffusion, device, params.guidance.weights)
+    model = cache.diffusion(params.diffusion, device, params.guidance.weights_precision)
     roles = ["classifier1", "classifier2"] if kind == "disagreement" else ["classifier"]
     specs = {role: getattr(params, role) for role in roles}
     clfs = _load_classifiers([specs[r] for r in roles], device, params.clip_templates, cache)

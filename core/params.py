@@ -145,7 +145,7 @@ class NeuronParams(_Generative):
         return self
 
 
-# --- neural PCA, its components, spurious scores (issue 4; loaded by core.imagesets) ----------
+# --- neural PCA, its components, spurious scores (loaded by core.imagesets) ----------
 
 DIGITS_SIDE = 16  # image side of the digits zoo (core.digits.data.RESOLUTION, a torch module)
 MAX_SET_IMAGES = 10_000  # images per image set
@@ -345,7 +345,7 @@ class SpuriousScoreParams(BaseModel):
     )
 
 
-# --- counterfactuals of real images (issue 4; run by core.counterfactual.job) ------------------
+# --- counterfactuals of real images (run by core.counterfactual.job) ------------------
 
 
 class CounterfactualParams(BaseModel):

@@ -1,4 +1,4 @@
-"""Full-size random-weight Stable Diffusion pipelines, for speed and memory only (issue 9).
+"""Full-size random-weight Stable Diffusion pipelines, for speed and memory only.
 
 The published architecture configs of Stable Diffusion 1.5 (`runwayml/stable-diffusion-v1-5`) and
 SDXL (`stabilityai/stable-diffusion-xl-base-1.0`) ship as JSON under `core/archs/<arch>/` (no

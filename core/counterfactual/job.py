@@ -225,7 +225,7 @@ def run_counterfactual(
     max_batch = job_batch(max_batch, guidance)  # e.g. 1 for the `reference` preset
 
     # 1. models and the image
-    model = cache.diffusion(params.diffusion, device, guidance.weights)
+    model = cache.diffusion(params.diffusion, device, guidance.weights_precision)
     classifier = cache.classifier(params.classifier, device, params.clip_templates)
     resolution = params.resolution or model.resolution
     model.latent_shape(resolution)  # fail early on a bad resolution

@@ -1,4 +1,4 @@
-"""Quality measures of the zoo (issue 3's bars), shared by the training command (model cards)
+"""Quality measures of the zoo (the zoo's bars), shared by the training command (model cards)
 and `bench/zoo.py`. All take models through the project's interfaces (`Classifier`,
 `DiffusionModel`), so they measure exactly what the loaders return.
 """

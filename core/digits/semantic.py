@@ -1,4 +1,4 @@
-"""Semantic checks on the zoo: explanations whose correct answer we know (issue 3).
+"""Semantic checks on the zoo: explanations whose correct answer we know.
 
 The jobs run through `core.jobs.run_job` on the zoo's specs ('digits', 'digits:<name>'), the
 same path as `digin run`. The verdicts are plain functions of the result images: the judge's

@@ -1,4 +1,4 @@
-"""Schemathesis against the API's own OpenAPI document (issue 8): for every operation, requests
+"""Schemathesis against the API's own OpenAPI document: for every operation, requests
 generated from the schema (valid and invalid ones, with a valid API key, and without one) must
 never get a 5xx, and every 4xx must be an `application/problem+json` problem with `type`,
 `title`, `status` equal to the HTTP status. Runs on PostgreSQL + Redis and on SQLite + the

@@ -1,4 +1,4 @@
-"""Bad input that tries to reach outside a tenant's artifacts (issue 8): artifact names with
+"""Bad input that tries to reach outside a tenant's artifacts: artifact names with
 path traversal, in every encoding a client can send, on a succeeded job with real files beside
 it; none reads a file (404 problem, never a 200, a redirect or a 500). Plain `..` segments are
 resolved by HTTP clients before they send (RFC 3986), so they go percent-encoded here. The other

@@ -26,7 +26,7 @@ from tests.worker.helpers import ROOT, digits_params
 
 pytestmark = pytest.mark.skipif(
     not (ROOT / "api" / "routes" / "batches.py").exists(),
-    reason="api/routes/batches.py (POST/GET /v1/batches, the server side of issue 6) is not in "
+    reason="api/routes/batches.py (POST/GET /v1/batches, the server side of batches) is not in "
     "this checkout yet",
 )
 

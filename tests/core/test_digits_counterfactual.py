@@ -1,4 +1,4 @@
-"""Counterfactuals on the shipped digits zoo, with known answers (issue 4).
+"""Counterfactuals on the shipped digits zoo, with known answers.
 
 Held-out test digits are changed towards other classes with the zoo's counterfactual settings
 (`core.digits.settings.DIGITS_COUNTERFACTUAL*`, repeated in `examples/counterfactual_digits.json`)

@@ -1,4 +1,4 @@
-"""Semantic tests of neural PCA and the spurious score on the shipped digits zoo (issue 4).
+"""Semantic tests of neural PCA and the spurious score on the shipped digits zoo.
 
 `digits:cnn-spurious` relies on a planted 3x3 patch (top-left) for class seven; `digits:cnn`
 does not. The image sets are built from the bundled digits (`core.imagesets`), the jobs run

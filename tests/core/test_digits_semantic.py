@@ -1,4 +1,4 @@
-"""Semantic tests on the shipped digits zoo: explanations whose right answer we know (issue 3).
+"""Semantic tests on the shipped digits zoo: explanations whose right answer we know.
 
 Each runs an example params file (`examples/*_digits.json`, the zoo's guidance settings of
 `core.digits.settings.DIGITS_GUIDANCE`) through `core.jobs.run_job` and judges the result with a

@@ -1,4 +1,4 @@
-"""The digits zoo's data, planted feature, training command and loaders (issue 3).
+"""The digits zoo's data, planted feature, training command and loaders.
 
 `--quick` trains every model for a few steps into a temporary folder, and the loaders read them
 back: this keeps the training code honest without the minutes a real training takes.

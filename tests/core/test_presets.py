@@ -1,4 +1,4 @@
-"""Speed settings of a job (issue 9): the `reference` and `optimised` presets, batch limits and
+"""Speed settings of a job: the `reference` and `optimised` presets, batch limits and
 the memory fit (core.config, core.params, core.batching), and that channels-last, the device-side
 timesteps and the single host copy per iteration leave the results as they were."""
 
@@ -35,6 +35,7 @@ def test_the_reference_preset_is_the_papers_configuration():
 def test_the_optimised_preset_changes_numerics_not_the_algorithm():
     cfg = GuidanceConfig.from_preset("optimised", iterations=5)
     assert (cfg.precision, cfg.max_batch, cfg.iterations) == ("bf16", None, 5)
+    assert cfg.weights_precision == "bf16" and cfg.checkpoint_decoder_blocks
     same = {k: v for k, v in asdict(cfg).items() if k not in PRESETS["optimised"]}
     default = {k: v for k, v in asdict(GuidanceConfig(iterations=5)).items() if k in same}
     assert same == {**default, "preset": "optimised"}
@@ -162,3 +163,64 @@ def test_the_ddim_chain_never_waits_for_the_gpu(tiny_models):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len(x0s) == 3
+
+
+def test_the_weights_follow_the_precision_unless_kept_in_fp32():
+    assert GuidanceConfig().weights_precision == "fp32"
+    assert GuidanceConfig(precision="bf16").weights_precision == "bf16"
+    assert GuidanceConfig(precision="bf16", weights="fp32").weights_precision == "fp32"  # autocast
+    assert GuidanceConfig.from_preset("optimised", precision="fp32").weights_precision == "fp32"
+    with pytest.raises(ParamsError) as err:
+        validate_params(
+            "guided",
+            {"diffusion": SD, "classes": [1], "guidance": {"precision": "bf16", "weights": "fp16"}},
+        )
+    assert "weights" in str(err.value) and "precision" in str(err.value)
+
+
+def test_the_model_cache_keeps_one_copy_per_weight_dtype(tiny_models):
+    from core.jobs import ModelCache
+
+    cache = ModelCache()
+    fp32 = cache.diffusion(tiny_models["sd"], "cpu")
+    bf16 = cache.diffusion(tiny_models["sd"], "cpu", "bf16")
+    assert fp32 is cache.diffusion(tiny_models["sd"], "cpu", "fp32")
+    assert bf16 is not fp32 and (fp32.dtype, bf16.dtype) == (torch.float32, torch.bfloat16)
+    assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="weights must be one of"):
+        cache.diffusion(tiny_models["sd"], "cpu", "int8")
+
+
+def test_bf16_weights_run_natively_and_keep_the_optimised_variables_in_fp32(tiny_models):
+    from core.classifiers import load_classifier
+    from core.diffusion import load_diffusion
+
+    clf = load_classifier(tiny_models["classifier"])
+    sd = load_diffusion(tiny_models["sdxl"])
+    base = _run(sd, clf)
+    sd.to(torch.bfloat16)
+    emb = sd.encode_text(["a photo"])
+    assert emb.hidden.dtype == emb.pooled.dtype == torch.float32  # what the deltas add to
+    seen = []
+    hook = sd.unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # an outer autocast changes nothing
+        low = _run(sd, clf, precision="bf16")
+    hook.remove()
+    assert set(seen) == {torch.bfloat16}
+    assert low.final_latents.dtype == torch.float32 and low.clean_loss.dtype == torch.float32
+    assert torch.isfinite(low.clean_loss).all()
+    diff = (low.trajectory[0].float() - base.trajectory[0].float()).abs().mean()
+    assert diff < 8  # iteration 0: the same sample up to bf16 rounding (uint8 levels)
+
+
+def test_recomputing_the_decoder_block_by_block_changes_nothing_but_memory(tiny_models):
+    from core.classifiers import load_classifier
+    from core.diffusion import load_diffusion
+
+    sd, clf = load_diffusion(tiny_models["sd"]), load_classifier(tiny_models["classifier"])
+    base = _run(sd, clf)
+    blocks = _run(sd, clf, checkpoint_decoder_blocks=True)
+    assert not sd.vae.decoder.gradient_checkpointing  # the shared model is as it was
+    assert torch.equal(blocks.trajectory, base.trajectory)
+    assert torch.allclose(blocks.final_latents, base.final_latents, atol=1e-6)
+    assert torch.allclose(blocks.train_loss, base.train_loss, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Full-size random-weight pipelines (core.random_models, issue 9): the shipped architecture
+"""Full-size random-weight pipelines (core.random_models): the shipped architecture
 configs are the published ones, and a written pipeline folder loads through the normal loader."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Fixtures of the reliability suite (issue 8): one private Redis, PostgreSQL (migrated) and S3
+"""Fixtures of the reliability suite: one private Redis, PostgreSQL (migrated) and S3
 per test session, on free loopback ports (`tests/reliability/stack.py`); each test makes its own
 deployment (bucket, workers, reaper) over them. Skipped, with the reason, where redis-server,
 the PostgreSQL binaries or the `postgres` user are missing."""

@@ -1,4 +1,4 @@
-"""The soak (issue 8): many tiny digits jobs (one guidance iteration) through Redis, PostgreSQL
+"""The soak: many tiny digits jobs (one guidance iteration) through Redis, PostgreSQL
 and S3 while workers are SIGKILLed at random and replaced; at the end every job must be terminal
 with exactly one result set per succeeded job. Shared by `tests/reliability/test_soak.py` (a
 small count) and `bench/soak.py` (the large one, figures to bench/results/soak.json)."""

@@ -1,4 +1,4 @@
-"""Private servers for fault injection (issue 8): a Redis, a PostgreSQL and an S3 of their own,
+"""Private servers for fault injection: a Redis, a PostgreSQL and an S3 of their own,
 on free loopback ports, started and stopped by process id. The machine's shared PostgreSQL
 (5432) and Redis (6379) are never touched.
 
