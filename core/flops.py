@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from core.augment import ItemRNG
 from core.config import GuidanceConfig
 from core.diffusion import DiffusionModel, TextEmbeddings
-from core.guidance import DenoisingLoop, _clean_views, _DecodeAndLoss, autocast
+from core.guidance import DenoisingLoop, ObjectiveLoss
 from core.objectives import Objective
 
 
@@ -98,8 +98,10 @@ def iteration_flops(
         if train:
             (out.sum() + x0.sum()).backward()
 
-    decode_loss = _DecodeAndLoss(model, objective, config, [ItemRNG.from_seed(0, device)])
-    plans = decode_loss.sample_plans(resolution)
+    decode_loss = ObjectiveLoss(
+        model, objective, config, [ItemRNG.from_seed(0, device)], resolution
+    )
+    plans = decode_loss.sample_plans()
 
     def decode(train: bool) -> None:
         x0 = z.detach().requires_grad_(train)
@@ -111,12 +113,10 @@ def iteration_flops(
         if train:
             loss.sum().backward()
 
-    with torch.no_grad(), autocast(device, config.precision):
-        images = model.decode(z)
+    images = decode_loss.evaluate(z, None).images
 
     def clean() -> None:
-        with torch.no_grad():
-            objective(_clean_views(objective, images))
+        decode_loss.evaluate(z, images)
 
     with model.runtime(
         channels_last=config.channels_last,

@@ -108,6 +108,11 @@ class GuidanceResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def guided_eps(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:
+    """Classifier-free guidance: ε(z, ∅) + w · (ε(z, C) − ε(z, ∅))."""
+    return eps_uncond + scale * (eps_cond - eps_uncond)
+
+
 class DenoisingLoop:
     """The DDIM chain of one iteration, with gradients (and checkpointing) when asked."""
 
@@ -142,15 +147,22 @@ class DenoisingLoop:
             self._time_ids[b] = None if ids is None else torch.cat([ids, ids])
         return self._time_ids[b]
 
+    def prepare(self, z: Tensor, i: int) -> Tensor:
+        """What a chain adds at the start of step i, inside the (checkpointed) step so that the
+        recompute in backward does it again: nothing here; counterfactual edits blend the
+        background and set the step of the attention control (`core.counterfactual.edit`)."""
+        return z
+
     def step(
         self, z: Tensor, i: int, text: TextEmbeddings, time_ids: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """DDIM step i with classifier-free guidance: z_t → (z_{t-1}, x̂0)."""
+        z = self.prepare(z, i)
         t = self.scheduler.timesteps[i]  # host copy, for the scheduler's tables
         with autocast(self.device, self.config.precision):
             eps = self.model.eps(torch.cat([z, z]), self.timesteps_device[i], text, time_ids)
         eps_uncond, eps_cond = eps.float().chunk(2)
-        eps = eps_uncond + self.config.guidance_scale * (eps_cond - eps_uncond)
+        eps = guided_eps(eps_uncond, eps_cond, self.config.guidance_scale)
         out = self.scheduler.step(eps, t, z, eta=0.0)
         return out.prev_sample, out.pred_original_sample
 
@@ -183,23 +195,36 @@ def _clean_views(objective: Objective, images: Tensor) -> list[Tensor]:
     return [clean_view(images, clf.input_size) for clf in objective.classifiers]
 
 
-class _DecodeAndLoss(torch.nn.Module):
-    """x̂0 latent → image → classifier views → per-item loss; checkpointed as one unit."""
+@dataclass
+class Evaluation:
+    """The clean path of one iteration's final x̂0: what selects the best iteration."""
 
-    def __init__(self, model, objective, config, rngs) -> None:
+    loss: Tensor  # (B,) float32
+    metrics: dict[str, Tensor]  # name → (B,)
+    images: Tensor  # (B, 3, H, W) in [0, 1], float32
+
+
+class ObjectiveLoss(torch.nn.Module):
+    """What the engine minimises for the generative kinds: x̂0 latent → image → classifier views
+    (`num_cutouts` crops per image, or the clean resize) → per-item objective; checkpointed as
+    one unit. `evaluate` is the clean path. Counterfactual edits add regularisers
+    (`core.counterfactual.edit.EditLoss`)."""
+
+    def __init__(self, model, objective: Objective, config: GuidanceConfig, rngs, resolution):
         super().__init__()
         self.model, self.objective, self.config = model, objective, config
-        self.plans: list = []
         self.rngs = rngs
+        self.resolution = resolution
 
-    def sample_plans(self, image_side: int) -> list:
+    def sample_plans(self) -> list:
+        """The crops of one loss step, drawn outside the checkpoint from each item's streams."""
         cfg = self.config
         if cfg.num_cutouts == 0:
             return [None for _ in self.objective.classifiers]
         return [
             sample_cutouts(
                 self.rngs,
-                image_side=image_side,
+                image_side=self.resolution,
                 size=clf.input_size,
                 num=cfg.num_cutouts,
                 cut_power=cfg.cut_power,
@@ -208,14 +233,25 @@ class _DecodeAndLoss(torch.nn.Module):
             for clf in self.objective.classifiers
         ]
 
-    def forward(self, x0: Tensor, plans: list) -> tuple[Tensor, Tensor]:
+    def decode(self, x0: Tensor) -> Tensor:
         with autocast(x0.device, self.config.precision):
-            images = self.model.decode(x0)  # (B, 3, H, W) in [0, 1], float32
+            return self.model.decode(x0)  # (B, 3, H, W) in [0, 1], float32
+
+    def forward(self, x0: Tensor, plans: list) -> tuple[Tensor, Tensor]:
+        images = self.decode(x0)
         views = [
             clean_view(images, clf.input_size) if plan is None else apply_cutouts(images, plan)
             for clf, plan in zip(self.objective.classifiers, plans, strict=True)
         ]
         return self.objective(views).loss, images  # (B,), (B, 3, H, W)
+
+    @torch.no_grad()
+    def evaluate(self, x0: Tensor, images: Tensor | None) -> Evaluation:
+        """The clean path on x̂0 (`images`: its decode, when the loss already made it)."""
+        images = (self.decode(x0) if images is None else images).detach().float()
+        out: ObjectiveOutput = self.objective(_clean_views(self.objective, images))
+        metrics = {k: v.detach().float() for k, v in out.metrics.items()}
+        return Evaluation(out.loss.detach().float(), metrics, images)
 
 
 def _clip_per_item(param: Tensor, item_dim: int, max_norm: float) -> None:
@@ -303,146 +339,172 @@ def optimize(
 
     `cond`/`uncond` hold B items (uncond may be per step, (T, B, L, D)); `seeds` give each item
     its own z_T (unless `latents` are given) and its own augmentation streams, so a batched run
-    equals B single runs up to float tolerance. The model runs with the config's channels-last
-    and compile settings for the duration of the call.
+    equals B single runs up to float tolerance. The model runs with the config's channels-last,
+    compile and decoder-recompute settings for the duration of the call.
     """
+    b = len(seeds)
+    if cond.hidden.shape[0] != b:
+        raise ValueError(f"got {cond.hidden.shape[0]} prompt embeddings for {b} seeds")
+    resolution = resolution or model.resolution
+    rngs = [ItemRNG.from_seed(s, model.device) for s in seeds]
+    z_T = initial_latents(model, rngs, resolution) if latents is None else latents
+    loss = ObjectiveLoss(model, objective, config, rngs, resolution)
+    loop = DenoisingLoop(model, config, resolution, uncond)
+    return run(model, loop, loss, z_T=z_T, cond=cond, config=config, progress=progress,
+               should_stop=should_stop)  # fmt: skip
+
+
+def run(
+    model: DiffusionModel,
+    loop: DenoisingLoop,
+    loss: ObjectiveLoss,
+    *,
+    z_T: Tensor,
+    cond: TextEmbeddings,
+    config: GuidanceConfig,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    progress_info: Callable[[Tensor, dict[str, Tensor]], dict] | None = None,
+) -> GuidanceResult:
+    """The optimisation every kind runs (the engine): from z_T (B items), `iterations` times
+    the chain with gradients → the weighted augmented loss of the last `loss_steps` x̂0 →
+    `descend`; every iteration's final x̂0 also goes through the clean path, which selects the
+    best iteration; iteration I only evaluates. `loop` is the chain (a subclass adds per-step
+    work), `loss` what is minimised and its clean path. `progress_info(clean_loss, metrics)`
+    is what `progress` hears of an iteration (default: the clean loss and every metric)."""
     with model.runtime(
         channels_last=config.channels_last,
         compile_unet=config.compile_unet,
         checkpoint_decoder_blocks=config.checkpoint_decoder_blocks,
     ):
-        return _optimize(
-            model, objective, cond=cond, uncond=uncond, seeds=seeds, config=config,
-            resolution=resolution, latents=latents, progress=progress, should_stop=should_stop,
-        )  # fmt: skip
+        return _run(loop, loss, z_T, cond, config, progress, should_stop, progress_info)
 
 
-def _optimize(
-    model: DiffusionModel,
-    objective: Objective,
-    *,
-    cond: TextEmbeddings,
-    uncond: TextEmbeddings,
-    seeds: list[int],
-    config: GuidanceConfig,
-    resolution: int | None,
-    latents: Tensor | None,
-    progress: ProgressFn | None,
-    should_stop: StopFn | None,
-) -> GuidanceResult:
-    # 1. Check inputs
-    b = len(seeds)
-    if cond.hidden.shape[0] != b:
-        raise ValueError(f"got {cond.hidden.shape[0]} prompt embeddings for {b} seeds")
-    resolution = resolution or model.resolution
-    device = model.device
-    rngs = [ItemRNG.from_seed(s, device) for s in seeds]
-
-    # 2. Initial latents z_T and their norms (kept after every step)
-    z_init = initial_latents(model, rngs, resolution) if latents is None else latents.to(device)
-    z_T = z_init.detach().clone().requires_grad_(config.optimize_latents)
+def _run(loop, loss, z_T, cond, config, progress, should_stop, progress_info) -> GuidanceResult:
+    # 1. z_T (its norms kept after every step), deltas, optimiser with per-group learning rates
+    device = loop.device
+    z_T = z_T.to(device).detach().clone().requires_grad_(config.optimize_latents)
+    b = z_T.shape[0]
     norms = z_T.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-
-    # 3. Deltas and optimiser with per-group learning rates
-    steps = config.ddim_steps if config.per_step_deltas else 1
-    deltas = Deltas.zeros(cond, steps)
+    deltas = Deltas.zeros(cond, config.ddim_steps if config.per_step_deltas else 1)
     optimizer, scheduler = make_optimizer(config, z_T, deltas)
-
-    loop = DenoisingLoop(model, config, resolution, uncond)
-    decode_loss = _DecodeAndLoss(model, objective, config, rngs)
     weights = loss_step_weights(config.loss_steps).tolist()
+    record = Recorder(b, device, config.iterations + 1, progress, progress_info)
 
-    # 4. Optimisation loop; iteration I only evaluates. The per-item bests stay on the device;
-    # each iteration copies its image and its numbers to the host once (one synchronisation).
-    pinned = device.type == "cuda"
-    trajectory, clean_losses, train_losses, latent_norms = [], [], [], []
-    metrics: dict[str, list[Tensor]] = {}
-    best_loss = torch.full((b,), torch.inf, device=device)
-    best_images: Tensor | None = None
-    best_iteration = torch.zeros(b, dtype=torch.long, device=device)
-    stopped = False
-    t_chain = t_loss = 0.0
+    # 2. Iterations; the last only evaluates
     for it in range(config.iterations + 1):
         train = it < config.iterations and optimizer is not None
-        t0 = time.perf_counter()
+        record.start()
         norm = z_T.detach().flatten(1).norm(dim=1)  # (B,) ‖z_T‖ before this iteration's step
         with torch.set_grad_enabled(train):
             x0s = loop(z_T, cond, deltas, keep_last=config.loss_steps if train else 1)
-        t1 = time.perf_counter()
+        record.chain_done()
 
-        # 4a. augmented loss on the last k x̂0, weighted, back-propagated
-        final, train_loss = None, None
+        # 2a. the augmented loss on the last k x̂0, weighted, back-propagated
+        images, train_loss = None, None
         if train:
             total = torch.zeros(b, device=device)
             for w, x0 in zip(weights, x0s, strict=True):
-                plans = decode_loss.sample_plans(resolution)
+                plans = loss.sample_plans()
                 if config.checkpointing:
-                    loss, final = checkpoint(decode_loss, x0, plans, use_reentrant=False)
+                    item_loss, images = checkpoint(loss, x0, plans, use_reentrant=False)
                 else:
-                    loss, final = decode_loss(x0, plans)
-                total = total + w * loss
+                    item_loss, images = loss(x0, plans)
+                total = total + w * item_loss
             train_loss = total.detach().float()
             descend(total, optimizer, scheduler, z_T, norms, deltas, config)
 
-        # 4b. clean path on the final x̂0 (before this step's update): trajectory, selection
-        with torch.no_grad():
-            if final is None:
-                with autocast(device, config.precision):
-                    final = model.decode(x0s[-1])  # (B, 3, H, W) in [0, 1]
-            final = final.detach().float()
-            clean: ObjectiveOutput = objective(_clean_views(objective, final))
-            clean_loss = clean.loss.detach().float()  # (B,)
-            improved = clean_loss < best_loss
-            if best_images is None:
-                best_images = final.clone()
-            best_images = torch.where(improved.view(-1, 1, 1, 1), final, best_images)
-            best_loss = torch.where(improved, clean_loss, best_loss)
-            best_iteration = torch.where(improved, it, best_iteration)
-            frame = (final * 255).round().to(torch.uint8)  # (B, 3, H, W)
+        # 2b. the clean path on the final x̂0 (before this iteration's update)
+        record.iteration(it, norm, loss.evaluate(x0s[-1].detach(), images), train_loss)
+        if should_stop is not None and it < config.iterations and should_stop():
+            record.stopped = True
+            break
+    return record.result(z_T)
 
-        # 4c. to the host: the image without waiting, then the numbers (the one synchronisation,
+
+class Recorder:
+    """The bookkeeping of a run, apart from the loop: trajectory frames, clean losses and
+    metrics, training losses, ‖z_T‖, the best image of every item (kept on the device), timings.
+    Each iteration copies its frame and its numbers to the host once (one synchronisation)."""
+
+    def __init__(self, b, device, total, progress, progress_info) -> None:
+        self.b, self.device, self.total = b, device, total
+        self.progress, self.progress_info = progress, progress_info
+        self.trajectory: list[Tensor] = []
+        self.clean_losses: list[Tensor] = []
+        self.train_losses: list[Tensor] = []
+        self.latent_norms: list[Tensor] = []
+        self.metrics: dict[str, list[Tensor]] = {}
+        self.best_loss = torch.full((b,), torch.inf, device=device)
+        self.best_images: Tensor | None = None
+        self.best_iteration = torch.zeros(b, dtype=torch.long, device=device)
+        self.stopped = False
+        self.t_chain = self.t_loss = 0.0
+        self._t0 = self._t1 = 0.0
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def chain_done(self) -> None:
+        self._t1 = time.perf_counter()
+
+    def iteration(self, it: int, norm: Tensor, ev: Evaluation, train_loss: Tensor | None) -> None:
+        b = self.b
+        with torch.no_grad():
+            improved = ev.loss < self.best_loss
+            if self.best_images is None:
+                self.best_images = ev.images.clone()
+            self.best_images = torch.where(improved.view(-1, 1, 1, 1), ev.images, self.best_images)
+            self.best_loss = torch.where(improved, ev.loss, self.best_loss)
+            self.best_iteration = torch.where(improved, it, self.best_iteration)
+            frame = (ev.images * 255).round().to(torch.uint8)  # (B, 3, H, W)
+        # to the host: the image without waiting, then the numbers (the one synchronisation,
         # which also completes the image's copy: both are queued on the same stream)
-        if pinned:
+        if self.device.type == "cuda":
             frame = torch.empty(frame.shape, dtype=torch.uint8, pin_memory=True).copy_(
                 frame, non_blocking=True
             )
-        rows = [norm, clean_loss, *(v.detach().float() for v in clean.metrics.values())]
-        stats = torch.stack([r.reshape(b) for r in [*rows, *([train_loss] if train else [])]])
-        stats = stats.cpu()  # (2 + metrics [+ 1], B)
-        trajectory.append(frame)
-        latent_norms.append(stats[0])
-        clean_losses.append(stats[1])
-        for j, name in enumerate(clean.metrics):
-            metrics.setdefault(name, []).append(stats[2 + j])
-        if train:
-            train_losses.append(stats[-1])
+        rows = [norm, ev.loss, *ev.metrics.values()]
+        rows += [] if train_loss is None else [train_loss]
+        stats = torch.stack([r.reshape(b) for r in rows]).cpu()  # (2 + metrics [+ 1], B)
+        self.trajectory.append(frame)
+        self.latent_norms.append(stats[0])
+        self.clean_losses.append(stats[1])
+        for j, name in enumerate(ev.metrics):
+            self.metrics.setdefault(name, []).append(stats[2 + j])
+        if train_loss is not None:
+            self.train_losses.append(stats[-1])
         t2 = time.perf_counter()
-        t_chain += t1 - t0
-        t_loss += t2 - t1
+        self.t_chain += self._t1 - self._t0
+        self.t_loss += t2 - self._t1
+        if self.progress is not None:
+            metrics = {k: v[-1] for k, v in self.metrics.items()}
+            if self.progress_info is None:
+                info = {"clean_loss": stats[1].tolist()}
+                info.update({k: v.tolist() for k, v in metrics.items()})
+            else:
+                info = self.progress_info(stats[1], metrics)
+            self.progress(it + 1, self.total, info)
 
-        if progress is not None:
-            info = {"clean_loss": stats[1].tolist()}
-            info.update({k: v[-1].tolist() for k, v in metrics.items()})
-            progress(it + 1, config.iterations + 1, info)
-        if should_stop is not None and it < config.iterations and should_stop():
-            stopped = True
-            break
-
-    return GuidanceResult(
-        images=best_images.cpu(),
-        best_iteration=best_iteration.tolist(),
-        trajectory=torch.stack(trajectory),
-        clean_loss=torch.stack(clean_losses),
-        metrics={k: torch.stack(v) for k, v in metrics.items()},
-        train_loss=torch.stack(train_losses) if train_losses else torch.zeros(0, b),
-        latent_norms=torch.stack(latent_norms),
-        final_latents=z_T.detach().cpu(),
-        iterations_done=len(train_losses),
-        stopped=stopped,
-        # on a GPU the steps run asynchronously: the split between the two is approximate (the
-        # chain's work finishes during the loss part), their sum is exact
-        timings={"chain_s": t_chain, "loss_backward_s": t_loss},
-    )
+    def result(self, z_T: Tensor) -> GuidanceResult:
+        assert self.best_images is not None
+        return GuidanceResult(
+            images=self.best_images.cpu(),
+            best_iteration=self.best_iteration.tolist(),
+            trajectory=torch.stack(self.trajectory),
+            clean_loss=torch.stack(self.clean_losses),
+            metrics={k: torch.stack(v) for k, v in self.metrics.items()},
+            train_loss=torch.stack(self.train_losses)
+            if self.train_losses
+            else torch.zeros(0, self.b),
+            latent_norms=torch.stack(self.latent_norms),
+            final_latents=z_T.detach().cpu(),
+            iterations_done=len(self.train_losses),
+            stopped=self.stopped,
+            # on a GPU the steps run asynchronously: the split between the two is approximate
+            # (the chain's work finishes during the loss part), their sum is exact
+            timings={"chain_s": self.t_chain, "loss_backward_s": self.t_loss},
+        )
 
 
 @torch.no_grad()

@@ -29,23 +29,22 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
+from core.augment import ItemRNG, clean_view
 from core.classifiers import Classifier
 from core.config import GuidanceConfig
 from core.counterfactual.attention import CrossAttentionControl
 from core.counterfactual.config import CounterfactualConfig
 from core.diffusion import DiffusionModel, TextEmbeddings
 from core.guidance import (
-    Deltas,
+    DenoisingLoop,
+    Evaluation,
     GuidanceResult,
+    ObjectiveLoss,
     ProgressFn,
     StopFn,
     autocast,
-    descend,
-    loss_step_weights,
-    make_optimizer,
+    run,
 )
 from core.objectives import ClassObjective
 
@@ -145,8 +144,11 @@ def steps_before(fraction: float, steps: int) -> int:
     return sum(1 for i in range(steps) if i / steps < fraction)
 
 
-class EditLoop:
-    """The DDIM chain of one iteration with background blending and attention injection."""
+class EditLoop(DenoisingLoop):
+    """The DDIM chain of an edit: every item starts from the same inverted image, the
+    unconditional embedding is the per-step ∅_i of the inversion, and each step first blends the
+    reconstruction's background in (i/T < blend_fraction) and tells the attention control which
+    step it is (inside the checkpointed step, so that the recompute in backward sees it too)."""
 
     def __init__(
         self,
@@ -160,54 +162,20 @@ class EditLoop:
         background: Tensor | None = None,
         blend_steps: int = 0,
     ) -> None:
-        self.model, self.config, self.control = model, config, control
-        self.scheduler = model.make_scheduler(config.ddim_steps)
-        nt = null_texts  # per-step ∅_i, the same for every item
+        nt = null_texts  # per-step ∅_i (T, 1, L, D), the same for every item
         pooled = None if nt.pooled is None else nt.pooled.expand(-1, batch, -1)
-        self.uncond = TextEmbeddings(nt.hidden.expand(-1, batch, -1, -1), pooled)
+        uncond = TextEmbeddings(nt.hidden.expand(-1, batch, -1, -1), pooled)
+        super().__init__(model, config, resolution, uncond)
+        self.control = control
         self.templates = templates  # (T, 1, c, h, w) z_rec,i
         self.background = background  # (1, 1, h, w) 1 − m
         self.blend_steps = blend_steps if templates is not None else 0
-        self.time_ids = model.time_ids(batch, resolution)
-        if self.time_ids is not None:
-            self.time_ids = torch.cat([self.time_ids, self.time_ids])
 
-    def uncond_at(self, i: int) -> TextEmbeddings:
-        u = self.uncond
-        return TextEmbeddings(u.hidden[i], None if u.pooled is None else u.pooled[i])
-
-    def step(self, z: Tensor, i: int, t: Tensor, text: TextEmbeddings) -> tuple[Tensor, Tensor]:
-        """Step i: blend, guided noise estimate (maps injected per the control), DDIM update."""
-        self.control.step = i  # set here, so that checkpoint recomputation sees step i too
+    def prepare(self, z: Tensor, i: int) -> Tensor:
+        self.control.step = i
         if i < self.blend_steps:
             z = self.background * self.templates[i] + (1.0 - self.background) * z
-        with autocast(z.device, self.config.precision):
-            out = self.model.eps(torch.cat([z, z]), t, text, self.time_ids).float()
-        out_uncond, out_cond = out.chunk(2)
-        out = out_uncond + self.config.guidance_scale * (out_cond - out_uncond)
-        result = self.scheduler.step(out, t, z, eta=0.0)
-        return result.prev_sample, result.pred_original_sample
-
-    def __call__(
-        self, z: Tensor, cond: TextEmbeddings, deltas: Deltas | None, keep_last: int
-    ) -> list[Tensor]:
-        """Run the chain from z_T; the x̂0 of the last `keep_last` steps."""
-        grad = torch.is_grad_enabled() and self.config.checkpointing
-        timesteps = self.scheduler.timesteps
-        x0s = []
-        for i, t in enumerate(timesteps):
-            c, u = cond, self.uncond_at(i)
-            if deltas is not None:
-                dc, du = deltas.at(i)
-                c, u = c + dc, u + du
-            text = TextEmbeddings.cat([u, c])  # unconditional half first
-            if grad:
-                z, x0 = checkpoint(self.step, z, i, t, text, use_reentrant=False)
-            else:
-                z, x0 = self.step(z, i, t, text)
-            if i >= len(timesteps) - keep_last:
-                x0s.append(x0)
-        return x0s
+        return z
 
 
 @torch.no_grad()
@@ -227,9 +195,9 @@ def reconstruct(
     loop = EditLoop(model, config, resolution, null_texts, control, batch=1)
     control.store(store_steps)
     templates, z = [], z_T
-    for i, t in enumerate(loop.scheduler.timesteps):
+    for i in range(len(loop.scheduler.timesteps)):
         templates.append(z)
-        z, x0 = loop.step(z, i, t, TextEmbeddings.cat([loop.uncond_at(i), cond]))
+        z, x0 = loop.step(z, i, TextEmbeddings.cat([loop.uncond_at(i), cond]), loop.time_ids(1))
     control.off()
     with autocast(model.device, config.precision):
         image = model.decode(x0)
@@ -239,53 +207,41 @@ def reconstruct(
 # --- loss ----------------------------------------------------------------------------------------
 
 
-class _DecodeAndLoss(nn.Module):
-    """x̂0 latent → image → CE over cutouts + regularisers, per item; checkpointed as one unit."""
+class EditLoss(ObjectiveLoss):
+    """x̂0 latent → image → CE over cutouts + the weighted regularisers, per item (checkpointed
+    as one unit); the clean path adds the start class's probability and every regulariser."""
 
-    def __init__(self, model, objective: ClassObjective, regularizers: Regularizers, config):
-        super().__init__()
-        self.model, self.objective, self.regularizers, self.config = (
-            model,
-            objective,
-            regularizers,
-            config,
-        )
+    def __init__(
+        self,
+        model: DiffusionModel,
+        classifier: Classifier,
+        targets: Tensor,
+        start_class: int,
+        regularizers: Regularizers,
+        config: GuidanceConfig,
+        rngs: list[ItemRNG],
+        resolution: int,
+    ) -> None:
+        super().__init__(model, ClassObjective(classifier, targets), config, rngs, resolution)
+        self.classifier, self.targets, self.start_class = classifier, targets, start_class
+        self.regularizers = regularizers
 
-    def forward(self, x0: Tensor, plan) -> tuple[Tensor, Tensor]:
-        with autocast(x0.device, self.config.precision):
-            images = self.model.decode(x0)  # (B, 3, H, W) in [0, 1]
-        clf = self.objective.classifiers[0]
-        view = clean_view(images, clf.input_size) if plan is None else apply_cutouts(images, plan)
+    def forward(self, x0: Tensor, plans: list) -> tuple[Tensor, Tensor]:
+        loss, images = super().forward(x0, plans)
         reg, _ = self.regularizers(x0.float(), images)
-        return self.objective([view]).loss + reg, images
+        return loss + reg, images
 
-
-@dataclass
-class Evaluation:
-    loss: Tensor  # (B,) clean total loss: CE + weighted regularisers
-    metrics: dict[str, Tensor]  # name → (B,): p, p_start, ce, each regulariser
-    images: Tensor  # (B, 3, H, W) in [0, 1]
-
-
-@torch.no_grad()
-def evaluate(
-    model: DiffusionModel,
-    classifier: Classifier,
-    regularizers: Regularizers,
-    x0: Tensor,
-    targets: Tensor,
-    start_class: int,
-    precision: str,
-) -> Evaluation:
-    """The clean path on the final x̂0 (latent, (B, c, h, w)): selection, search and metrics."""
-    with autocast(x0.device, precision):
-        images = model.decode(x0).float()
-    logp = classifier(clean_view(images, classifier.input_size)[:, 0]).float().log_softmax(-1)
-    ce = -logp.gather(1, targets.view(-1, 1))[:, 0]
-    reg, parts = regularizers(x0.float(), images)
-    metrics = {"p": (-ce).exp(), "p_start": logp[:, start_class].exp(), "ce": ce}
-    metrics.update(parts)
-    return Evaluation(ce + reg, metrics, images)
+    @torch.no_grad()
+    def evaluate(self, x0: Tensor, images: Tensor | None) -> Evaluation:
+        """The clean path on the final x̂0 (latent, (B, c, h, w)): selection, search, metrics."""
+        images = (self.decode(x0) if images is None else images).detach().float()
+        view = clean_view(images, self.classifier.input_size)[:, 0]
+        logp = self.classifier(view).float().log_softmax(-1)
+        ce = -logp.gather(1, self.targets.view(-1, 1))[:, 0]
+        reg, parts = self.regularizers(x0.float(), images)
+        metrics = {"p": (-ce).exp(), "p_start": logp[:, self.start_class].exp(), "ce": ce}
+        metrics.update({k: v.float() for k, v in parts.items()})
+        return Evaluation(ce + reg, metrics, images)
 
 
 # --- the optimisation ------------------------------------------------------------------------
@@ -322,8 +278,7 @@ def edit(
     b, device, steps = len(seeds), model.device, config.ddim_steps
     targets = targets.to(device)
     rngs = [ItemRNG.from_seed(s, device) for s in seeds]
-    z_T = start.z_T.expand(b, -1, -1, -1).clone().requires_grad_(config.optimize_latents)
-    norms = z_T.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    z_T = start.z_T.expand(b, -1, -1, -1)
     loop = EditLoop(
         model,
         config,
@@ -335,12 +290,8 @@ def edit(
         background=1.0 - start.latent_mask,
         blend_steps=steps_before(cf.blend_fraction, steps),
     )
-    regularizers = Regularizers(cf, start)
-    objective = ClassObjective(classifier, targets)
-    unit = _DecodeAndLoss(model, objective, regularizers, config)
-
-    def clean(x0: Tensor) -> Evaluation:
-        return evaluate(model, classifier, regularizers, x0, targets, start_class, config.precision)
+    loss = EditLoss(model, classifier, targets, start_class, Regularizers(cf, start), config,
+                    rngs, resolution)  # fmt: skip
 
     # 2. Prompt-to-prompt fraction per item: the lowest clean loss of the unoptimised edit
     t0 = time.perf_counter()
@@ -351,92 +302,19 @@ def edit(
         control.inject(until, mixing)
         with torch.no_grad():
             x0 = loop(z_T, cond, None, keep_last=1)[-1]
-        search[f] = clean(x0).loss.cpu().tolist()
+        search[f] = loss.evaluate(x0, None).loss.cpu().tolist()
     best = torch.tensor([search[f] for f in fractions]).argmin(0).tolist()  # (B,)
     chosen = [fractions[k] for k in best]
     until = torch.tensor([steps_before(f, steps) for f in chosen], device=device)
     control.inject(until, mixing)
     t_search = time.perf_counter() - t0
 
-    # 3. Deltas and optimiser (as core.guidance.optimize)
-    deltas = Deltas.zeros(cond, steps if config.per_step_deltas else 1)
-    optimizer, scheduler = make_optimizer(config, z_T, deltas)
-    weights = loss_step_weights(config.loss_steps).tolist()
+    # 3. The optimisation (the engine of core.guidance); iteration I only evaluates
+    def progress_info(clean_loss: Tensor, metrics: dict[str, Tensor]) -> dict:
+        info = {"stage": "optimizing", "clean_loss": clean_loss.tolist()}
+        info.update({k: metrics[k].tolist() for k in ("p", "p_start")})
+        return info
 
-    # 4. Optimisation loop; iteration I only evaluates
-    trajectory, clean_losses, train_losses, latent_norms = [], [], [], []
-    metrics: dict[str, list[Tensor]] = {}
-    best_loss = torch.full((b,), torch.inf)
-    best_images = torch.zeros(0)
-    best_iteration = [0] * b
-    stopped = False
-    t_chain = t_loss = 0.0
-    for it in range(config.iterations + 1):
-        train = it < config.iterations and optimizer is not None
-        t1 = time.perf_counter()
-        latent_norms.append(z_T.detach().flatten(1).norm(dim=1).cpu())
-        with torch.set_grad_enabled(train):
-            x0s = loop(z_T, cond, deltas, keep_last=config.loss_steps if train else 1)
-        t2 = time.perf_counter()
-        if train:
-            total = torch.zeros(b, device=device)
-            for w, x0 in zip(weights, x0s, strict=True):
-                plan = None
-                if config.num_cutouts:
-                    plan = sample_cutouts(
-                        rngs,
-                        image_side=resolution,
-                        size=classifier.input_size,
-                        num=config.num_cutouts,
-                        cut_power=config.cut_power,
-                        noise_sd=config.noise_sd,
-                    )
-                if config.checkpointing:
-                    loss, _ = checkpoint(unit, x0, plan, use_reentrant=False)
-                else:
-                    loss, _ = unit(x0, plan)
-                total = total + w * loss
-            train_losses.append(total.detach().float().cpu())
-            descend(total, optimizer, scheduler, z_T, norms, deltas, config)
-
-        # clean path on the final x̂0 (before this iteration's update)
-        ev = clean(x0s[-1].detach())
-        loss = ev.loss.cpu()
-        images = ev.images.cpu()
-        trajectory.append((images * 255).round().to(torch.uint8))
-        clean_losses.append(loss)
-        for name, value in ev.metrics.items():
-            metrics.setdefault(name, []).append(value.float().cpu())
-        improved = loss < best_loss
-        best_images = (
-            images.clone()
-            if it == 0
-            else torch.where(improved.view(-1, 1, 1, 1), images, best_images)
-        )
-        best_loss = torch.where(improved, loss, best_loss)
-        for i in improved.nonzero().flatten().tolist():
-            best_iteration[i] = it
-        t_chain += t2 - t1
-        t_loss += time.perf_counter() - t2
-        if progress is not None:
-            info = {"stage": "optimizing", "clean_loss": loss.tolist()}
-            info.update({k: v[-1].tolist() for k, v in metrics.items() if k in ("p", "p_start")})
-            progress(it + 1, config.iterations + 1, info)
-        if should_stop is not None and it < config.iterations and should_stop():
-            stopped = True
-            break
-
-    result = GuidanceResult(
-        images=best_images,
-        best_iteration=best_iteration,
-        trajectory=torch.stack(trajectory),
-        clean_loss=torch.stack(clean_losses),
-        metrics={k: torch.stack(v) for k, v in metrics.items()},
-        train_loss=torch.stack(train_losses) if train_losses else torch.zeros(0, b),
-        latent_norms=torch.stack(latent_norms),
-        final_latents=z_T.detach().cpu(),
-        iterations_done=len(train_losses),
-        stopped=stopped,
-        timings={"chain_s": t_chain, "loss_backward_s": t_loss},
-    )
+    result = run(model, loop, loss, z_T=z_T, cond=cond, config=config, progress=progress,
+                 should_stop=should_stop, progress_info=progress_info)  # fmt: skip
     return EditResult(result, chosen, search, {"p2p_search_s": t_search})

@@ -30,7 +30,7 @@ from torch import Tensor
 from core.config import GuidanceConfig
 from core.counterfactual.config import CounterfactualConfig
 from core.diffusion import DiffusionModel, TextEmbeddings
-from core.guidance import DenoisingLoop, autocast
+from core.guidance import DenoisingLoop, autocast, guided_eps
 
 StopFn = Callable[[], bool]
 EARLY_STOP_SLOPE = 2e-5  # the early-stop threshold grows by this per DDIM step (official code)
@@ -129,7 +129,7 @@ def null_text_inversion(
         for _ in range(config.null_text_steps):
             with autocast(model.device, precision):
                 out_uncond = model.eps(z, t, TextEmbeddings(hidden, pooled), time_ids).float()
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            out = guided_eps(out_uncond, out_cond, guidance_scale)
             loss = F.mse_loss(scheduler.step(out, t, z, eta=0.0).prev_sample, target)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -145,7 +145,7 @@ def null_text_inversion(
         inner.append(done)
         with torch.no_grad(), autocast(model.device, precision):
             out_uncond = model.eps(z, t, TextEmbeddings(hidden, pooled), time_ids).float()
-            out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            out = guided_eps(out_uncond, out_cond, guidance_scale)
             z = scheduler.step(out, t, z, eta=0.0).prev_sample
     stacked = TextEmbeddings(
         torch.stack(per_step_hidden), torch.stack(per_step_pooled) if per_step_pooled else None
