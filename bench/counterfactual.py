@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from core.counterfactual.job import class_probs, run_counterfactual
+from core.counterfactual.job import class_probs
 from core.digits.data import load_images, make_splits
 from core.jobs import ModelCache
+from core.kinds import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_GUIDANCE = {"ddim_steps": 10, "iterations": 5, "loss_steps": 3, "num_cutouts": 4}
@@ -56,7 +57,7 @@ def digits(per_class: int, override: dict, cache: ModelCache) -> dict:
             for key, value in override.items():
                 params[key] = {**params.get(key, {}), **value} if isinstance(value, dict) else value
             t0 = time.perf_counter()
-            result = run_counterfactual(params, seed=n, cache=cache, max_batch=16)
+            result = run_job("counterfactual", params, seed=n, cache=cache, max_batch=16)
             seconds = time.perf_counter() - t0
             s = result.summary()
             g = result.guidance
@@ -114,7 +115,7 @@ def digits(per_class: int, override: dict, cache: ModelCache) -> dict:
     params["targets"] = [(first["label"] + 1) % 10]
     for key, value in override.items():
         params[key] = {**params.get(key, {}), **value} if isinstance(value, dict) else value
-    again = run_counterfactual(params, cache=cache).summary()
+    again = run_job("counterfactual", params, cache=cache).summary()
 
     def rate(key: str) -> float:
         return mean([float(r[key]) for r in rows])
@@ -180,7 +181,7 @@ def tiny_sd(models_dir: Path, cache: ModelCache) -> dict:
     runs = []
     for _ in range(2):  # the second run hits the inversion cache
         t0 = time.perf_counter()
-        s = run_counterfactual(params, cache=cache).summary()
+        s = run_job("counterfactual", params, cache=cache).summary()
         runs.append((s, time.perf_counter() - t0))
     (s, seconds), (again, _) = runs
     timings = s["timings"]

@@ -343,7 +343,7 @@ class Bench:
         if arch in NATIVE:
             model = build_random_diffusion(arch, device=device)
         else:
-            from core.diffusion import load_diffusion
+            from core.loaders import load_diffusion
 
             model = load_diffusion(arch, device=device)
         info = self.results["per_arch"].setdefault(arch, {})

@@ -27,10 +27,9 @@ from pathlib import Path
 
 import torch
 
-from core.classifiers import load_classifier
 from core.config import GuidanceConfig
-from core.diffusion import load_diffusion
 from core.guidance import optimize
+from core.loaders import load_classifier, load_diffusion
 from core.objectives import ClassObjective
 
 RES = 64

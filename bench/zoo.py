@@ -32,7 +32,8 @@ from core.digits import evaluate
 from core.digits.data import load_images, make_splits
 from core.digits.semantic import judge_agreement, patch_rates
 from core.digits.zoo import ZOO_ENV, card_patch, read_card, resolve_zoo_dir
-from core.jobs import ModelCache, run_job
+from core.jobs import ModelCache
+from core.kinds import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,18 +23,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from core.batching import job_batch
 from core.classifiers import Classifier
-from core.guidance import ProgressFn, StopFn
-from core.imagesets import ImageResolver, ImageSet, load_image_set
+from core.context import RunContext
+from core.imagesets import ImageSet, load_image_set
 from core.jobs import (
-    _DEFAULT_CACHE,
+    DEFAULT_CACHE,
     Item,
     JobResult,
-    ModelCache,
-    _class_index,
+    class_index,
     optimize_in_batches,
     software_versions,
 )
@@ -45,7 +44,6 @@ from core.params import (
     PcaComponentParams,
     PcaData,
     SpuriousScoreParams,
-    validate_params,
 )
 from core.pca import NeuralPCA, class_contributions, fit_neural_pca
 from core.spurious import SpuriousScore, roc_plot
@@ -107,54 +105,19 @@ class AnalysisResult:
         return out
 
 
-def run_analysis(
-    kind: str,
-    params: BaseModel | dict,
-    *,
-    seed: int = 0,
-    device: str = "cpu",
-    cache: ModelCache | None = None,
-    max_batch: int = 8,
-    progress: ProgressFn | None = None,
-    should_stop: StopFn | None = None,
-    resolver: ImageResolver | None = None,
-) -> AnalysisResult | JobResult:
-    """Run a `neural_pca`, `spurious_score` or `pca_component` job. `resolver` maps uploaded
-    image ids to bytes (the service's; without it, image ids are an error)."""
-    if isinstance(params, dict):
-        params = validate_params(kind, params)
-    cache = cache or _DEFAULT_CACHE
-    run = dict(seed=seed, device=device, cache=cache, max_batch=max_batch, progress=progress,
-               should_stop=should_stop)  # fmt: skip
-    if isinstance(params, PcaComponentParams):
-        return run_pca_component(params, **run)
-    if isinstance(params, NeuralPcaParams):
-        return run_neural_pca(params, resolver=resolver, **run)
-    if isinstance(params, SpuriousScoreParams):
-        return run_spurious_score(params, seed=seed, device=device, cache=cache, resolver=resolver)
-    raise ValueError(f"kind {kind!r} is not an analysis kind")
-
-
 # --- neural_pca -------------------------------------------------------------------------------
 
 
-def run_neural_pca(
-    params: NeuralPcaParams,
-    *,
-    seed: int = 0,
-    device: str = "cpu",
-    cache: ModelCache | None = None,
-    max_batch: int = 8,
-    progress: ProgressFn | None = None,
-    should_stop: StopFn | None = None,
-    resolver: ImageResolver | None = None,
-) -> AnalysisResult:
+def run_neural_pca(params: NeuralPcaParams, ctx: RunContext) -> AnalysisResult:
+    """The PCA of class k's contributions over an image set, its top images, and a
+    `pca_component` visualisation of the first components (in the same context)."""
+    seed, device, should_stop = ctx.seed, ctx.device, ctx.should_stop
+    cache, resolver = ctx.cache or DEFAULT_CACHE, ctx.image_resolver
     t_start = time.perf_counter()
-    cache = cache or _DEFAULT_CACHE
 
     # 1. classifier, class k, and the class-k images at its input size
     clf = cache.classifier(params.classifier, device, "openai")
-    k = _class_index(params.class_, clf)
+    k = class_index(params.class_, clf)
     name = clf.class_names[k]
     images = load_image_set(
         params.images, size=clf.input_size, class_index=k, class_name=name, resolver=resolver
@@ -164,6 +127,50 @@ def run_neural_pca(
     t_loaded = time.perf_counter()
 
     # 2. contributions a ⊙ w_k, their PCA (all F components), the α values
+    data, pca, alpha, top = _neural_pca_record(params, clf, images, k)
+    t_pca = time.perf_counter()
+    figures = {"top_images.png": top_images_grid(images, alpha, top, pca, params.grid_components)}
+
+    # 3. the visualisation: a pca_component job for the top-m components
+    jobs = {}
+    vis = params.visualization
+    if vis.components > 0 and not (should_stop is not None and should_stop()):
+        sub = PcaComponentParams.model_validate(
+            {
+                **vis.model_dump(exclude={"components"}),
+                "pca": data["pca"],
+                "components": list(range(min(vis.components, len(pca.components)))),
+                "classifier": params.classifier,
+                "class": k,
+            }
+        )
+        job = run_pca_component(sub, ctx)
+        jobs["visualization"] = job
+        figures["visualizations.png"] = component_grid(job)
+    models = {"classifier": params.classifier}
+    if jobs:
+        models["diffusion"] = vis.diffusion
+    return AnalysisResult(
+        kind="neural_pca",
+        params=params.model_dump(mode="json"),
+        seed=seed,
+        models=models,
+        device=device,
+        data=data,
+        figures=figures,
+        jobs=jobs,
+        timings={
+            "load_s": t_loaded - t_start,
+            "pca_s": t_pca - t_loaded,
+            "total_s": time.perf_counter() - t_start,
+        },
+    )
+
+
+def _neural_pca_record(params: NeuralPcaParams, clf: Classifier, images: ImageSet, k: int):
+    """The PCA of class k's contributions a ⊙ w_k over `images` and the record of it
+    (result.json's data): (data, the PCA kept, α (N, L), the top images per component)."""
+    name = clf.class_names[k]
     contrib, logits = class_contributions(clf, images.images, k)  # (N, F), (N, K)
     full = fit_neural_pca(contrib, k)
     pca = full.truncated(params.components)
@@ -173,7 +180,6 @@ def run_neural_pca(
     residual = logits[:, k] - bias - float(pca.mean.sum()) - alpha.sum(1)  # (N,)
     p_k = logits.softmax(-1)[:, k]
     top = alpha.argsort(0, descending=True)[: params.top_images].T  # (L, top) image indices
-    t_pca = time.perf_counter()
 
     data = {
         "class_index": k,
@@ -204,45 +210,7 @@ def run_neural_pca(
         data["metric_names"]["patch_correlation"] = (
             "per component: Pearson r of α_l with the planted patch (1: patched, 0: not)"
         )
-    figures = {"top_images.png": top_images_grid(images, alpha, top, pca, params.grid_components)}
-
-    # 3. the visualisation: a pca_component job for the top-m components
-    jobs = {}
-    vis = params.visualization
-    if vis.components > 0 and not (should_stop is not None and should_stop()):
-        sub = PcaComponentParams.model_validate(
-            {
-                **vis.model_dump(exclude={"components"}),
-                "pca": data["pca"],
-                "components": list(range(min(vis.components, len(pca.components)))),
-                "classifier": params.classifier,
-                "class": k,
-            }
-        )
-        job = run_pca_component(
-            sub, seed=seed, device=device, cache=cache, max_batch=max_batch, progress=progress,
-            should_stop=should_stop,
-        )  # fmt: skip
-        jobs["visualization"] = job
-        figures["visualizations.png"] = component_grid(job)
-    models = {"classifier": params.classifier}
-    if jobs:
-        models["diffusion"] = vis.diffusion
-    return AnalysisResult(
-        kind="neural_pca",
-        params=params.model_dump(mode="json"),
-        seed=seed,
-        models=models,
-        device=device,
-        data=data,
-        figures=figures,
-        jobs=jobs,
-        timings={
-            "load_s": t_loaded - t_start,
-            "pca_s": t_pca - t_loaded,
-            "total_s": time.perf_counter() - t_start,
-        },
-    )
+    return data, pca, alpha, top
 
 
 def pca_data(pca: NeuralPCA, classifier: str, class_name: str) -> dict:
@@ -294,19 +262,11 @@ def load_pca(source: str | PcaData) -> PcaData:
         raise ValueError(f"pca: {path} is not a neural_pca result: {exc}") from None
 
 
-def run_pca_component(
-    params: PcaComponentParams,
-    *,
-    seed: int = 0,
-    device: str = "cpu",
-    cache: ModelCache | None = None,
-    max_batch: int = 8,
-    progress: ProgressFn | None = None,
-    should_stop: StopFn | None = None,
-) -> JobResult:
+def run_pca_component(params: PcaComponentParams, ctx: RunContext) -> JobResult:
     """Guidance towards neural PCA components: item i (component l, image j) seeded seed + i."""
+    seed, device, max_batch = ctx.seed, ctx.device, ctx.max_batch
+    cache, progress, should_stop = ctx.cache or DEFAULT_CACHE, ctx.progress, ctx.should_stop
     t_start = time.perf_counter()
-    cache = cache or _DEFAULT_CACHE
     max_batch = job_batch(max_batch, params.guidance)
 
     # 1. the PCA, its classifier and class k (the params' if given, which must agree)
@@ -375,7 +335,7 @@ def _pca_class(params: PcaComponentParams, pca: PcaData, clf: Classifier) -> int
         if pca.class_index >= clf.num_classes:
             raise ValueError(f"pca: class {pca.class_index} is not a class of {clf.spec}")
         return pca.class_index
-    k = _class_index(params.class_, clf)
+    k = class_index(params.class_, clf)
     if pca.class_index is not None and pca.class_index != k:
         raise ValueError(
             f"class: {params.class_!r} is class {k}, but the PCA is of class {pca.class_index}"
@@ -386,20 +346,14 @@ def _pca_class(params: PcaComponentParams, pca: PcaData, clf: Classifier) -> int
 # --- spurious_score ---------------------------------------------------------------------------
 
 
-def run_spurious_score(
-    params: SpuriousScoreParams,
-    *,
-    seed: int = 0,
-    device: str = "cpu",
-    cache: ModelCache | None = None,
-    resolver: ImageResolver | None = None,
-) -> AnalysisResult:
+def run_spurious_score(params: SpuriousScoreParams, ctx: RunContext) -> AnalysisResult:
+    seed, device = ctx.seed, ctx.device
+    cache, resolver = ctx.cache or DEFAULT_CACHE, ctx.image_resolver
     t_start = time.perf_counter()
-    cache = cache or _DEFAULT_CACHE
     clf = cache.classifier(params.classifier, device, "openai")
     scores: list[SpuriousScore] = []
     for ref in params.classes:
-        k = _class_index(ref, clf)
+        k = class_index(ref, clf)
         name = clf.class_names[k]
         sets = {
             role: load_image_set(

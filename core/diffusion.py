@@ -1,18 +1,17 @@
 """Text-to-image diffusion models behind one small interface.
 
-Stable Diffusion 1.x/2.x and SDXL pipelines load from a hub id or a local folder (safetensors
-only) into a `DiffusionModel`: the frozen UNet, the autoencoder (or none, for pixel-space models),
-the text encoder(s) with their tokenizers, and a DDIM scheduler built from the pipeline's own
-scheduler config (DiG-IN always samples with DDIM, eta = 0).
+A `DiffusionModel` is the frozen UNet, the autoencoder (or none, for pixel-space models), the text
+encoder(s) with their tokenizers, and a DDIM scheduler built from the pipeline's own scheduler
+config (DiG-IN always samples with DDIM, eta = 0). `core.loaders.load_diffusion` builds one from a
+spec (Stable Diffusion 1.x/2.x and SDXL from a hub id or a local folder, safetensors only; the
+digits zoo).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -249,66 +248,3 @@ class DiffusionModel(torch.nn.Module):
         with self.native():
             mean = self.vae.encode(x.to(self.dtype)).latent_dist.mean
         return mean.float() * self.vae.config.scaling_factor
-
-
-def _load_config(path: str, name: str) -> dict:
-    local = Path(path)
-    if local.is_dir():
-        file = local / name
-        return json.loads(file.read_text()) if file.exists() else {}
-    from huggingface_hub import hf_hub_download  # network only where the machine has it
-
-    return json.loads(Path(hf_hub_download(path, name)).read_text())
-
-
-def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
-    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id or local folder (safetensors)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    if Path(path).exists() and not (Path(path) / "unet").is_dir():
-        raise ValueError(f"{path} is not a diffusers pipeline folder (no unet/ subfolder)")
-    index = _load_config(path, "model_index.json")
-    scheduler_config = _load_config(path, "scheduler/scheduler_config.json")
-    # fp32 weights whatever the checkpoint stores (fp16 variants included); lower precision is
-    # the job's choice (GuidanceConfig.precision), not the checkpoint's.
-    kw = {"use_safetensors": True, "torch_dtype": torch.float32}
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-    unet.set_attn_processor(AttnProcessor2_0())  # PyTorch scaled-dot-product attention
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-    is_sdxl = unet.config.addition_embed_type == "text_time"
-    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
-    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
-    if is_sdxl:
-        encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
-        )
-        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
-    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    model = DiffusionModel(
-        spec=f"diffusers:{path}",
-        unet=unet,
-        vae=vae,
-        text_encoders=encoders,
-        tokenizers=tokenizers,
-        scheduler_config=scheduler_config,
-        resolution=unet.config.sample_size * vae_scale,
-        is_sdxl=is_sdxl,
-        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", is_sdxl)),
-    )
-    return model.to(device)
-
-
-def load_diffusion(spec: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
-    """Dispatch on the spec's scheme (DESIGN §3.4)."""
-    from core.registry import parse_spec
-
-    parsed = parse_spec(spec)
-    if parsed.kind != "diffusion":
-        raise ValueError(f"{spec!r} names a classifier, not a diffusion model")
-    if parsed.scheme == "digits":
-        from core.digits.zoo import load_digits_diffusion
-
-        return load_digits_diffusion(device=device, zoo_dir=parsed.weights, spec=spec)
-    return load_diffusers(parsed.name, device=device)

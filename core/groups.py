@@ -15,14 +15,15 @@ from dataclasses import replace
 
 from pydantic import BaseModel
 
-from core.guidance import GuidanceResult, ProgressFn, StopFn
+from core.context import ProgressFn, StopFn
+from core.guidance import GuidanceResult
 from core.jobs import (
-    _DEFAULT_CACHE,
+    DEFAULT_CACHE,
     JobResult,
     ModelCache,
-    _expand,
-    _load_classifiers,
-    _objective,
+    expand_items,
+    load_job_classifiers,
+    make_objective,
     optimize_in_batches,
 )
 from core.params import GROUP_ITEM_FIELDS, group_key, validate_params
@@ -70,24 +71,24 @@ def run_group(
             f"the jobs of a group must share everything but {list(GROUP_ITEM_FIELDS[kind])}"
         )
     params = parsed[0]  # the shared settings
-    cache = cache or _DEFAULT_CACHE
+    cache = cache or DEFAULT_CACHE
 
     # 1. models, loaded once per process
     model = cache.diffusion(params.diffusion, device, params.guidance.weights_precision)
     roles = ["classifier1", "classifier2"] if kind == "disagreement" else ["classifier"]
     specs = {role: getattr(params, role) for role in roles}
-    clfs = _load_classifiers([specs[r] for r in roles], device, params.clip_templates, cache)
+    clfs = load_job_classifiers([specs[r] for r in roles], device, params.clip_templates, cache)
     t_loaded = time.perf_counter()
 
     # 2. every job's items, with the seeds they have when the job runs alone
-    per_job = [_expand(p, clfs[0], seed) for p, (_, seed) in zip(parsed, jobs, strict=True)]
+    per_job = [expand_items(p, clfs[0], seed) for p, (_, seed) in zip(parsed, jobs, strict=True)]
     items = [item for job_items in per_job for item in job_items]
     resolution = params.resolution or model.resolution
     model.latent_shape(resolution)  # fail early on a bad resolution
 
     # 3. one optimisation over all items (one batch)
     _, result = optimize_in_batches(
-        model, items, lambda chunk: _objective(params, clfs, chunk), params,
+        model, items, lambda chunk: make_objective(params, clfs, chunk), params,
         resolution=resolution, max_batch=len(items), progress=progress, should_stop=should_stop,
     )  # fmt: skip
     total_s = time.perf_counter() - t_start

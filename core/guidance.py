@@ -32,11 +32,9 @@ from torch.utils.checkpoint import checkpoint
 
 from core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
 from core.config import GuidanceConfig
+from core.context import ProgressFn, StopFn
 from core.diffusion import DiffusionModel, TextEmbeddings
 from core.objectives import Objective, ObjectiveOutput
-
-ProgressFn = Callable[[int, int, dict], None]
-StopFn = Callable[[], bool]
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

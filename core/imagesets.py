@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -29,13 +28,12 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from core.context import ImageResolver
 from core.params import ImageSetSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
 MAX_PIXELS = 50_000_000  # per image file; larger ones are refused (decompression bombs)
-
-ImageResolver = Callable[[str], bytes]  # uploaded image id → the file's bytes
 
 
 @dataclass

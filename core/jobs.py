@@ -1,6 +1,7 @@
 """One explanation job, end to end: params → models → items → guidance → typed result.
 
-This is the function the CLI (`digin run`) and the workers call. Models load once per process
+`core.kinds.run_job` (what the CLI and the workers call) runs the generative kinds here. Models
+load once per process
 through a `ModelCache`; a job's items (classes × images per class, or neurons × images) run as
 batches of at most `max_batch` items, which gives the same images as running them one by one.
 Item i is seeded with `seed + i`.
@@ -13,23 +14,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from pydantic import BaseModel
 
 from core.batching import job_batch
 from core.classes import imagenet_classes, resolve_class
-from core.classifiers import Classifier, load_classifier
-from core.diffusion import DiffusionModel, load_diffusion
-from core.guidance import GuidanceResult, ProgressFn, StopFn, optimize
+from core.classifiers import Classifier
+from core.context import ProgressFn, RunContext, StopFn
+from core.diffusion import DiffusionModel
+from core.guidance import GuidanceResult, optimize
+from core.loaders import load_classifier, load_diffusion
 from core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
-from core.params import DisagreementParams, GuidedParams, NeuronParams, validate_params
-
-if TYPE_CHECKING:
-    from core.analysis import AnalysisResult
-    from core.counterfactual.job import CounterfactualResult
-
+from core.output import render_generative
+from core.params import DisagreementParams, GuidedParams, NeuronParams, kind_of
 
 WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -71,7 +70,7 @@ class ModelCache:
         )
 
 
-_DEFAULT_CACHE = ModelCache()
+DEFAULT_CACHE = ModelCache()
 
 
 @dataclass
@@ -128,6 +127,10 @@ class JobResult:
             "versions": software_versions(),
         }
 
+    def render_artifacts(self) -> dict[str, bytes]:
+        """name → bytes: result.json, the best and the start image of every item, grid.png."""
+        return render_generative(self)
+
 
 def metric_descriptions(kind: str, models: dict[str, str]) -> dict[str, str]:
     if kind == "guided":
@@ -158,7 +161,7 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
-def _load_classifiers(
+def load_job_classifiers(
     specs: list[str], device: str, templates: str, cache: ModelCache
 ) -> list[Classifier]:
     """Zero-shot CLIP classifiers take the class names of the job's other classifier (so a
@@ -172,7 +175,7 @@ def _load_classifiers(
     return [clfs[s] for s in specs]
 
 
-def _class_index(ref: int | str, classifier: Classifier) -> int:
+def class_index(ref: int | str, classifier: Classifier) -> int:
     names = classifier.class_names
     wnids = None
     if len(names) == 1000:
@@ -180,7 +183,7 @@ def _class_index(ref: int | str, classifier: Classifier) -> int:
     return resolve_class(ref, names, wnids)
 
 
-def _expand(params: BaseModel, classifier: Classifier, seed: int) -> list[Item]:
+def expand_items(params: BaseModel, classifier: Classifier, seed: int) -> list[Item]:
     items: list[Item] = []
 
     def add(class_index: int | None, neuron: int | None = None) -> None:
@@ -193,14 +196,14 @@ def _expand(params: BaseModel, classifier: Classifier, seed: int) -> list[Item]:
         classes = params.classes or [None]
         for n, neuron in enumerate(params.neurons):
             ref = classes[0] if len(classes) == 1 else classes[n]
-            add(None if ref is None else _class_index(ref, classifier), neuron)
+            add(None if ref is None else class_index(ref, classifier), neuron)
     else:
         for ref in params.classes:
-            add(_class_index(ref, classifier))
+            add(class_index(ref, classifier))
     return items
 
 
-def _objective(params: BaseModel, clfs: list[Classifier], items: list[Item]) -> Objective:
+def make_objective(params: BaseModel, clfs: list[Classifier], items: list[Item]) -> Objective:
     device = next(clfs[0].parameters()).device
     classes = torch.tensor([it.class_index or 0 for it in items], device=device)
     if isinstance(params, GuidedParams):
@@ -208,7 +211,7 @@ def _objective(params: BaseModel, clfs: list[Classifier], items: list[Item]) -> 
     if isinstance(params, DisagreementParams):
         # the same classes in classifier2's numbering, found by name
         targets2 = torch.tensor(
-            [_class_index(it.class_name, clfs[1]) for it in items], device=device
+            [class_index(it.class_name, clfs[1]) for it in items], device=device
         )
         return DisagreementObjective(clfs[0], clfs[1], classes, params.loss, targets2)
     neurons = torch.tensor([it.neuron for it in items], device=device)
@@ -219,56 +222,30 @@ def _objective(params: BaseModel, clfs: list[Classifier], items: list[Item]) -> 
     return NeuronObjective(clfs[0], neurons, params.mode, classes if has_class else None)
 
 
-def run_job(
-    kind: str,
-    params: BaseModel | dict,
-    *,
-    seed: int = 0,
-    device: str = "cpu",
-    cache: ModelCache | None = None,
-    max_batch: int = 8,
-    progress: ProgressFn | None = None,
-    should_stop: StopFn | None = None,
-    image_resolver: Callable[[str], bytes] | None = None,
-) -> JobResult | AnalysisResult | CounterfactualResult:
-    """Run one generative job; `progress(step, total, info)` counts iterations of all batches.
-    The neural PCA and spurious-score kinds go to `core.analysis.run_analysis`, counterfactuals
-    to `core.counterfactual.job.run_counterfactual` (`image_resolver`: uploaded id → bytes)."""
-    if kind == "counterfactual":
-        from core.counterfactual.job import run_counterfactual  # it builds on this module
-
-        return run_counterfactual(
-            params, seed=seed, device=device, cache=cache or _DEFAULT_CACHE, max_batch=max_batch,
-            progress=progress, should_stop=should_stop, image_resolver=image_resolver,
-        )  # fmt: skip
-    if kind in ("neural_pca", "pca_component", "spurious_score"):
-        from core.analysis import run_analysis  # it builds on this module
-
-        return run_analysis(
-            kind, params, seed=seed, device=device, cache=cache, max_batch=max_batch,
-            progress=progress, should_stop=should_stop, resolver=image_resolver,
-        )  # fmt: skip
+def run_generative(params: BaseModel, ctx: RunContext) -> JobResult:
+    """Run one `guided`, `disagreement` or `neuron` job; `progress(step, total, info)` counts
+    iterations of all batches. Every kind goes through `core.kinds.run_job`."""
+    kind = kind_of(params)
+    seed, device, max_batch = ctx.seed, ctx.device, ctx.max_batch
+    cache, progress, should_stop = ctx.cache or DEFAULT_CACHE, ctx.progress, ctx.should_stop
     t_start = time.perf_counter()
-    if isinstance(params, dict):
-        params = validate_params(kind, params)
-    cache = cache or _DEFAULT_CACHE
     max_batch = job_batch(max_batch, params.guidance)  # e.g. 1 for the `reference` preset
 
     # 1. models, loaded once per process
     model = cache.diffusion(params.diffusion, device, params.guidance.weights_precision)
     roles = ["classifier1", "classifier2"] if kind == "disagreement" else ["classifier"]
     specs = {role: getattr(params, role) for role in roles}
-    clfs = _load_classifiers([specs[r] for r in roles], device, params.clip_templates, cache)
+    clfs = load_job_classifiers([specs[r] for r in roles], device, params.clip_templates, cache)
     t_loaded = time.perf_counter()
 
     # 2. items and their prompt embeddings
-    items = _expand(params, clfs[0], seed)
+    items = expand_items(params, clfs[0], seed)
     resolution = params.resolution or model.resolution
     model.latent_shape(resolution)  # fail early on a bad resolution
 
     # 3. the optimisation, in batches of at most max_batch items
     items, guidance = optimize_in_batches(
-        model, items, lambda chunk: _objective(params, clfs, chunk), params,
+        model, items, lambda chunk: make_objective(params, clfs, chunk), params,
         resolution=resolution, max_batch=max_batch, progress=progress, should_stop=should_stop,
     )  # fmt: skip
 

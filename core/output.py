@@ -9,17 +9,20 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from core.jobs import JobResult
 
-if TYPE_CHECKING:
-    from core.analysis import AnalysisResult
-    from core.counterfactual.job import CounterfactualResult
+class Result(Protocol):
+    """What every kind's result can do: summarise itself (result.json) and render its files."""
+
+    def summary(self) -> dict: ...
+
+    def render_artifacts(self) -> dict[str, bytes]: ...
+
 
 GRID_TILE = 160  # pixels per trajectory tile (tiles are downscaled from the image side)
 CAPTION_H = 30
@@ -38,7 +41,7 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _caption(result: JobResult, it: int, b: int) -> str:
+def _caption(result: Any, it: int, b: int) -> str:
     g = result.guidance
     parts = [f"it {it}"]
     for name in ("p", "p1", "p2", "activation", "alpha"):
@@ -49,7 +52,7 @@ def _caption(result: JobResult, it: int, b: int) -> str:
     return " ".join(parts)
 
 
-def trajectory_grid(result: JobResult, tile: int = GRID_TILE) -> Image.Image:
+def trajectory_grid(result: Any, tile: int = GRID_TILE) -> Image.Image:
     """Rows: items; columns: iterations 0..I; each tile captioned with iteration and
     confidence; the selected (best) iteration is framed in red."""
     traj = result.guidance.trajectory  # (I + 1, B, 3, H, W) uint8
@@ -75,13 +78,14 @@ def trajectory_grid(result: JobResult, tile: int = GRID_TILE) -> Image.Image:
     return grid
 
 
-def render_artifacts(
-    result: JobResult | AnalysisResult | CounterfactualResult,
-) -> dict[str, bytes]:
-    """name → bytes: result.json, item_XXX.png (best), item_XXX_start.png (iteration 0),
-    grid.png (the trajectory of every item). Analysis kinds render their own figures."""
-    if not isinstance(result, JobResult):
-        return result.render_artifacts()
+def render_artifacts(result: Result) -> dict[str, bytes]:
+    """A job's files, name → bytes (each kind's result renders its own)."""
+    return result.render_artifacts()
+
+
+def render_generative(result: Any) -> dict[str, bytes]:
+    """The files of a generative job (`core.jobs.JobResult`): result.json, item_XXX.png (best),
+    item_XXX_start.png (iteration 0), grid.png (the trajectory of every item)."""
     out: dict[str, bytes] = {}
     for b, item in enumerate(result.items):
         out[f"item_{item.index:03d}.png"] = png_bytes(to_pil(result.guidance.images[b]))
@@ -101,9 +105,7 @@ def _json_default(value: object) -> object:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def write_outputs(
-    result: JobResult | AnalysisResult | CounterfactualResult, out_dir: Path | str
-) -> dict[str, Path]:
+def write_outputs(result: Result, out_dir: Path | str) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}

@@ -460,6 +460,16 @@ PARAMS_BY_KIND: dict[str, type[BaseModel]] = {
     "counterfactual": CounterfactualParams,
 }
 KINDS = tuple(PARAMS_BY_KIND)
+
+
+def kind_of(params: BaseModel) -> str:
+    """The kind whose params model `params` is."""
+    for kind, model in PARAMS_BY_KIND.items():
+        if type(params) is model:
+            return kind
+    raise ValueError(f"{type(params).__name__} is the params model of no kind")
+
+
 ANALYSIS_KINDS = ("neural_pca", "spurious_score")  # non-generative: core.analysis.run_analysis
 
 

@@ -6,7 +6,7 @@ weights). From them this module builds, offline and from a seed,
 
 - `build_random_diffusion(arch)`: the `DiffusionModel` in memory (no disk round trip), and
 - `make_random_models(arch, out_dir)`: a diffusers pipeline folder (safetensors) that the normal
-  loader (`core.diffusion.load_diffusion("diffusers:<dir>")`) reads like a downloaded one.
+  loader (`core.loaders.load_diffusion("diffusers:<dir>")`) reads like a downloaded one.
 
 The weights are random: the images are noise, the timings and memory are those of the real
 models. Weights are filled from one seeded block of uniform noise scaled per tensor like PyTorch's
@@ -81,14 +81,14 @@ def _empty(make, device: torch.device | str, dtype: torch.dtype):
 
 def _tokenizers(arch: str, folder: Path) -> list:
     """Write the arch's CLIP tokenizer(s) under `folder` and load them."""
-    from core.tiny import EOS, _write_tokenizer
+    from core.tiny import EOS, write_tokenizer
 
     names = ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
     vocab_size = _config(arch, "text_encoder/config.json")["vocab_size"]
     out = []
     for name in names:
         pad = _config(arch, f"{name}/tokenizer_config.json").get("pad_token", EOS)
-        tokenizer, _ = _write_tokenizer(folder / name, vocab_size=vocab_size, pad_token=pad)
+        tokenizer, _ = write_tokenizer(folder / name, vocab_size=vocab_size, pad_token=pad)
         out.append(tokenizer)
     return out
 

@@ -90,7 +90,7 @@ def _tokenizer_files(
     return vocab, merges
 
 
-def _write_tokenizer(
+def write_tokenizer(
     folder: Path, vocab_size: int | None = None, pad_token: str = EOS
 ) -> tuple[object, dict[str, int]]:
     """Write vocab.json, merges.txt and tokenizer_config.json; load them back as CLIPTokenizer."""
@@ -181,7 +181,7 @@ def _save_sd(folder: Path, seed: int) -> None:
     from transformers import CLIPTextModel
 
     shutil.rmtree(folder, ignore_errors=True)
-    tokenizer, vocab = _write_tokenizer(folder / "tokenizer")
+    tokenizer, vocab = write_tokenizer(folder / "tokenizer")
     torch.manual_seed(seed)
     unet = _unet(cross_attention_dim=32)  # = text hidden size
     torch.manual_seed(seed)
@@ -206,8 +206,8 @@ def _save_sdxl(folder: Path, seed: int) -> None:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     shutil.rmtree(folder, ignore_errors=True)
-    tokenizer, vocab = _write_tokenizer(folder / "tokenizer")
-    tokenizer_2, _ = _write_tokenizer(folder / "tokenizer_2")
+    tokenizer, vocab = write_tokenizer(folder / "tokenizer")
+    tokenizer_2, _ = write_tokenizer(folder / "tokenizer_2")
     torch.manual_seed(seed)
     unet = _unet(
         attention_head_dim=(2, 4),

@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from core.params import KINDS
 from core.registry import list_models, list_schemes
 from digin.client_cli import register as register_client_commands
 from digin.service import register as register_service_commands
@@ -101,10 +102,7 @@ def make_random_models_command(
 def run(
     kind: Annotated[
         str,
-        typer.Argument(
-            help="Job kind: guided, disagreement, neuron, pca_component, neural_pca, "
-            "spurious_score or counterfactual."
-        ),
+        typer.Argument(help=f"Job kind: {', '.join(KINDS)}."),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for result.json and images.")],
     params: Annotated[
@@ -135,7 +133,7 @@ def run(
     if device != "cpu" and not device.startswith("cuda"):
         raise typer.BadParameter(f"must be cpu or cuda[:N], got {device!r}", param_hint="--device")
 
-    from core.jobs import run_job  # torch: imported only when the command runs
+    from core.kinds import run_job  # torch: imported only when the command runs
     from core.output import write_outputs
 
     def progress(step: int, total: int, info: dict) -> None:

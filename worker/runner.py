@@ -343,7 +343,7 @@ def _total_iterations(job: ClaimedJob, max_batch: int) -> int | None:
 def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any] | None:
     """Run the core job; returns the rendered artifacts (name → bytes) plus '__summary__', or
     None if it was stopped (cancel or lost)."""
-    from core.jobs import run_job
+    from core.kinds import run_job
     from core.output import render_artifacts
     from core.params import validate_params
 

@@ -19,7 +19,6 @@ import io
 import re
 import threading
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from core.context import ImageResolver
+
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096
@@ -35,8 +36,6 @@ DIGITS_PREFIX = "digits:"
 _DIGIT_REF = re.compile(r"digits:(train|judge|test)/(\d+)")
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"))
 _DECODE_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide state
-
-ImageResolver = Callable[[str], bytes]  # image id → the uploaded bytes
 
 
 class ImageError(ValueError):

@@ -17,13 +17,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from core.batching import job_batch
-from core.classes import imagenet_classes, resolve_class
 from core.classifiers import Classifier
+from core.context import RunContext
 from core.counterfactual.attention import (
     CrossAttentionControl,
     attention_map,
@@ -35,11 +36,12 @@ from core.counterfactual.attention import (
     token_span,
 )
 from core.counterfactual.edit import EditStart, edit, reconstruct, steps_before
-from core.counterfactual.images import ImageResolver, StartImage, load_start_image
+from core.counterfactual.images import StartImage, load_start_image
 from core.counterfactual.inversion import Inversion, InversionCache, Stopped, cache_key, invert
-from core.guidance import GuidanceResult, ProgressFn, StopFn
-from core.jobs import ModelCache, concat_results, software_versions
-from core.params import CounterfactualParams, validate_params
+from core.counterfactual.output import render_counterfactual
+from core.guidance import GuidanceResult
+from core.jobs import ModelCache, class_index, concat_results, software_versions
+from core.params import CounterfactualParams
 
 KIND = "counterfactual"
 _INVERSIONS = ("counterfactual", "inversions")  # the ModelCache key of the inversion cache
@@ -125,8 +127,6 @@ class CounterfactualResult:
 
     def render_artifacts(self) -> dict[str, bytes]:
         """name → bytes (see `core.counterfactual.output`); `core.output` calls this."""
-        from core.counterfactual.output import render_counterfactual
-
         return render_counterfactual(self)
 
     def summary(self) -> dict:
@@ -190,11 +190,6 @@ def metric_descriptions(models: dict[str, str]) -> dict[str, str]:
     }
 
 
-def _class_index(ref: int | str, classifier: Classifier) -> int:
-    wnids = [c.wnid for c in imagenet_classes()] if classifier.num_classes == 1000 else None
-    return resolve_class(ref, classifier.class_names, wnids)
-
-
 @torch.no_grad()
 def class_probs(classifier: Classifier, images: Tensor) -> Tensor:
     """(N, 3, H, W) in [0, 1] → softmax (N, K) on the clean path (bilinear resize)."""
@@ -205,23 +200,13 @@ def class_probs(classifier: Classifier, images: Tensor) -> Tensor:
     return classifier(views).float().softmax(-1).cpu()
 
 
-def run_counterfactual(
-    params: CounterfactualParams | dict,
-    *,
-    seed: int = 0,
-    device: str = "cpu",
-    cache: ModelCache | None = None,
-    max_batch: int = 8,
-    progress: ProgressFn | None = None,
-    should_stop: StopFn | None = None,
-    image_resolver: ImageResolver | None = None,
-) -> CounterfactualResult:
+def run_counterfactual(params: CounterfactualParams, ctx: RunContext) -> CounterfactualResult:
     """Counterfactuals of one image towards every target; see the module docstring."""
+    seed, device, max_batch = ctx.seed, ctx.device, ctx.max_batch
+    cache, progress, should_stop = ctx.cache or ModelCache(), ctx.progress, ctx.should_stop
+    image_resolver = ctx.image_resolver
     t_start = time.perf_counter()
-    if isinstance(params, dict):
-        params = validate_params(KIND, params)
-    cache = cache or ModelCache()
-    guidance, cf = params.guidance, params.counterfactual
+    guidance = params.guidance
     max_batch = job_batch(max_batch, guidance)  # e.g. 1 for the `reference` preset
 
     # 1. models and the image
@@ -237,10 +222,85 @@ def run_counterfactual(
     t_loaded = time.perf_counter()
 
     # 2. start class, caption and targets
+    plan = _plan(params, classifier, model, probs["original"], seed)
+    result = CounterfactualResult(
+        kind=KIND,
+        params=params.model_dump(mode="json"),
+        seed=seed,
+        models={"diffusion": params.diffusion, "classifier": params.classifier},
+        device=device,
+        image=image,
+        start_index=plan.start,
+        start_name=classifier.class_names[plan.start],
+        start_given=params.start_class is not None,
+        caption=plan.caption,
+        original=original.cpu(),
+        items=plan.items,
+        guidance=None,
+        probs=probs,
+    )
+    total = math.ceil(len(plan.items) / max_batch) * (guidance.iterations + 1)
+    if progress is not None:
+        progress(0, total, {"stage": "inverting", "clean_loss": []})
+
+    # 3. inversion, cached per process
+    cond = model.encode_text([plan.caption])
+    t0 = time.perf_counter()
+    try:
+        inversion, cached = _inversion(
+            params, model, cache, image, original, plan.caption, cond, should_stop
+        )
+    except Stopped:
+        result.stopped = True
+        result.items = []
+        result.timings = {"total_s": time.perf_counter() - t_start}
+        return result
+    t_inverted = time.perf_counter()
+    result.inversion, result.inversion_cached = inversion, cached
+
+    # 4. reconstruction with stored cross-attention maps → templates and masks; 5. the edits
+    control = CrossAttentionControl()
+    with controlled_cross_attention(model.unet, control):
+        start_point = _edit_start(params, model, classifier, inversion, original, cond, plan,
+                                  control, result, resolution)  # fmt: skip
+        t_masked = time.perf_counter()
+        results, search_s = _edit_in_batches(
+            params, model, classifier, start_point, cond, plan, control, result, resolution,
+            max_batch, total, progress, should_stop,
+        )  # fmt: skip
+
+    # 6. the result
+    result.guidance = concat_results(results)
+    result.probs["after"] = class_probs(classifier, result.guidance.images)
+    t_end = time.perf_counter()
+    result.timings = {
+        "load_s": t_loaded - t_start,
+        "inversion_s": t_inverted - t0,
+        "reconstruction_mask_s": t_masked - t_inverted,
+        "edit_s": t_end - t_masked,
+        **({"p2p_search_s": search_s} if results else {}),
+        "total_s": t_end - t_start,
+    }
+    return result
+
+
+@dataclass
+class _Plan:
+    """What the edits of one image are: the start class, the caption naming it, the words of
+    the caption that name it (and their tokens), and one item per target."""
+
+    start: int
+    caption: str
+    words: tuple[int, int]
+    source: Any  # token span of the start-class words in the caption
+    items: list[CounterfactualItem]
+
+
+def _plan(params, classifier: Classifier, model, original_probs: Tensor, seed: int) -> _Plan:
     if params.start_class is None:
-        start = int(probs["original"].argmax())
+        start = int(original_probs.argmax())
     else:
-        start = _class_index(params.start_class, classifier)
+        start = class_index(params.start_class, classifier)
     start_name = classifier.class_names[start]
     caption = params.caption or params.prompt_for(start_name)
     words = find_words(caption, start_name)
@@ -252,37 +312,18 @@ def run_counterfactual(
     if params.targets == "others":
         targets = [k for k in range(classifier.num_classes) if k != start]
     else:
-        targets = [_class_index(ref, classifier) for ref in params.targets]
-    tokenizer = model.tokenizers[0]
-    source = token_span(tokenizer, caption, words)
+        targets = [class_index(ref, classifier) for ref in params.targets]
+    source = token_span(model.tokenizers[0], caption, words)
     items = []
     for i, k in enumerate(targets):
         name = classifier.class_names[k]
         items.append(CounterfactualItem(i, seed + i, k, name, replace_words(caption, words, name)))
+    return _Plan(start, caption, words, source, items)
 
-    result = CounterfactualResult(
-        kind=KIND,
-        params=params.model_dump(mode="json"),
-        seed=seed,
-        models={"diffusion": params.diffusion, "classifier": params.classifier},
-        device=device,
-        image=image,
-        start_index=start,
-        start_name=start_name,
-        start_given=params.start_class is not None,
-        caption=caption,
-        original=original.cpu(),
-        items=items,
-        guidance=None,
-        probs=probs,
-    )
-    chunks = math.ceil(len(items) / max_batch)
-    total = chunks * (guidance.iterations + 1)
-    if progress is not None:
-        progress(0, total, {"stage": "inverting", "clean_loss": []})
 
-    # 3. inversion, cached per process
-    cond = model.encode_text([caption])
+def _inversion(params, model, cache, image, original, caption, cond, should_stop):
+    """The image's inversion under its caption: (Inversion, whether it came from the cache)."""
+    guidance, cf = params.guidance, params.counterfactual
     uncond = model.null_text(1, params.negative_prompt)
     inversions: InversionCache = cache.get(_INVERSIONS, InversionCache)
     key = cache_key(
@@ -293,132 +334,106 @@ def run_counterfactual(
         guidance=guidance,
         config=cf,
     )
-    t0 = time.perf_counter()
-    try:
-        inversion, cached = inversions.get_or_invert(
-            key,
-            lambda: invert(
-                model,
-                original,
-                cond,
-                uncond,
-                guidance=guidance,
-                config=cf,
-                should_stop=should_stop,
-            ),
-        )
-    except Stopped:
-        result.stopped = True
-        result.items = []
-        result.timings = {"total_s": time.perf_counter() - t_start}
-        return result
-    t_inverted = time.perf_counter()
-    result.inversion, result.inversion_cached = inversion, cached
+    return inversions.get_or_invert(
+        key,
+        lambda: invert(
+            model, original, cond, uncond, guidance=guidance, config=cf, should_stop=should_stop
+        ),
+    )
 
-    # 4. reconstruction with stored cross-attention maps → templates and masks
+
+def _edit_start(params, model, classifier, inversion, original, cond, plan, control, result,
+                resolution) -> EditStart:  # fmt: skip
+    """The reconstruction (storing the cross-attention maps), the foreground masks from the
+    start-class tokens' maps, and what every edit starts from; records them in `result`."""
+    guidance, cf = params.guidance, params.counterfactual
     steps = guidance.ddim_steps
     store_steps = max(
         [math.ceil(cf.mask_steps * steps)] + [steps_before(f, steps) for f in cf.p2p_fractions]
     )
-    control = CrossAttentionControl()
     latent_side = model.latent_shape(resolution)[-1]
-    with controlled_cross_attention(model.unet, control):
-        recon, templates = reconstruct(
+    recon, templates = reconstruct(
+        model,
+        z_T=inversion.z_T,
+        null_texts=inversion.null_texts,
+        cond=cond,
+        config=guidance,
+        control=control,
+        store_steps=store_steps,
+        resolution=resolution,
+    )
+    attention = attention_map(control, plan.source, math.ceil(cf.mask_steps * steps), latent_side)
+    latent_mask, pixel_mask = foreground_masks(
+        attention, latent_side=latent_side, pixel_side=resolution, cutoff=cf.mask_cutoff
+    )
+    result.reconstruction = recon.cpu()
+    result.attention = attention.cpu()
+    result.latent_mask, result.pixel_mask = latent_mask.cpu(), pixel_mask.cpu()
+    result.probs["reconstruction"] = class_probs(classifier, recon)[0]
+    return EditStart(
+        z_T=inversion.z_T,
+        null_texts=inversion.null_texts,
+        templates=templates,
+        z0=inversion.z0,
+        x0=original,
+        latent_mask=latent_mask,
+        pixel_mask=pixel_mask,
+    )
+
+
+def _edit_in_batches(params, model, classifier, start_point, cond, plan, control, result,
+                     resolution, max_batch, total, progress, should_stop):  # fmt: skip
+    """The edits, in batches of at most `max_batch` targets: (their GuidanceResults, seconds of
+    the prompt-to-prompt fraction search). A stop keeps the items done so far."""
+    guidance = params.guidance
+    length = cond.hidden.shape[1]
+    tokenizer, word = model.tokenizers[0], plan.words[0]
+    items = plan.items
+    results: list[GuidanceResult] = []
+    search_s, done = 0.0, 0
+    for first in range(0, len(items), max_batch):
+        chunk = items[first : first + max_batch]
+        mixing = torch.stack(
+            [
+                token_alignment(
+                    length,
+                    plan.source,
+                    token_span(tokenizer, it.prompt, (word, word + len(it.target_name))),
+                )
+                for it in chunk
+            ]
+        ).to(model.device)
+
+        def chunk_progress(
+            step: int, _total: int, info: dict, _done: int = done, _chunk: list = chunk
+        ) -> None:
+            if progress is not None:
+                progress(_done + step, total, {"items": [it.index for it in _chunk], **info})
+
+        out = edit(
             model,
-            z_T=inversion.z_T,
-            null_texts=inversion.null_texts,
-            cond=cond,
-            config=guidance,
+            classifier,
+            start=start_point,
+            cond=model.encode_text([it.prompt for it in chunk]),
+            targets=torch.tensor([it.target_index for it in chunk]),
+            start_class=plan.start,
+            seeds=[it.seed for it in chunk],
+            mixing=mixing,
             control=control,
-            store_steps=store_steps,
+            config=guidance,
+            cf=params.counterfactual,
             resolution=resolution,
+            progress=chunk_progress,
+            should_stop=should_stop,
         )
-        attention = attention_map(control, source, math.ceil(cf.mask_steps * steps), latent_side)
-        latent_mask, pixel_mask = foreground_masks(
-            attention, latent_side=latent_side, pixel_side=resolution, cutoff=cf.mask_cutoff
-        )
-        start_point = EditStart(
-            z_T=inversion.z_T,
-            null_texts=inversion.null_texts,
-            templates=templates,
-            z0=inversion.z0,
-            x0=original,
-            latent_mask=latent_mask,
-            pixel_mask=pixel_mask,
-        )
-        result.reconstruction = recon.cpu()
-        result.attention, result.latent_mask, result.pixel_mask = (
-            attention.cpu(),
-            latent_mask.cpu(),
-            pixel_mask.cpu(),
-        )
-        result.probs["reconstruction"] = class_probs(classifier, recon)[0]
-        t_masked = time.perf_counter()
-
-        # 5. the edits, in batches of at most max_batch targets
-        length = cond.hidden.shape[1]
-        results, searches, done = [], {}, 0
-        for first in range(0, len(items), max_batch):
-            chunk = items[first : first + max_batch]
-            prompts = [it.prompt for it in chunk]
-            mixing = torch.stack(
-                [
-                    token_alignment(
-                        length,
-                        source,
-                        token_span(
-                            tokenizer, it.prompt, (words[0], words[0] + len(it.target_name))
-                        ),
-                    )
-                    for it in chunk
-                ]
-            ).to(model.device)
-
-            def chunk_progress(
-                step: int, _total: int, info: dict, _done: int = done, _chunk: list = chunk
-            ) -> None:
-                if progress is not None:
-                    progress(_done + step, total, {"items": [it.index for it in _chunk], **info})
-
-            out = edit(
-                model,
-                classifier,
-                start=start_point,
-                cond=model.encode_text(prompts),
-                targets=torch.tensor([it.target_index for it in chunk]),
-                start_class=start,
-                seeds=[it.seed for it in chunk],
-                mixing=mixing,
-                control=control,
-                config=guidance,
-                cf=cf,
-                resolution=resolution,
-                progress=chunk_progress,
-                should_stop=should_stop,
-            )
-            for b, it in enumerate(chunk):
-                it.p2p_fraction = out.fractions[b]
-                it.p2p_search = {str(f): losses[b] for f, losses in out.search.items()}
-            searches["p2p_search_s"] = (
-                searches.get("p2p_search_s", 0.0) + out.timings["p2p_search_s"]
-            )
-            results.append(out.guidance)
-            done += guidance.iterations + 1
-            if out.guidance.stopped:
-                result.items = items[: first + len(chunk)]
-                result.stopped = True
-                break
-
-    # 6. the result
-    result.guidance = concat_results(results)
-    result.probs["after"] = class_probs(classifier, result.guidance.images)
-    t_end = time.perf_counter()
-    result.timings = {
-        "load_s": t_loaded - t_start,
-        "inversion_s": t_inverted - t0,
-        "reconstruction_mask_s": t_masked - t_inverted,
-        "edit_s": t_end - t_masked,
-        **searches,
-        "total_s": t_end - t_start,
-    }
-    return result
+        for b, it in enumerate(chunk):
+            it.p2p_fraction = out.fractions[b]
+            it.p2p_search = {str(f): losses[b] for f, losses in out.search.items()}
+        search_s += out.timings["p2p_search_s"]
+        results.append(out.guidance)
+        done += guidance.iterations + 1
+        if out.guidance.stopped:
+            result.items = items[: first + len(chunk)]
+            result.stopped = True
+            break
+    return results, search_s

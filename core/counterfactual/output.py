@@ -13,15 +13,12 @@ result.json           `CounterfactualResult.summary()` with the artifact names
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from core.output import CAPTION_H, GRID_TILE, png_bytes, to_pil
-
-if TYPE_CHECKING:
-    from core.counterfactual.job import CounterfactualResult
 
 
 def _tile(image: torch.Tensor, tile: int) -> Image.Image:
@@ -34,7 +31,7 @@ def mask_image(mask: torch.Tensor) -> torch.Tensor:
     return mask[0].expand(3, -1, -1).clamp(0, 1)
 
 
-def counterfactual_grid(result: CounterfactualResult, tile: int = GRID_TILE) -> Image.Image:
+def counterfactual_grid(result: Any, tile: int = GRID_TILE) -> Image.Image:
     """Rows: targets; columns: original, reconstruction, mask, iterations 0..I."""
     side = result.original.shape[-1]
     tile = min(tile, side) if side >= 64 else 96
@@ -72,7 +69,7 @@ def counterfactual_grid(result: CounterfactualResult, tile: int = GRID_TILE) -> 
     return grid
 
 
-def render_counterfactual(result: CounterfactualResult) -> dict[str, bytes]:
+def render_counterfactual(result: Any) -> dict[str, bytes]:
     out: dict[str, bytes] = {"original.png": png_bytes(to_pil(result.original[0]))}
     if result.reconstruction is not None:
         out["reconstruction.png"] = png_bytes(to_pil(result.reconstruction[0]))

@@ -1,6 +1,6 @@
 """Semantic checks on the zoo: explanations whose correct answer we know.
 
-The jobs run through `core.jobs.run_job` on the zoo's specs ('digits', 'digits:<name>'), the
+The jobs run through `core.kinds.run_job` on the zoo's specs ('digits', 'digits:<name>'), the
 same path as `digin run`. The verdicts are plain functions of the result images: the judge's
 prediction, and `patch_present`.
 """

@@ -313,10 +313,10 @@ def train_diffusion(args, x, y, out: Path) -> tuple[dict, dict, dict]:
     need the judge in the same folder (trained first when the whole zoo is trained)."""
     from transformers import CLIPTokenizer
 
-    from core.tiny import _write_tokenizer  # the project's tiny offline CLIP vocabulary
+    from core.tiny import write_tokenizer  # the project's tiny offline CLIP vocabulary
 
     t0 = time.perf_counter()
-    _write_tokenizer(out / TOKENIZER_FOLDER)
+    write_tokenizer(out / TOKENIZER_FOLDER)
     text_config = dict(TEXT_CONFIG)
     length = text_config["max_position_embeddings"]
     tokenizer = CLIPTokenizer.from_pretrained(out / TOKENIZER_FOLDER, model_max_length=length)

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from core import classifiers
+from core import loaders
 from core.classes import imagenet_class_names
-from core.classifiers import ClipClassifier, TimmClassifier, load_classifier
+from core.classifiers import ClipClassifier, TimmClassifier
+from core.loaders import load_classifier
 
 
 def _weights_path(spec: str) -> Path:
@@ -190,9 +191,9 @@ def test_open_clip_templates_differ_and_are_cached(tiny_models):
     simple = load_classifier(spec, class_names=names, clip_templates="simple")
     openai = load_classifier(spec, class_names=names, clip_templates="openai")
     assert not torch.allclose(simple.last_layer_weight, openai.last_layer_weight)
-    cached = len(classifiers._TEXT_EMBEDDINGS)
+    cached = len(loaders._TEXT_EMBEDDINGS)
     again = load_classifier(spec, class_names=names, clip_templates="simple")
-    assert len(classifiers._TEXT_EMBEDDINGS) == cached
+    assert len(loaders._TEXT_EMBEDDINGS) == cached
     torch.testing.assert_close(again.last_layer_weight, simple.last_layer_weight)
 
 

@@ -22,8 +22,8 @@ from core.counterfactual.config import CounterfactualConfig
 from core.counterfactual.edit import EditStart, Regularizers, masked_l2
 from core.counterfactual.images import load_start_image
 from core.counterfactual.inversion import InversionCache, invert
-from core.counterfactual.job import run_counterfactual
-from core.jobs import ModelCache, run_job
+from core.jobs import ModelCache
+from core.kinds import run_job
 from core.output import render_artifacts
 from digin.cli import app
 
@@ -94,7 +94,7 @@ def test_target_equal_to_start_with_zero_lr_gives_the_reconstruction(
         for n, p in cache.diffusion(tiny_models["sd"], "cpu").unet.attn_processors.items()
     }
     params = _params(tiny_models, image_file, targets=["tench"], guidance={**FAST, "lr": 0.0})
-    result = run_counterfactual(params, cache=cache)
+    result = run_job("counterfactual", params, cache=cache)
     g = result.guidance
     assert torch.allclose(g.images, result.reconstruction, atol=1e-4)
     assert torch.allclose(g.trajectory[0].float() / 255, result.reconstruction, atol=1 / 255)
@@ -140,7 +140,8 @@ def test_all_zero_foreground_mask_makes_masked_regularisers_unmasked():
 
 def test_inversion_cache_is_hit_on_a_second_target(tiny_models, image_file):
     cache = ModelCache()
-    first = run_counterfactual(
+    first = run_job(
+        "counterfactual",
         _params(tiny_models, image_file, targets=[1, 2], guidance={**FAST, "iterations": 0}),
         cache=cache,
     )
@@ -155,7 +156,8 @@ def test_inversion_cache_is_hit_on_a_second_target(tiny_models, image_file):
     assert second.inversion is first.inversion
     assert second.summary()["inversion"]["cached"] is True
     # another caption is another inversion
-    third = run_counterfactual(
+    third = run_job(
+        "counterfactual",
         _params(
             tiny_models,
             image_file,
@@ -290,12 +292,12 @@ def test_sdxl_uploaded_image_and_zero_shot_clip(tiny_models, image_file):
 def test_cooperative_stop_in_the_inversion_and_in_the_edit(tiny_models, image_file):
     cache = ModelCache()
     params = _params(tiny_models, image_file, targets=[1, 2])
-    stopped = run_counterfactual(params, cache=cache, should_stop=lambda: True)
+    stopped = run_job("counterfactual", params, cache=cache, should_stop=lambda: True)
     assert stopped.stopped and stopped.items == [] and stopped.guidance is None
     assert set(render_artifacts(stopped)) == {"original.png", "grid.png", "result.json"}
     inversions = cache.get(("counterfactual", "inversions"), InversionCache)
     assert len(inversions) == 0  # a stopped inversion is not cached
-    run_counterfactual(params, cache=cache)  # inverts and caches
-    again = run_counterfactual(params, cache=cache, should_stop=lambda: True)
+    run_job("counterfactual", params, cache=cache)  # inverts and caches
+    again = run_job("counterfactual", params, cache=cache, should_stop=lambda: True)
     assert again.inversion_cached and again.stopped
     assert again.guidance.trajectory.shape[0] == 1  # stopped after iteration 0, as optimize()

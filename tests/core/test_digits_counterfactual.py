@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 
 from core.config import GuidanceConfig
 from core.counterfactual.config import CounterfactualConfig
-from core.counterfactual.job import class_probs, run_counterfactual
+from core.counterfactual.job import class_probs
 from core.digits.data import load_images, make_splits
 from core.digits.settings import (
     CLASS_PROMPT,
@@ -26,6 +26,7 @@ from core.digits.settings import (
     DIGITS_COUNTERFACTUAL_GUIDANCE,
 )
 from core.jobs import ModelCache
+from core.kinds import run_job
 from core.params import validate_params
 from tests.core.precision import with_precision
 
@@ -75,7 +76,7 @@ def counterfactuals():
             "start_class": k,
             "targets": [(k + d) % 10 for d in OFFSETS],
         }
-        result = run_counterfactual(with_precision(params), seed=n, cache=cache)
+        result = run_job("counterfactual", with_precision(params), seed=n, cache=cache)
         for b, item in enumerate(result.summary()["items"]):
             rows.append(
                 (result.original[0, 0], item["target_index"], result.guidance.images[b], item)

@@ -3,7 +3,7 @@
 `digits:cnn-spurious` relies on a planted 3x3 patch (top-left) for class seven; `digits:cnn`
 does not. The image sets are built from the bundled digits (`core.imagesets`), the jobs run
 the examples (`examples/{neural_pca,pca_component,spurious_score}_digits.json`, the zoo's
-guidance settings) through `core.jobs.run_job`, and the verdicts are plain functions of the
+guidance settings) through `core.kinds.run_job`, and the verdicts are plain functions of the
 results: correlation with the known patch flags, and the patch detector `patch_present`.
 """
 
@@ -20,7 +20,8 @@ from core.digits.data import CLASS_NAMES
 from core.digits.semantic import patch_rates
 from core.digits.settings import DIGITS_GUIDANCE
 from core.digits.zoo import card_patch, read_card
-from core.jobs import ModelCache, run_job
+from core.jobs import ModelCache
+from core.kinds import run_job
 from core.output import write_outputs
 from tests.core.precision import with_precision
 

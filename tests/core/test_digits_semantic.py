@@ -1,7 +1,7 @@
 """Semantic tests on the shipped digits zoo: explanations whose right answer we know.
 
 Each runs an example params file (`examples/*_digits.json`, the zoo's guidance settings of
-`core.digits.settings.DIGITS_GUIDANCE`) through `core.jobs.run_job` and judges the result with a
+`core.digits.settings.DIGITS_GUIDANCE`) through `core.kinds.run_job` and judges the result with a
 plain function of the images: the independent judge classifier, or the patch detector.
 """
 
@@ -19,7 +19,8 @@ from core.digits.evaluate import patch_unit
 from core.digits.semantic import judge_agreement, patch_rates
 from core.digits.settings import CLASS_PROMPT, DIGITS_GUIDANCE, PLAIN_PROMPT
 from core.digits.zoo import card_patch, read_card
-from core.jobs import ModelCache, run_job
+from core.jobs import ModelCache
+from core.kinds import run_job
 from tests.core.precision import DEVICE, with_precision
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.classifiers import load_classifier
 from core.config import GuidanceConfig
-from core.diffusion import load_diffusion
 from core.flops import iteration_flops
 from core.guidance import optimize
+from core.loaders import load_classifier, load_diffusion
 from core.objectives import ClassObjective
 
 

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
-from core.classifiers import load_classifier
 from core.config import GuidanceConfig
-from core.diffusion import load_diffusion
 from core.guidance import initial_latents, loss_step_weights, optimize, sample
+from core.loaders import load_classifier, load_diffusion
 from core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, margin
 
 RES = 32  # 32 px images (16 x 16 latents): fast on two CPU cores

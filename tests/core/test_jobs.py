@@ -8,7 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from core.jobs import ModelCache, run_job
+from core.jobs import ModelCache
+from core.kinds import run_job
 from core.output import render_artifacts
 from core.params import ParamsError, validate_params
 

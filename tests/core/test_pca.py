@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from core.analysis import load_pca, run_pca_component
+from core.analysis import load_pca
 from core.imagesets import load_image_set
 from core.jobs import ModelCache
+from core.kinds import run_job
 from core.objectives import ComponentObjective
 from core.params import ImageSetSpec, ParamsError, validate_params
 from core.pca import class_contributions, component_values, fit_neural_pca
@@ -216,17 +217,19 @@ def test_pca_component_checks_the_pca_against_the_classifier(cache, tmp_path):
     pca = {"classifier": "digits:cnn", "class_index": 7, "mean": [0.0] * 64,
            "components": np.eye(64)[:3].tolist()}  # fmt: skip
     with pytest.raises(ValueError, match=r"class: 'three' is class 3, but the PCA is of class 7"):
-        run_pca_component(validate_params("pca_component", {"pca": pca, "class": "three"}),
+        run_job("pca_component", validate_params("pca_component", {"pca": pca, "class": "three"}),
                           cache=cache)  # fmt: skip
     with pytest.raises(ValueError, match=r"components: must be < 3"):
-        run_pca_component(validate_params("pca_component", {"pca": pca, "components": [3]}),
+        run_job("pca_component", validate_params("pca_component", {"pca": pca, "components": [3]}),
                           cache=cache)  # fmt: skip
     small = {**pca, "mean": [0.0] * 8, "components": [[1.0] * 8]}
     with pytest.raises(ValueError, match=r"pca: the PCA has 8 features, digits:cnn has 64"):
-        run_pca_component(validate_params("pca_component", {"pca": small}), cache=cache)
+        run_job("pca_component", validate_params("pca_component", {"pca": small}), cache=cache)
     with pytest.raises(ValueError, match="classifier: the PCA names no classifier"):
-        run_pca_component(
-            validate_params("pca_component", {"pca": {**pca, "classifier": None}}), cache=cache
+        run_job(
+            "pca_component",
+            validate_params("pca_component", {"pca": {**pca, "classifier": None}}),
+            cache=cache,
         )
     with pytest.raises(ValueError, match="pca: .* not found"):
         load_pca(str(tmp_path / "missing.json"))

@@ -93,7 +93,7 @@ def test_the_largest_batch_under_a_memory_budget():
 
 
 def test_the_reference_preset_runs_one_item_per_optimisation(tiny_models):
-    from core.jobs import run_job
+    from core.kinds import run_job
 
     chunks = []
     params = {
@@ -124,8 +124,7 @@ def _run(sd, clf, **fields):
 
 
 def test_channels_last_gives_the_same_images_and_is_undone_afterwards(tiny_models):
-    from core.classifiers import load_classifier
-    from core.diffusion import load_diffusion
+    from core.loaders import load_classifier, load_diffusion
 
     sd, clf = load_diffusion(tiny_models["sdxl"]), load_classifier(tiny_models["classifier"])
     base = _run(sd, clf)
@@ -147,8 +146,8 @@ def test_channels_last_gives_the_same_images_and_is_undone_afterwards(tiny_model
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_ddim_chain_never_waits_for_the_gpu(tiny_models):
     """torch.cuda's sync debug mode raises on any host-device synchronisation in the chain."""
-    from core.diffusion import load_diffusion
     from core.guidance import Deltas, DenoisingLoop
+    from core.loaders import load_diffusion
 
     sd = load_diffusion(tiny_models["sdxl"], device="cuda")
     cfg = GuidanceConfig(ddim_steps=4, loss_steps=3)
@@ -192,8 +191,7 @@ def test_the_model_cache_keeps_one_copy_per_weight_dtype(tiny_models):
 
 
 def test_bf16_weights_run_natively_and_keep_the_optimised_variables_in_fp32(tiny_models):
-    from core.classifiers import load_classifier
-    from core.diffusion import load_diffusion
+    from core.loaders import load_classifier, load_diffusion
 
     clf = load_classifier(tiny_models["classifier"])
     sd = load_diffusion(tiny_models["sdxl"])
@@ -214,8 +212,7 @@ def test_bf16_weights_run_natively_and_keep_the_optimised_variables_in_fp32(tiny
 
 
 def test_recomputing_the_decoder_block_by_block_changes_nothing_but_memory(tiny_models):
-    from core.classifiers import load_classifier
-    from core.diffusion import load_diffusion
+    from core.loaders import load_classifier, load_diffusion
 
     sd, clf = load_diffusion(tiny_models["sd"]), load_classifier(tiny_models["classifier"])
     base = _run(sd, clf)

@@ -78,7 +78,7 @@ def test_a_written_sd15_pipeline_loads_through_the_normal_loader(tmp_path):
     """~2 GB of fp16 safetensors, read back in fp32 by `load_diffusion('diffusers:<dir>')`."""
     from diffusers import AutoencoderKL
 
-    from core.diffusion import load_diffusion
+    from core.loaders import load_diffusion
 
     spec = make_random_models("sd15", tmp_path / "sd15", dtype="fp16", seed=3)
     assert spec == f"diffusers:{tmp_path / 'sd15'}"

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.jobs import ModelCache, run_job
+from core.jobs import ModelCache
+from core.kinds import run_job
 
 RECORD = Path(__file__).with_name("same_results.json")
 FAST = {"ddim_steps": 3, "iterations": 2, "loss_steps": 2, "num_cutouts": 2, "lr": 0.5}

@@ -22,7 +22,7 @@ from api.settings import fresh_settings
 from api.storage import LocalStorage, artifact_key
 from api.sweeps import plan_batch
 from core.groups import run_group
-from core.jobs import run_job
+from core.kinds import run_job
 from worker import groups
 from worker.groups import group_capacity
 from worker.runner import WorkerContext, execute_job

@@ -1,0 +1,78 @@
+"""Every job kind in one table: its params model and the function that runs it.
+
+    kind             params (core.params, torch-free)   runs in
+    guided           GuidedParams                       core.jobs.run_generative
+    disagreement     DisagreementParams                 core.jobs.run_generative
+    neuron           NeuronParams                       core.jobs.run_generative
+    pca_component    PcaComponentParams                 core.analysis.run_pca_component
+    neural_pca       NeuralPcaParams                    core.analysis.run_neural_pca
+    spurious_score   SpuriousScoreParams                core.analysis.run_spurious_score
+    counterfactual   CounterfactualParams               core.counterfactual.job.run_counterfactual
+
+Every runner is `run(params, ctx) -> Result`: validated params and a `core.context.RunContext`
+(seed, device, model cache, max batch, progress, cancellation, image resolver).
+
+The API validates against `core.params.PARAMS_BY_KIND` (it may not import torch); this table adds
+the runners and checks at import that both name the same kinds. `run_job` is what the CLI
+(`digin run`) and the workers call. Every result summarises itself (`summary()`, result.json) and
+renders its files (`render_artifacts()`, name → bytes; `core.output.render_artifacts`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from core.analysis import run_neural_pca, run_pca_component, run_spurious_score
+from core.context import ImageResolver, ProgressFn, RunContext, StopFn
+from core.counterfactual.job import run_counterfactual
+from core.jobs import DEFAULT_CACHE, ModelCache, run_generative
+from core.output import Result
+from core.params import PARAMS_BY_KIND, ParamsError, validate_params
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    params: type[BaseModel]  # validates the job's params (the API's table, torch-free)
+    run: Callable[[Any, RunContext], Result]
+
+
+_RUNNERS: dict[str, Callable[[Any, RunContext], Result]] = {
+    "guided": run_generative,
+    "disagreement": run_generative,
+    "neuron": run_generative,
+    "pca_component": run_pca_component,
+    "neural_pca": run_neural_pca,
+    "spurious_score": run_spurious_score,
+    "counterfactual": run_counterfactual,
+}
+if set(_RUNNERS) != set(PARAMS_BY_KIND):
+    raise RuntimeError(f"kinds without a runner or params: {set(_RUNNERS) ^ set(PARAMS_BY_KIND)}")
+KINDS: dict[str, Kind] = {k: Kind(k, PARAMS_BY_KIND[k], _RUNNERS[k]) for k in PARAMS_BY_KIND}
+
+
+def run_job(
+    kind: str,
+    params: BaseModel | dict,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
+    cache: ModelCache | None = None,
+    max_batch: int = 8,
+    progress: ProgressFn | None = None,
+    should_stop: StopFn | None = None,
+    image_resolver: ImageResolver | None = None,
+) -> Result:
+    """Run one job of any kind (raw params are validated first); `progress(step, total, info)`
+    reports its steps."""
+    if kind not in KINDS:
+        raise ParamsError(kind, [{"field": "kind", "message": f"must be one of {list(KINDS)}"}])
+    if isinstance(params, dict):
+        params = validate_params(kind, params)
+    ctx = RunContext(seed, device, cache or DEFAULT_CACHE, max_batch, progress, should_stop,
+                     image_resolver)  # fmt: skip
+    return KINDS[kind].run(params, ctx)

@@ -1,0 +1,328 @@
+"""Loaders: a model spec → a `DiffusionModel` or a `Classifier` (the factory, apart from the
+interfaces in `core.diffusion` and `core.classifiers`, as timm keeps `_factory.py` apart from its
+models).
+
+Specs (parsed by `core.registry.parse_spec`):
+
+    diffusers:<hub id | folder>              Stable Diffusion 1.x/2.x or SDXL, safetensors only
+    digits[@<zoo folder>]                    the bundled digits diffusion model
+    timm:<name>                              timm model with its pretrained weights (hub)
+    timm:<arch>@<file.safetensors>           a user's own weights, with an optional sidecar
+                                             <file>.json: class_names, input_size, mean, std,
+                                             model_kwargs (passed to timm.create_model)
+    open_clip:<arch>/<pretrained tag|file>   zero-shot CLIP over the class names; a local file may
+                                             bring its model config as <arch>.json beside it
+    digits:<name>[@<zoo folder>]             the bundled digits zoo's classifiers
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from core.classes import imagenet_class_names
+from core.classifiers import (
+    SIDECAR_KEYS,
+    SIMPLE_TEMPLATE,
+    Classifier,
+    ClipClassifier,
+    ClipTemplates,
+    TimmClassifier,
+)
+from core.diffusion import DiffusionModel
+from core.registry import parse_spec
+
+# --- diffusion models ---------------------------------------------------------------------------
+
+
+def _load_config(path: str, name: str) -> dict:
+    local = Path(path)
+    if local.is_dir():
+        file = local / name
+        return json.loads(file.read_text()) if file.exists() else {}
+    from huggingface_hub import hf_hub_download  # network only where the machine has it
+
+    return json.loads(Path(hf_hub_download(path, name)).read_text())
+
+
+def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id or local folder (safetensors)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if Path(path).exists() and not (Path(path) / "unet").is_dir():
+        raise ValueError(f"{path} is not a diffusers pipeline folder (no unet/ subfolder)")
+    index = _load_config(path, "model_index.json")
+    scheduler_config = _load_config(path, "scheduler/scheduler_config.json")
+    # fp32 weights whatever the checkpoint stores (fp16 variants included); lower precision is
+    # the job's choice (GuidanceConfig.precision), not the checkpoint's.
+    kw = {"use_safetensors": True, "torch_dtype": torch.float32}
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    unet.set_attn_processor(AttnProcessor2_0())  # PyTorch scaled-dot-product attention
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+    is_sdxl = unet.config.addition_embed_type == "text_time"
+    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
+    tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
+    if is_sdxl:
+        encoders.append(
+            CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **kw)
+        )
+        tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
+    vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    model = DiffusionModel(
+        spec=f"diffusers:{path}",
+        unet=unet,
+        vae=vae,
+        text_encoders=encoders,
+        tokenizers=tokenizers,
+        scheduler_config=scheduler_config,
+        resolution=unet.config.sample_size * vae_scale,
+        is_sdxl=is_sdxl,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", is_sdxl)),
+    )
+    return model.to(device)
+
+
+def load_diffusion(spec: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
+    """Dispatch on the spec's scheme (DESIGN §3.4)."""
+    parsed = parse_spec(spec)
+    if parsed.kind != "diffusion":
+        raise ValueError(f"{spec!r} names a classifier, not a diffusion model")
+    if parsed.scheme == "digits":
+        from core.digits.zoo import load_digits_diffusion
+
+        return load_digits_diffusion(device=device, zoo_dir=parsed.weights, spec=spec)
+    return load_diffusers(parsed.name, device=device)
+
+
+# --- classifiers -------------------------------------------------------------------------------
+
+
+def load_classifier(
+    spec: str,
+    *,
+    device: torch.device | str = "cpu",
+    class_names: Sequence[str] | None = None,
+    clip_templates: ClipTemplates = "openai",
+) -> Classifier:
+    """Load the classifier named by ``spec`` (see the module docstring) onto ``device``.
+
+    ``class_names`` overrides the class names (their number must match the classifier's); by
+    default ImageNet's for 1000-class models (and for zero-shot CLIP), else a sidecar's or
+    'class_<i>'. ``clip_templates``: CLIP's 80 ImageNet prompt templates ("openai") or the single
+    "a photo of a {}." ("simple").
+    """
+    parsed = parse_spec(spec)
+    if parsed.kind != "classifier":
+        raise ValueError(f"{spec!r} names a diffusion model, not a classifier")
+    if parsed.scheme == "timm":
+        if parsed.weights is None:
+            classifier = _load_timm_pretrained(spec, parsed.name, class_names)
+        else:
+            classifier = _load_timm_file(spec, parsed.arch, parsed.weights, class_names)
+    elif parsed.scheme == "open_clip":
+        classifier = _load_open_clip(
+            spec, parsed.arch, parsed.weights, class_names, clip_templates, device
+        )
+    else:
+        from core.digits.zoo import load_digits_classifier
+
+        classifier = load_digits_classifier(
+            parsed.arch, zoo_dir=parsed.weights, class_names=class_names, spec=spec
+        )
+    return classifier.to(device)
+
+
+# --- timm ------------------------------------------------------------------------------------
+
+
+def _load_timm_pretrained(
+    spec: str, name: str, class_names: Sequence[str] | None
+) -> TimmClassifier:
+    import timm
+
+    model = timm.create_model(name, pretrained=True)
+    return _wrap_timm(spec, model, _class_names(spec, model.num_classes, class_names), {})
+
+
+def _load_timm_file(
+    spec: str, arch: str, weights: str, class_names: Sequence[str] | None
+) -> TimmClassifier:
+    import timm
+    from safetensors.torch import load_file
+
+    path = _local_file(spec, weights)
+    if not timm.is_model(arch):
+        raise ValueError(f"{spec}: unknown timm architecture {arch!r}")
+    sidecar = _read_sidecar(path)
+    state = load_file(path)
+
+    # The class count comes from the weights of the last layer, e.g. 'fc.weight' (K, F).
+    head = timm.models.get_pretrained_cfg_value(arch, "classifier") or "fc"
+    head = head[0] if isinstance(head, tuple | list) else head
+    if f"{head}.weight" not in state:
+        raise ValueError(
+            f"{spec}: {path.name} has no {head + '.weight'!r} tensor (timm {arch!r}'s last layer); "
+            f"are these weights of a {arch}?"
+        )
+    k = state[f"{head}.weight"].shape[0]
+    kwargs = {**sidecar.get("model_kwargs", {}), "num_classes": k}
+    model = timm.create_model(arch, pretrained=False, **kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{spec}: the weights do not fit timm {arch!r}: {e}") from e
+
+    names = class_names if class_names is not None else sidecar.get("class_names")
+    return _wrap_timm(spec, model, _class_names(spec, k, names), sidecar)
+
+
+def _wrap_timm(spec: str, model: nn.Module, names: list[str], sidecar: dict) -> TimmClassifier:
+    import timm.data
+
+    data = timm.data.resolve_model_data_config(model)  # input_size (3, H, W), mean, std
+    _, h, w = data["input_size"]
+    size = sidecar.get("input_size", h)
+    if "input_size" not in sidecar and h != w:
+        raise ValueError(
+            f"{spec}: the model's input size {h}x{w} is not square; "
+            "give a square input_size in the sidecar JSON"
+        )
+    mean, std = sidecar.get("mean", data["mean"]), sidecar.get("std", data["std"])
+    return TimmClassifier(spec, model, class_names=names, input_size=size, mean=mean, std=std)
+
+
+def _read_sidecar(weights: Path) -> dict[str, Any]:
+    """The optional JSON beside the weights (same stem), validated except for the class count."""
+    path = weights.with_suffix(".json")
+    if not path.is_file():
+        return {}
+    cfg = _read_json(path)
+    if not isinstance(cfg, dict):
+        raise ValueError(f"sidecar {path} must hold a JSON object, got {type(cfg).__name__}")
+    if unknown := sorted(set(cfg) - set(SIDECAR_KEYS)):
+        raise ValueError(f"sidecar {path}: unknown keys {unknown}; known: {list(SIDECAR_KEYS)}")
+    names = cfg.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and all(isinstance(n, str) and n for n in names)
+    ):
+        raise ValueError(f"sidecar {path}: class_names must be a list of non-empty strings")
+    size = cfg.get("input_size")
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        raise ValueError(f"sidecar {path}: input_size must be a positive integer, got {size!r}")
+    for key in ("mean", "std"):
+        value = cfg.get(key)
+        if value is not None and not (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        ):
+            raise ValueError(f"sidecar {path}: {key} must be a list of 3 numbers, got {value!r}")
+    if any(s <= 0 for s in cfg.get("std", [1])):
+        raise ValueError(f"sidecar {path}: std must be positive, got {cfg['std']}")
+    if not isinstance(cfg.get("model_kwargs", {}), dict):
+        raise ValueError(f"sidecar {path}: model_kwargs must be a JSON object")
+    return cfg
+
+
+# --- open_clip -------------------------------------------------------------------------------
+
+# (spec, weights file mtime, class names, templates) → (K, D) unit class text embeddings, on CPU
+_TEXT_EMBEDDINGS: dict[tuple, Tensor] = {}
+
+
+def _load_open_clip(
+    spec: str,
+    arch: str,
+    tag: str,
+    class_names: Sequence[str] | None,
+    templates: ClipTemplates,
+    device: torch.device | str,
+) -> ClipClassifier:
+    import open_clip
+
+    if templates not in ("openai", "simple"):
+        raise ValueError(f"clip_templates must be 'openai' or 'simple', got {templates!r}")
+    stamp = None
+    if "/" in tag or os.sep in tag or tag.endswith((".safetensors", ".bin", ".pt", ".pth")):
+        path = _local_file(spec, tag)  # a local weights file instead of a pretrained tag
+        config = path.parent / f"{arch}.json"
+        if config.is_file() and open_clip.get_model_config(arch) != _read_json(config):
+            open_clip.add_model_config(config)  # registers <arch> for this process
+        tag, stamp = str(path), path.stat().st_mtime_ns
+    if arch not in open_clip.list_models():
+        raise ValueError(
+            f"{spec}: unknown open_clip architecture {arch!r} "
+            "(a local weights file can bring its config as <arch>.json beside it)"
+        )
+    model = open_clip.create_model(arch, pretrained=tag, device=device, require_pretrained=True)
+    model.eval()
+
+    names = imagenet_class_names() if class_names is None else _class_names(spec, None, class_names)
+    key = (spec, stamp, tuple(names), templates)
+    if key not in _TEXT_EMBEDDINGS:
+        prompts = (
+            open_clip.OPENAI_IMAGENET_TEMPLATES if templates == "openai" else [SIMPLE_TEMPLATE]
+        )
+        weights = open_clip.build_zero_shot_classifier(
+            model, open_clip.get_tokenizer(arch), names, prompts, device=device
+        )  # (D, K)
+        _TEXT_EMBEDDINGS[key] = weights.T.float().cpu()  # (K, D)
+    text = _TEXT_EMBEDDINGS[key].to(device)
+
+    pp = open_clip.get_model_preprocess_cfg(model)  # size (int or (H, W)), mean, std
+    size = pp["size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    if h != w:
+        raise ValueError(f"{spec}: the image tower's input size {h}x{w} is not square")
+    return ClipClassifier(
+        spec, model, text, class_names=names, input_size=h, mean=pp["mean"], std=pp["std"]
+    )
+
+
+# --- shared ----------------------------------------------------------------------------------
+
+
+def _local_file(spec: str, weights: str) -> Path:
+    """A local .safetensors file (pickled checkpoints are never loaded)."""
+    if "://" in weights:
+        raise ValueError(
+            f"{spec}: only local weight files are supported by the core loader, got the URI "
+            f"{weights!r} (fetch it first, e.g. the worker downloads s3:// objects)"
+        )
+    path = Path(weights).expanduser()
+    if path.suffix != ".safetensors":
+        raise ValueError(
+            f"{spec}: weights must be a .safetensors file, got {path.name!r} "
+            "(pickled checkpoints are never loaded; convert with safetensors.torch.save_file)"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: weights file {path} not found")
+    return path
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _class_names(spec: str, k: int | None, given: Sequence[str] | None) -> list[str]:
+    """``given`` (checked against K), else ImageNet's for K = 1000, else 'class_<i>'."""
+    if given is not None:
+        if isinstance(given, str) or not given or not all(isinstance(n, str) and n for n in given):
+            raise ValueError(f"{spec}: class_names must be a sequence of non-empty strings")
+        if k is not None and len(given) != k:
+            raise ValueError(f"{spec}: got {len(given)} class names for a {k}-class model")
+        return list(given)
+    if k == 1000:
+        return imagenet_class_names()
+    return [f"class_{i}" for i in range(k or 0)]
