@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# CPU images of the service (DESIGN §8), from one source tree:
+# CPU images of the service (docs/architecture.md §13), from one source tree:
 #   target `api`        the API, `digin migrate`, `digin keys`, `digin reaper` (torch-free, small)
 #   target `worker-cpu` a Celery worker on the CPU (docker-compose.cpu.yml), torch CPU build
 # The GPU worker is Dockerfile.gpu. The project is installed editable from /app because the

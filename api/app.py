@@ -1,4 +1,4 @@
-"""The FastAPI application of the job service (DESIGN §5.2): `create_app(settings)`.
+"""The FastAPI application of the job service (docs/architecture.md §9.2): `create_app(settings)`.
 
 The app owns its engine, session factory, storage client and Celery app (a producer only: the
 workers live in `worker/`), made from the settings here and closed at shutdown. Middleware, from
@@ -122,7 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: sees all
     for router in ROUTERS:
         app.include_router(router)
-    dashboard.install(app, settings)  # /ui: the HTML pages (DESIGN §5.10)
+    dashboard.install(app, settings)  # /ui: the HTML pages (docs/architecture.md §9.11)
     app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -1,4 +1,4 @@
-"""The Celery app shared by the API (sends) and the workers (consume): DESIGN §5.3.
+"""The Celery app shared by the API (sends) and the workers (consume): docs/architecture.md §9.3.
 
 Torch-free: the API imports this module to enqueue; `worker/` registers the tasks on the same app
 under the names below. Celery's own task state is never shown to users and no result backend is

@@ -1,5 +1,5 @@
-"""Validation of uploaded start images (DESIGN §5.5): size, format allow-list by content,
-pixel limit, decompression bombs, animations, truncated or corrupt files.
+"""Validation of uploaded start images: size, format allow-list by content, pixel limit,
+decompression bombs, animations, truncated or corrupt files (docs/architecture.md §9.7).
 
 The format is read from the file's magic bytes, never from its name or content type, and the
 file is decoded only by the Pillow plugin of that format (a file that claims to be a PNG is

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the API (`GET /metrics`, DESIGN §5.2).
+"""Prometheus metrics of the API (`GET /metrics`, docs/architecture.md §9.13).
 
 Per app (its own registry, so several apps in one process do not collide):
 - `digin_http_requests_total{method, route, status}` and

@@ -1,4 +1,4 @@
-"""Every error as an RFC 9457 problem (`application/problem+json`), DESIGN §5.2, §5.5.
+"""Every error as an RFC 9457 problem (`application/problem+json`), docs/architecture.md §9.2, §9.7.
 
 A problem names what went wrong (`type`, a stable URN per kind of error; `title`; `detail`) and,
 for bad input, each offending field with a message that states the limit (`errors`). The

@@ -1,4 +1,4 @@
-"""Request and response schemas of the REST API (DESIGN §5.1, §5.2), layered as in the
+"""Request and response schemas of the REST API (docs/architecture.md §9.1, §9.2), layered as in the
 full-stack FastAPI template: `JobCreate` (what a client sends), `JobPublic` (what it reads),
 `JobList` (a page), plus artifacts, images, models and health.
 
@@ -61,7 +61,7 @@ MetadataValue = Annotated[
 ]
 
 
-# --- webhooks (DESIGN §5.9) -----------------------------------------------------------------------
+# --- webhooks (docs/architecture.md §9.10) --------------------------------------------------------
 WebhookEvent = Literal["running", "succeeded", "failed", "canceled", "batch.completed"]
 
 
@@ -95,7 +95,8 @@ class JobCreate(BaseModel):
     )
 
     kind: str = Field(
-        description="the objective (DESIGN §3.2)", json_schema_extra={"enum": list(KINDS)}
+        description="the objective (docs/architecture.md §4.1)",
+        json_schema_extra={"enum": list(KINDS)},
     )
     params: dict[str, Any] = Field(
         default_factory=dict, description="the kind's parameters; defaults are filled in"
@@ -436,7 +437,7 @@ class Ready(BaseModel):
     checks: dict[str, str] = Field(description="each dependency: 'ok'")
 
 
-# --- batches (DESIGN §5.8) ------------------------------------------------------------------------
+# --- batches (docs/architecture.md §9.9) ----------------------------------------------------------
 MAX_AXIS = 10_000  # entries of one axis (classes, classifiers, seeds)
 MAX_BATCH_ITEMS_LISTED = 100_000  # explicit items of one request
 BatchStatus = Literal["running", "succeeded", "failed", "canceled", "completed"]

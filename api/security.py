@@ -1,4 +1,5 @@
-"""API keys (DESIGN §5.5): `dg_<prefix>_<random>` bearer secrets, stored as SHA-256 only.
+"""API keys (docs/architecture.md §9.6): `dg_<prefix>_<random>` bearer secrets, stored as
+SHA-256 only.
 
 The prefix (8 lowercase hex characters) is stored in clear for lookup and display; the random
 part carries 256 bits, so a plain SHA-256 is a sound verifier (no slow hash is needed for a

@@ -1,7 +1,7 @@
-"""Service settings (DESIGN §5.6): environment variables prefixed ``DIGIN_``, documented in
-``.env.example``.
+"""Service settings (docs/architecture.md §9.12): environment variables prefixed ``DIGIN_``,
+documented in ``.env.example``.
 
-With no variables set, everything runs on one machine (embedded mode, §5.7): SQLite under
+With no variables set, everything runs on one machine (embedded mode): SQLite under
 ``data_dir``, Celery's filesystem broker under ``data_dir``, artifacts in a local directory, no
 auth. Pointing any of the three URLs at a server (PostgreSQL, Redis, S3) selects production
 mode, which requires auth and has no default secrets.
@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
 
-    # --- the dashboard (/ui, DESIGN §5.10) -------------------------------------------------------
+    # --- the dashboard (/ui, docs/architecture.md §9.11) -----------------------------------------
     secret_key: SecretStr | None = Field(
         None,
         description="signs dashboard sessions and CSRF tokens (HMAC-SHA256; 32+ characters). "
@@ -77,7 +77,7 @@ class Settings(BaseSettings):
         description="who may embed the dashboard in a frame: CSP frame-ancestors sources",
     )
 
-    # --- limits (DESIGN §5.5) ------------------------------------------------------------------
+    # --- limits (docs/architecture.md §9.6, §9.7) ----------------------------------------------
     max_body_bytes: int = Field(16 * 2**20, ge=1024)
     max_image_bytes: int = Field(10 * 2**20, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
     max_running_per_tenant: int = Field(8, ge=1)
     model_allow_list: Annotated[list[str] | None, NoDecode] = None
 
-    # --- workers and the reaper (DESIGN §5.3) --------------------------------------------------
+    # --- workers and the reaper (docs/architecture.md §9.3, §9.4) ------------------------------
     max_attempts: int = Field(3, ge=1, le=20)
     heartbeat_stale_seconds: int = Field(600, ge=10)
     queued_stale_seconds: int = Field(1800, ge=10)
@@ -101,7 +101,7 @@ class Settings(BaseSettings):
     )
     max_batch: int = Field(8, ge=1, le=256, description="items a worker optimises in one run")
 
-    # --- sweeps and webhooks (DESIGN §5.8, §5.9) ------------------------------------------------
+    # --- sweeps and webhooks (docs/architecture.md §9.9, §9.10) ---------------------------------
     max_items_per_batch: int = Field(100_000, ge=1, description="items of one batch")
     max_queued_sweep_items_per_tenant: int = Field(
         1_000_000, ge=1, description="queued batch items of a tenant (interactive jobs apart)"

@@ -1,4 +1,4 @@
-"""Artifact storage (DESIGN §5.4): one small interface, a local directory or S3/MinIO.
+"""Artifact storage (docs/architecture.md §9.8): one small interface, a local directory or S3/MinIO.
 
 Keys are relative paths of plain segments (`{tenant}/jobs/{job}/{name}`, see `artifact_key`),
 checked against traversal before any use. S3 buckets stay private: clients get presigned GET

@@ -1,4 +1,4 @@
-"""The API's job writer: group commit of `POST /v1/jobs` (DESIGN §5.3 ordering kept).
+"""The API's job writer: group commit of `POST /v1/jobs` (docs/architecture.md §8.3).
 
 Each submission is validated in its request (no I/O), then handed to one writer thread per
 API process. The writer takes every submission waiting at that moment (up to `max_batch`) and

@@ -1,5 +1,6 @@
-"""Planning a batch (DESIGN §5.8): expand the axes or the explicit items into one job per item
-and validate every item before anything is written. Pure: no database, no broker, no torch.
+"""Planning a batch (docs/architecture.md §9.9): expand the axes or the explicit items into one
+job per item and validate every item before anything is written. Pure: no database, no broker,
+no torch.
 
 Axes: classifiers (or classifier pairs) × classes × seeds over the params template, in that
 order (the items of one classifier are adjacent, so a worker finds compatible items next to each

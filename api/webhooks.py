@@ -1,4 +1,5 @@
-"""Webhooks (DESIGN §5.9): Standard Webhooks signatures and the guard against private targets.
+"""Webhooks (docs/architecture.md §9.10): Standard Webhooks signatures and the guard against
+private targets.
 
 A delivery is a POST of a JSON body with three headers (https://www.standardwebhooks.com):
 

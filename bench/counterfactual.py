@@ -1,4 +1,4 @@
-"""Counterfactual benchmark (DESIGN §7): time per image and quality, figures only.
+"""Counterfactual benchmark (docs/architecture.md §12): time per image and quality, figures only.
 
 1. Digits zoo (`examples/counterfactual_digits.json`, the settings of
    `core.digits.settings.DIGITS_COUNTERFACTUAL*`): held-out test digits, `--per-class` of each

@@ -1,4 +1,4 @@
-"""Core benchmark on the tiny models (DESIGN §7): figures, never asserts.
+"""Core benchmark on the tiny models (docs/architecture.md §12): figures, never asserts.
 
 1. Time per optimisation iteration against the measured cost of its parts in the same run:
    per DDIM step a UNet forward (the chain) plus a recomputed forward and a backward (the

@@ -1,4 +1,4 @@
-"""The neural PCA and spurious-feature kinds (DESIGN §3.2), end to end.
+"""The neural PCA and spurious-feature kinds (docs/architecture.md §4.4, §4.5), end to end.
 
     neural_pca      PCA of a ⊙ w_k over a set of class-k images (core.pca): mean, components,
                     explained variance, each image's α values, the top images per component,
@@ -8,7 +8,8 @@
     spurious_score  per class, the AUC of p(k|x) separating real class-k images from spurious
                     ones (core.spurious), and the mean over classes
 
-`run_job` hands these kinds to `run_analysis`. The non-generative ones return an
+`core.kinds` runs them with `run_pca_component`, `run_neural_pca` and `run_spurious_score`
+(each `run(params, ctx)`). The non-generative ones return an
 `AnalysisResult`, which has the same two faces as a `JobResult`: `summary()` (result.json) and
 `render_artifacts()` (name → bytes).
 """

@@ -1,4 +1,4 @@
-"""How generated images reach a classifier (DESIGN §3.1 step 3).
+"""How generated images reach a classifier (docs/architecture.md §3.5).
 
 Augmented path: `num_cutouts` random square crops per image, biased to large ones
 (side = rand()**cut_power * (S − r) + r), resized to the classifier resolution r, plus Gaussian

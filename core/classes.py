@@ -1,4 +1,6 @@
-"""ImageNet-1k class names and WordNet ids, and resolving a job's class references (DESIGN §3.4).
+"""ImageNet-1k class names and WordNet ids, and resolving a job's class references.
+
+See docs/architecture.md §6.3.
 
 Torch-free (stdlib only): the API validates class references without importing torch.
 

@@ -1,4 +1,4 @@
-"""The classifiers under test, behind one interface (DESIGN §3.2 last paragraph, §3.4).
+"""The classifiers under test, behind one interface (docs/architecture.md §6.2).
 
 Every classifier takes images in ``[0, 1]``, NCHW, at its own square input size ``r`` (the caller
 resizes; the guidance core crops and resizes), normalises them with its own mean/std and returns

@@ -1,4 +1,4 @@
-"""Algorithm hyperparameters of the DiG-IN guidance loop (DESIGN §3.1).
+"""Algorithm hyperparameters of the DiG-IN guidance loop (docs/architecture.md §3, presets §7.1).
 
 Torch-free on purpose: the API validates job parameters against these dataclasses without
 importing torch. Each field is annotated with its bounds, so pydantic (which validates stdlib

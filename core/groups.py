@@ -1,4 +1,6 @@
-"""Several jobs as one batched optimisation (DESIGN §5.8: sweeps run compatible items together).
+"""Several jobs as one batched optimisation: sweeps run compatible items together.
+
+See docs/architecture.md §4.7.
 
 Jobs that share everything but their items (`core.params.group_key`: same kind, models, prompt
 template, resolution, guidance settings, loss) run through one optimisation over the items

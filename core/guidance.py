@@ -1,9 +1,9 @@
-"""The DiG-IN optimisation: classifier guidance through the whole DDIM chain (DESIGN §3.1).
+"""The DiG-IN optimisation, the one engine of every kind (docs/architecture.md §3).
 
 Augustin, Neuhaus, Hein, "DiG-IN: Diffusion Guidance for Investigating Networks", CVPR 2024.
 
 Notation (paper → code):
-    z_T     latents_T           (B, c, h, w)  initial latent, optimised, L2 norm kept per item
+    z_T     z_T                 (B, c, h, w)  initial latent, optimised, L2 norm kept per item
     C       cond                TextEmbeddings, hidden (B, L, D) (+ pooled (B, P) for SDXL)
     ∅       uncond              TextEmbeddings; per step ∅_i for real images (hidden (T, B, L, D))
     ΔC[i]   deltas.cond[i]      (T, B, L, D), zero-initialised (T = 1 when shared by all steps)
@@ -17,6 +17,12 @@ One iteration: run the T DDIM steps with gradients through all of them (each ste
 checkpointed, so memory does not grow with T), decode the x0-predictions of the last `loss_steps`
 steps, weight their losses by (1, …, k)/Σ, back-propagate, take an optimiser step, and re-project
 z_T onto its initial norm. The trajectory keeps iteration 0 (the unoptimised sample).
+
+The engine: `run` (the iterations), `DenoisingLoop` (the chain; subclasses add per-step work
+through `prepare`), `ObjectiveLoss` (what is minimised, and its clean path), `descend` (the
+update), `Recorder` (the bookkeeping, one host copy per iteration), `guided_eps` (CFG).
+`optimize` is the entry of the generative kinds; counterfactual edits subclass the chain and the
+loss (`core.counterfactual.edit`).
 """
 
 from __future__ import annotations

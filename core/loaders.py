@@ -91,7 +91,7 @@ def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> Diffusio
 
 
 def load_diffusion(spec: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
-    """Dispatch on the spec's scheme (DESIGN §3.4)."""
+    """Dispatch on the spec's scheme (docs/architecture.md §6.1)."""
     parsed = parse_spec(spec)
     if parsed.kind != "diffusion":
         raise ValueError(f"{spec!r} names a classifier, not a diffusion model")

@@ -1,4 +1,4 @@
-"""Classifier-derived objectives of the generative kinds (DESIGN §3.2), minimised.
+"""Classifier-derived objectives of the generative kinds (docs/architecture.md §4.3), minimised.
 
 An objective holds its classifiers and per-item targets and maps the classifier *views* of a batch
 of images (one tensor per classifier, (B, n, 3, r, r) in [0, 1], n cutouts or 1 clean view) to a

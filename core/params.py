@@ -3,9 +3,10 @@
 Torch-free (pydantic only). Each kind's model fills in its defaults, so the stored, normalised
 params say exactly what ran; `guidance` is the core's frozen `GuidanceConfig` itself.
 
-Models default to the bundled digits zoo (DESIGN §4), so a job runs offline without naming any.
+Models default to the bundled digits zoo (docs/architecture.md §6.4), so a job runs offline
+without naming any.
 With a digits diffusion model, the guidance settings and prompts not given in the params are the
-zoo's (`core.digits.settings`) rather than the Stable Diffusion defaults of DESIGN §3.1.
+zoo's (`core.digits.settings`) rather than the Stable Diffusion defaults (docs/architecture.md §3).
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class _Generative(BaseModel):
     )
     guidance: GuidanceConfig = Field(
         default_factory=GuidanceConfig,
-        description="DESIGN §3.1 settings; fields not given take the defaults (the digits zoo's "
+        description="guidance settings (docs/architecture.md §3); fields not given take the "
+        "defaults (the digits zoo's "
         "for a digits diffusion model)",
     )
 
@@ -184,7 +186,7 @@ class ImageSetSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     digits: Literal["train", "test", "judge"] | None = Field(
-        default=None, description="a split of the bundled digits data (DESIGN §4)"
+        default=None, description="a split of the bundled digits data (docs/architecture.md §6.4)"
     )
     labels: Literal["class", "other", "all"] | list[Annotated[int, Field(ge=0, le=9)]] | None = (
         Field(
@@ -261,7 +263,8 @@ _BY_ALIAS = ConfigDict(
 
 
 class _ComponentGeneration(_Generative):
-    """Generation of images that maximise neural PCA components α_l of class k (DESIGN §3.2):
+    """Generation of images that maximise neural PCA components α_l of class k
+    (docs/architecture.md §4.4):
     loss −α_l − keep_class · log p(k|x). `images_per_class` counts images per component."""
 
     model_config = _BY_ALIAS
@@ -350,7 +353,8 @@ class SpuriousScoreParams(BaseModel):
 
 class CounterfactualParams(BaseModel):
     """`counterfactual`: minimally change a real image so that the classifier predicts each
-    target class (DESIGN §3.3): DDIM + null-text inversion, prompt-to-prompt edit of the caption,
+    target class (docs/architecture.md §5): DDIM + null-text inversion, prompt-to-prompt edit of
+    the caption,
     regularised DiG-IN guidance. All targets of the job share one inversion and run as a batch."""
 
     model_config = ConfigDict(extra="forbid")
@@ -392,11 +396,13 @@ class CounterfactualParams(BaseModel):
     clip_templates: Literal["openai", "simple"] = "openai"
     guidance: GuidanceConfig = Field(
         default_factory=GuidanceConfig,
-        description="DESIGN §3.1 settings (the digits zoo's counterfactual ones for 'digits')",
+        description="guidance settings (docs/architecture.md §3; the digits zoo's counterfactual "
+        "ones for 'digits')",
     )
     counterfactual: CounterfactualConfig = Field(
         default_factory=CounterfactualConfig,
-        description="inversion, prompt-to-prompt, mask and regulariser settings (DESIGN §3.3)",
+        description="inversion, prompt-to-prompt, mask and regulariser settings "
+        "(docs/architecture.md §5)",
     )
 
     @model_validator(mode="before")
@@ -470,7 +476,7 @@ def kind_of(params: BaseModel) -> str:
     raise ValueError(f"{type(params).__name__} is the params model of no kind")
 
 
-ANALYSIS_KINDS = ("neural_pca", "spurious_score")  # non-generative: core.analysis.run_analysis
+ANALYSIS_KINDS = ("neural_pca", "spurious_score")  # non-generative (core.analysis)
 
 
 # Fields that may differ between jobs run as one batched optimisation (`core.groups`): each job

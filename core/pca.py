@@ -1,5 +1,5 @@
 """Neural PCA: principal components of a class's logit contributions (Neuhaus et al., "Spurious
-Features Everywhere", ICCV 2023; DESIGN §3.2).
+Features Everywhere", ICCV 2023; docs/architecture.md §4.4).
 
 Notation (paper → code):
     a       feats          (N, F) penultimate features (the input of the last linear layer)

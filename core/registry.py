@@ -1,4 +1,6 @@
-"""Model registry (DESIGN §3.4): model specs, the curated models, and where weights come from.
+"""Model registry: model specs, the curated models, and where weights come from.
+
+See docs/architecture.md §6.1.
 
 Torch-free on purpose (stdlib + pydantic): the API imports it for ``GET /v1/models`` and the
 model allow-list. Spec grammar, one scheme per loader:
@@ -39,7 +41,7 @@ SPEC_FORMS = (
     "digits[@<zoo dir>]",
     "digits:<name>[@<zoo dir>]",
 )
-ZOO_DIR = Path(__file__).parent / "zoo"  # the bundled digits zoo (DESIGN §4)
+ZOO_DIR = Path(__file__).parent / "zoo"  # the bundled digits zoo (docs/architecture.md §6.4)
 ZOO_ENV = "DIGIN_ZOO_DIR"  # setting: another zoo folder for every digits spec without '@'
 DIGITS_DIFFUSION = "digits"
 DIGITS_CLASSIFIERS = ("cnn", "mlp", "cnn-spurious", "judge")

@@ -1,4 +1,4 @@
-"""Tiny random-weight models for tests and demos (DESIGN §3.4, STYLE 12).
+"""Tiny random-weight models for tests and demos (docs/architecture.md §6.5).
 
 ``make_tiny_models(out_dir)`` writes, offline and from fixed seeds, one model per loader in the
 formats real checkpoints use, so tests go through the real loaders (never a mock of them):

@@ -1,11 +1,15 @@
-"""The service commands of ``digin`` (DESIGN §5): migrate, keys, worker, reaper, api, serve.
+"""The service commands of ``digin`` (docs/architecture.md §10): migrate, keys, worker,
+reaper, api, serve.
 
-    digin serve                    embedded mode (§5.7): everything on this machine, one command
+    digin serve [--host --port]    embedded mode (§9.12): everything on this machine, one command
     digin migrate                  production: upgrade the database
-    digin api                      production: the HTTP API (uvicorn)
+    digin api [--host --port]      production: the HTTP API (uvicorn)
     digin worker [-Q …] [-c 1]     production: a Celery worker, one per GPU
     digin reaper                   production: the reaper loop (one or more, anywhere)
     digin keys create|list|revoke  API keys of tenants
+
+Options and settings agree: an option that sets what a DIGIN_* variable sets (``--host``,
+``--port``) overrides it, the variable overrides the ``.env`` file, and that overrides the default.
 
 Top-level imports stay torch-free and light (``digin models`` starts fast); each command
 imports what it needs.
@@ -287,25 +291,63 @@ def reaper_command(
 
 
 # --- the API -----------------------------------------------------------------------------------
+HostOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Address the API listens on (sets DIGIN_HOST). Default: DIGIN_HOST, 127.0.0.1. "
+        "With auth off, only a loopback address."
+    ),
+]
+PortOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=65535,
+        help="Port the API listens on (sets DIGIN_PORT). Default: DIGIN_PORT, 8000.",
+    ),
+]
+
+
+def _listen_settings(host: str | None, port: int | None) -> Settings:
+    """The settings of `digin api` and `digin serve`: --host and --port override DIGIN_HOST and
+    DIGIN_PORT, which override the defaults. The options are written to the environment, where
+    the app, uvicorn's worker processes and the embedded worker read them; a clear error (exit
+    code 2) if the API may not listen there (auth off: a loopback address only)."""
+    overrides = {"DIGIN_HOST": host, "DIGIN_PORT": None if port is None else str(port)}
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if given:
+        from api.settings import get_settings
+
+        os.environ.update(given)
+        get_settings.cache_clear()  # settings read before the options would not see them
+    settings = _settings()
+    try:
+        from api.app import check_binding
+    except ImportError as exc:
+        typer.echo(f"error: the API is not available: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    try:
+        check_binding(settings)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
+    return settings
+
+
 def api_command(
-    host: Annotated[str | None, typer.Option(help="Default: DIGIN_HOST.")] = None,
-    port: Annotated[int | None, typer.Option(help="Default: DIGIN_PORT.")] = None,
+    host: HostOption = None,
+    port: PortOption = None,
     workers: Annotated[int, typer.Option(min=1, help="uvicorn worker processes.")] = 1,
 ) -> None:
     """Serve the HTTP API with uvicorn (run `digin migrate` first)."""
     import uvicorn
 
-    # The app checks the host it serves on (auth off only on loopback): it must see --host.
-    if host is not None:
-        os.environ["DIGIN_HOST"] = host
-    if port is not None:
-        os.environ["DIGIN_PORT"] = str(port)
-    settings = _settings()
+    settings = _listen_settings(host, port)
     uvicorn.run(
         "api.app:create_app",
         factory=True,
-        host=host or settings.host,
-        port=port or settings.port,
+        host=settings.host,
+        port=settings.port,
         workers=workers,
         proxy_headers=True,
     )
@@ -369,6 +411,8 @@ def stop_process_group(proc: subprocess.Popen[bytes], *, grace: float) -> None:
 
 
 def serve_command(
+    host: HostOption = None,
+    port: PortOption = None,
     concurrency: Annotated[
         int, typer.Option("--concurrency", "-c", min=1, help="Worker processes.")
     ] = 1,
@@ -380,10 +424,11 @@ def serve_command(
     """Embedded mode: API, worker and reaper on this machine, no servers needed.
 
     SQLite, the filesystem broker and artifacts under DIGIN_DATA_DIR (./.digin), auth off, the
-    bundled digits models; the API on http://DIGIN_HOST:DIGIN_PORT (127.0.0.1:8000). Ctrl-C or
-    SIGTERM stops the API, then the worker. With DIGIN_* server URLs set (production), run
-    `digin migrate`, `digin api`, `digin worker` and `digin reaper` instead."""
-    settings = _settings()
+    bundled digits models; the API on http://HOST:PORT (--host, --port; default DIGIN_HOST,
+    DIGIN_PORT: 127.0.0.1:8000). Ctrl-C or SIGTERM stops the API, then the worker. With DIGIN_*
+    server URLs set (production), run `digin migrate`, `digin api`, `digin worker` and
+    `digin reaper` instead."""
+    settings = _listen_settings(host, port)
     if settings.mode != "embedded":
         typer.echo(
             f"error: `digin serve` runs the embedded mode only; these settings point at servers "

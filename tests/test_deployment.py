@@ -1,9 +1,10 @@
-"""The deployment files (DESIGN §8), checked without a Docker engine: `docker-compose.yml` and
-`docker-compose.cpu.yml` against the official compose-spec JSON schema (the copy that the
-check-jsonschema package ships) before and after variable interpolation, then what the schema
-cannot see (healthchecks behind `service_healthy`, secrets without defaults, `digin` commands
-and their options, setting names, GPU reservations); `Dockerfile` and `Dockerfile.gpu` parsed
-with dockerfile-parse (base images, the pinned torch, entry points, what is copied in)."""
+"""The deployment files (docs/architecture.md §13), checked without a Docker engine:
+`docker-compose.yml` and `docker-compose.cpu.yml` against the official compose-spec JSON schema
+(the copy that the check-jsonschema package ships) before and after variable interpolation, then
+what the schema cannot see (healthchecks behind `service_healthy`, secrets without defaults,
+`digin` commands and their options, setting names, GPU reservations); `Dockerfile` and
+`Dockerfile.gpu` parsed with dockerfile-parse (base images, the pinned torch, entry points, what
+is copied in)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Layering rules of DESIGN §2, checked on the source (with ast, so imports inside functions
-count too) and in a fresh interpreter (what a torch-free import really loads)."""
+"""Layering rules (docs/architecture.md §2.2), checked on the source (with ast, so imports
+inside functions count too) and in a fresh interpreter (what a torch-free import really
+loads)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Batched execution of sweep items (DESIGN §5.8): one optimisation for several jobs.
+"""Batched execution of sweep items (docs/architecture.md §9.9): one optimisation for several jobs.
 
 A worker that claims a sweep item (the leader) also claims up to N more queued items of the
 same batch with the same group key (same kind, models and settings; `api.repo.batches.
@@ -32,17 +32,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from api import repo
 from api.db import session_scope
 from api.repo.batches import claim_group_peers
-from worker.runner import (
+from worker.execution import (
     ClaimedJob,
     JobFailure,
     Outcome,
     WorkerContext,
-    _classify,
-    _json_safe,
-    _settle_failure,
-    _stopped,
-    _upload,
-    _write,
+    classify,
+    json_safe,
+    settle_failure,
+    stopped,
+    upload,
+    write,
 )
 
 log = logging.getLogger("digin.worker")
@@ -73,7 +73,7 @@ def group_capacity(
 # --- heartbeats of a group ---------------------------------------------------------------------
 class GroupPulse:
     """The heartbeats of every job of a group, written by one thread in one transaction per
-    beat; `view(job)` gives each job the Pulse interface the runner's helpers use."""
+    beat; `view(job)` gives each job the `JobPulse` interface the shared helpers use."""
 
     def __init__(self, ctx: WorkerContext, jobs: list[ClaimedJob]) -> None:
         self.ctx, self.jobs = ctx, jobs
@@ -138,7 +138,8 @@ class GroupPulse:
 
 @dataclass
 class JobBeat:
-    """One job's side of a GroupPulse, with the interface of `worker.runner.Pulse`."""
+    """One job's side of a GroupPulse, a `worker.execution.JobPulse` like
+    `worker.runner.Pulse`."""
 
     group: GroupPulse
     job: ClaimedJob
@@ -180,7 +181,7 @@ def execute_group(leader: ClaimedJob, ctx: WorkerContext) -> Outcome:
     except (Exception, SoftTimeLimitExceeded) as exc:
         pulse.stop()
         for job in jobs:
-            failure = exc if isinstance(exc, JobFailure) else _classify(exc, job)
+            failure = exc if isinstance(exc, JobFailure) else classify(exc, job)
             outcomes[job.id] = _settle(job, ctx, pulse, failure)
         return outcomes[leader.id]
     try:
@@ -212,15 +213,7 @@ def _claim_peers(leader: ClaimedJob, ctx: WorkerContext) -> list[ClaimedJob]:
                 group_key=leader.group_key, limit=more, worker=ctx.identity(),
                 max_running=settings.max_running_per_tenant,
             )  # fmt: skip
-            peers = [
-                ClaimedJob(
-                    id=row.id, attempt=row.attempts, max_attempts=row.max_attempts,
-                    kind=row.kind, params=dict(row.params), seed=int(row.seed), queue=row.queue,
-                    priority=row.priority, tenant=leader.tenant, tenant_id=row.tenant_id,
-                    batch_id=row.batch_id, group_key=row.group_key,
-                )
-                for row in rows
-            ]  # fmt: skip
+            peers = [ClaimedJob.from_row(row, tenant=leader.tenant) for row in rows]
     except SQLAlchemyError:
         log.exception("claiming peers failed: running alone", extra={"event": "db_error"})
         return []
@@ -266,22 +259,22 @@ def _finish_one(job: ClaimedJob, ctx: WorkerContext, pulse: GroupPulse, result: 
         if job.id in pulse.canceled:
             log.info("canceled", extra={"job_id": str(job.id), "event": "canceled"})
             return "canceled"
-        return _stopped(job, ctx, view, uploaded=False)  # type: ignore[arg-type]
+        return stopped(job, ctx, view, uploaded=False)
     try:
         artifacts: dict[str, Any] = dict(render_artifacts(result))
-        artifacts["__summary__"] = _json_safe(result.summary())
-        listing = _upload(job, ctx, view, artifacts)  # type: ignore[arg-type]
+        artifacts["__summary__"] = json_safe(result.summary())
+        listing = upload(job, ctx, view, artifacts)
     except JobFailure as failure:
         return _settle(job, ctx, pulse, failure)
     except Exception as exc:
-        return _settle(job, ctx, pulse, _classify(exc, job))
+        return _settle(job, ctx, pulse, classify(exc, job))
     if listing is None or view.should_stop():
         if job.id in pulse.canceled:
             return "canceled"
-        return _stopped(job, ctx, view, uploaded=True)  # type: ignore[arg-type]
+        return stopped(job, ctx, view, uploaded=True)
     summary = artifacts["__summary__"]
     result_row = {"summary": summary, "artifacts": listing}
-    done = _write(
+    done = write(
         ctx, lambda s: repo.finish_job(s, job_id=job.id, attempt=job.attempt, result=result_row)
     )
     if not done:
@@ -298,4 +291,4 @@ def _finish_one(job: ClaimedJob, ctx: WorkerContext, pulse: GroupPulse, result: 
 def _settle(job: ClaimedJob, ctx: WorkerContext, pulse: GroupPulse, failure: JobFailure) -> Outcome:
     if job.id in pulse.canceled:
         return "canceled"
-    return _settle_failure(job, ctx, failure, pulse.view(job))  # type: ignore[arg-type]
+    return settle_failure(job, ctx, failure, pulse.view(job))

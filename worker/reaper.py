@@ -1,4 +1,4 @@
-"""The reaper (DESIGN §5.3): recover jobs whose worker died or whose message was lost.
+"""The reaper (docs/architecture.md §9.4): recover jobs whose worker died or whose message was lost.
 
 `reap_once` runs `api.repo.reap` with the settings' thresholds, commits, then sends a message for
 every queued job that needs one (re-queued jobs at once: their old message is gone with their
@@ -31,7 +31,7 @@ from api import repo
 from api.db import ACTIVE, QUEUED, Job, session_scope, utcnow
 from api.repo.jobs import compare_and_set
 from worker import metrics
-from worker.runner import Enqueue, pid_namespace
+from worker.execution import Enqueue, pid_namespace
 
 if TYPE_CHECKING:
     from api.settings import Settings

@@ -1,4 +1,4 @@
-"""One job in a worker process: claim → load → optimise → upload → finish (DESIGN §5.3).
+"""One job in a worker process: claim → load → optimise → upload → finish (docs/architecture.md §8).
 
 `execute_job` is the whole task; the Celery task in `worker.tasks` only supplies the process's
 `WorkerContext`. The job row is the truth, and every write is guarded by this worker's attempt
@@ -16,131 +16,50 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
-from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from api import repo
 from api.db import QUEUED, Job, Tenant, session_scope
-from api.storage import ArtifactNotFound, Storage, artifact_key
-
-if TYPE_CHECKING:
-    from api.settings import Settings
+from api.storage import ArtifactNotFound
+from worker.execution import (
+    ClaimedJob,
+    Enqueue,
+    JobFailure,
+    Outcome,
+    WorkerContext,
+    backoff_seconds,
+    classify,
+    json_safe,
+    log_fields,
+    pid_namespace,
+    settle_failure,
+    stopped,
+    upload,
+    write,
+)
 
 log = logging.getLogger("digin.worker")
 
-Outcome = Literal["skipped", "deferred", "succeeded", "failed", "canceled", "requeued", "lost"]
-CONTENT_TYPES = {".png": "image/png", ".json": "application/json"}
-MAX_MESSAGE = 1000  # characters of an error message stored on the row
-MAX_BACKOFF_S = 300.0
-WRITE_RETRY_FRACTION = 0.8  # of DIGIN_HEARTBEAT_STALE_SECONDS: how long a write waits for the DB
-
-
-class Enqueue(Protocol):
-    def __call__(
-        self, *, job_id: uuid.UUID, queue: str, priority: int, countdown: float = 0.0
-    ) -> None: ...
-
-
-@dataclass
-class WorkerContext:
-    """What a worker process needs, made once per process (after the fork)."""
-
-    settings: Settings
-    sessions: sessionmaker[Session]
-    storage: Storage
-    enqueue: Enqueue
-    device: str | None = None  # None: DIGIN_DEVICE, else cuda if this process sees one, else cpu
-    max_batch: int = 8
-    heartbeat_interval: float = 1.0  # seconds between heartbeats while a job runs
-    cache: Any = None  # core.jobs.ModelCache, made on first use (models load once per process)
-
-    def resolve_device(self) -> str:
-        """Decided in the worker process itself: CUDA is never touched in a parent that forks."""
-        if self.device is None:
-            wanted = self.settings.device  # DIGIN_DEVICE
-            if wanted and wanted != "auto":
-                self.device = str(wanted)
-            else:
-                import torch
-
-                self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    def model_cache(self) -> Any:
-        if self.cache is None:
-            from core.jobs import ModelCache
-
-            self.cache = ModelCache()
-        return self.cache
-
-    def identity(self) -> dict[str, Any]:
-        device = self.resolve_device()
-        gpu = None
-        if device.startswith("cuda"):
-            import torch
-
-            gpu = torch.cuda.get_device_name(torch.device(device))
-        return {"host": socket.gethostname(), "pid": os.getpid(), "pidns": pid_namespace(),
-                "device": device, "gpu": gpu}  # fmt: skip
-
-
-def pid_namespace() -> int | None:
-    """This process's PID namespace (Linux), so that a pid is only ever checked inside the
-    namespace it belongs to (two containers may share a host name)."""
-    try:
-        return os.stat("/proc/self/ns/pid").st_ino
-    except OSError:
-        return None
-
-
-@dataclass
-class ClaimedJob:
-    """The claimed row's values, read once (the session that claimed it is closed)."""
-
-    id: uuid.UUID
-    attempt: int
-    max_attempts: int
-    kind: str
-    params: dict[str, Any]
-    seed: int
-    queue: str
-    priority: int
-    tenant: str
-    tenant_id: uuid.UUID
-    batch_id: uuid.UUID | None = None  # a sweep item's batch
-    group_key: str | None = None  # jobs of a batch that may run as one batched optimisation
-
-
-@dataclass
-class JobFailure(Exception):
-    """How a job attempt ended badly: `fail` it, or `requeue` it (a transient failure)."""
-
-    action: Literal["fail", "requeue"]
-    code: str
-    message: str
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def error(self) -> dict[str, Any]:
-        message = self.message
-        if len(message) > MAX_MESSAGE:
-            message = message[: MAX_MESSAGE - 3] + "..."
-        return repo.job_error(self.code, message, retryable=self.action == "requeue")
-
-
-def backoff_seconds(attempt: int) -> float:
-    """Wait before attempt `attempt + 1` after a transient failure: 5 s, 10 s, 20 s, … ≤ 5 min."""
-    return float(min(MAX_BACKOFF_S, 5.0 * 2.0 ** max(0, attempt - 1)))
+__all__ = [
+    "ClaimedJob",
+    "Enqueue",
+    "JobFailure",
+    "Outcome",
+    "Pulse",
+    "WorkerContext",
+    "backoff_seconds",
+    "execute_job",
+    "image_resolver",
+    "pid_namespace",
+]
 
 
 # --- heartbeats --------------------------------------------------------------------------------
@@ -215,7 +134,7 @@ def execute_job(job_id: str | uuid.UUID, *, ctx: WorkerContext) -> Outcome:
     job = _claim(uuid.UUID(str(job_id)), ctx)
     if not isinstance(job, ClaimedJob):
         return job
-    log.info("claimed", extra={**_fields(job), "event": "claimed", "kind": job.kind})
+    log.info("claimed", extra={**log_fields(job), "event": "claimed", "kind": job.kind})
     if job.group_key is not None and job.batch_id is not None and ctx.settings.batch_max_items > 1:
         from worker.groups import execute_group  # sweep items: one run with compatible peers
 
@@ -227,48 +146,32 @@ def execute_job(job_id: str | uuid.UUID, *, ctx: WorkerContext) -> Outcome:
         return _run_attempt(job, ctx, pulse)
     except JobFailure as failure:
         pulse.stop()
-        return _settle_failure(job, ctx, failure, pulse)
+        return settle_failure(job, ctx, failure, pulse)
     except (Exception, SoftTimeLimitExceeded) as exc:  # classified; no stack trace on the row
         pulse.stop()
-        return _settle_failure(job, ctx, _classify(exc, job), pulse)
+        return settle_failure(job, ctx, classify(exc, job), pulse)
     finally:  # KeyboardInterrupt/SystemExit pass through: the reaper recovers the job
         pulse.stop()
-
-
-def _fields(job: ClaimedJob) -> dict[str, Any]:
-    return {"job_id": str(job.id), "attempt": job.attempt}
 
 
 def _run_attempt(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> Outcome:
     """Compute, upload, finish; or stop early when the heartbeat says cancel or lost."""
     artifacts = None if pulse.should_stop() else _compute(job, ctx, pulse)
-    listing = None if artifacts is None else _upload(job, ctx, pulse, artifacts)
+    listing = None if artifacts is None else upload(job, ctx, pulse, artifacts)
     pulse.stop()
     if pulse.outcome == "lost" or listing is None:
-        return _stopped(job, ctx, pulse, uploaded=listing is not None or artifacts is not None)
+        return stopped(job, ctx, pulse, uploaded=listing is not None or artifacts is not None)
     result = {"summary": artifacts["__summary__"], "artifacts": listing}  # type: ignore[index]
-    done = _write(
+    done = write(
         ctx, lambda s: repo.finish_job(s, job_id=job.id, attempt=job.attempt, result=result)
     )
     if not done:
-        log.warning("attempt lost before finishing", extra={**_fields(job), "event": "lost"})
+        log.warning("attempt lost before finishing", extra={**log_fields(job), "event": "lost"})
         return "lost"
-    log.info("succeeded", extra={**_fields(job), "event": "succeeded", "artifacts": len(listing)})
+    log.info(
+        "succeeded", extra={**log_fields(job), "event": "succeeded", "artifacts": len(listing)}
+    )
     return "succeeded"
-
-
-def _stopped(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse, *, uploaded: bool) -> Outcome:
-    """The heartbeat said stop: 'lost' writes nothing (another attempt owns the job and its
-    keys); 'cancel' removes what this attempt uploaded, then marks the job canceled."""
-    if pulse.outcome == "lost":
-        log.warning("attempt lost: writing nothing", extra={**_fields(job), "event": "lost"})
-        return "lost"
-    if uploaded:
-        _discard_artifacts(job, ctx)
-    if _write(ctx, lambda s: repo.mark_canceled(s, job_id=job.id, attempt=job.attempt)):
-        log.info("canceled", extra={**_fields(job), "event": "canceled"})
-        return "canceled"
-    return "lost"
 
 
 def _claim(job_id: uuid.UUID, ctx: WorkerContext) -> ClaimedJob | Outcome:
@@ -305,20 +208,7 @@ def _claim(job_id: uuid.UUID, ctx: WorkerContext) -> ClaimedJob | Outcome:
             )
             return "skipped"
         tenant = session.get_one(Tenant, row.tenant_id).name
-        job = ClaimedJob(
-            id=row.id,
-            attempt=row.attempts,
-            max_attempts=row.max_attempts,
-            kind=row.kind,
-            params=dict(row.params),
-            seed=int(row.seed),
-            queue=row.queue,
-            priority=row.priority,
-            tenant=tenant,
-            tenant_id=row.tenant_id,
-            batch_id=row.batch_id,
-            group_key=row.group_key,
-        )
+        job = ClaimedJob.from_row(row, tenant=tenant)
         session.commit()
     return job
 
@@ -366,7 +256,7 @@ def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any
     if pulse.should_stop():
         return None
     artifacts: dict[str, Any] = dict(render_artifacts(result))
-    artifacts["__summary__"] = _json_safe(result.summary())
+    artifacts["__summary__"] = json_safe(result.summary())
     return artifacts
 
 
@@ -398,157 +288,3 @@ def image_resolver(job: ClaimedJob, ctx: WorkerContext) -> Callable[[str], bytes
             ) from exc
 
     return resolve
-
-
-def _upload(
-    job: ClaimedJob, ctx: WorkerContext, pulse: Pulse, artifacts: dict[str, Any]
-) -> list[dict[str, Any]] | None:
-    """Put every artifact under its deterministic key (a retry overwrites, never duplicates);
-    the listing of the result, or None if the heartbeat said stop on the way."""
-    names = sorted(n for n in artifacts if n != "__summary__")
-    listing = []
-    for i, name in enumerate(names):
-        pulse.update({"step": i, "total": len(names), "stage": "uploading"})
-        if pulse.should_stop():
-            return None
-        data: bytes = artifacts[name]
-        key = artifact_key(job.tenant, job.id, name)
-        content_type = CONTENT_TYPES.get(os.path.splitext(name)[1], "application/octet-stream")
-        try:
-            ctx.storage.put(key, data, content_type)
-        except Exception as exc:
-            raise JobFailure(
-                "requeue",
-                "storage_unavailable",
-                f"could not store artifact {name!r}: {type(exc).__name__}: {exc}",
-                {"stage": "uploading"},
-            ) from exc
-        listing.append({"name": name, "key": key, "content_type": content_type, "size": len(data)})
-    pulse.update({"step": len(names), "total": len(names), "stage": "uploading"}, now=True)
-    return listing
-
-
-def _classify(exc: BaseException, job: ClaimedJob) -> JobFailure:
-    """Map an exception of the run to failed (with a code) or requeued."""
-    from core.params import ParamsError
-
-    text = f"{exc}" or type(exc).__name__
-    if isinstance(exc, SoftTimeLimitExceeded):
-        return JobFailure("fail", "time_limit", "the job ran past its time limit")
-    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
-        _free_gpu_memory()
-        return JobFailure("fail", "gpu_oom", f"the GPU ran out of memory: {text}")
-    if isinstance(exc, ParamsError):
-        return JobFailure("fail", "invalid_params", text)
-    if isinstance(exc, FileNotFoundError):
-        return JobFailure("fail", "model_not_found", text)
-    if isinstance(exc, ValueError | NotImplementedError):
-        return JobFailure("fail", "invalid_params", text)
-    if isinstance(exc, OperationalError | InterfaceError):  # the database went away
-        return JobFailure("requeue", "database_unavailable", f"{type(exc).__name__}: {text}")
-    log.error("internal error", exc_info=exc, extra={**_fields(job), "event": "internal_error"})
-    return JobFailure("fail", "internal", f"internal error ({type(exc).__name__}): {text}")
-
-
-def _free_gpu_memory() -> None:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
-
-
-def _settle_failure(
-    job: ClaimedJob, ctx: WorkerContext, failure: JobFailure, pulse: Pulse
-) -> Outcome:
-    """Write the failure (fail, or requeue + re-enqueue with backoff) unless the attempt is lost."""
-    fields = {**_fields(job), "code": failure.code}
-    if pulse.outcome == "lost":
-        log.warning("attempt lost: writing nothing", extra={**fields, "event": "lost"})
-        return "lost"
-    error = failure.error()
-    if failure.action == "fail":
-        failed = _write(
-            ctx, lambda s: repo.fail_job(s, job_id=job.id, attempt=job.attempt, error=error)
-        )
-        if not failed:
-            return "lost"
-        log.warning(f"failed: {failure.message}", extra={**fields, "event": "failed"})
-        status: str | None = "failed"
-    else:
-        status = _write(
-            ctx, lambda s: repo.requeue_job(s, job_id=job.id, attempt=job.attempt, error=error)
-        )
-    if status == QUEUED:
-        countdown = backoff_seconds(job.attempt)
-        try:
-            ctx.enqueue(job_id=job.id, queue=job.queue, priority=job.priority, countdown=countdown)
-            _write(ctx, lambda s: repo.mark_enqueued(s, job_id=job.id))
-        except Exception:  # the broker is away too: the reaper sends it later
-            log.exception("re-enqueue failed", extra={**fields, "event": "enqueue_error"})
-        log.warning(
-            f"requeued: {failure.message}",
-            extra={**fields, "event": "requeued", "countdown": countdown},
-        )
-        return "requeued"
-    if status is None:
-        return "lost"
-    if failure.extra.get("stage") == "uploading":  # a failed or canceled job keeps no artifacts
-        _discard_artifacts(job, ctx)
-    if status == "canceled":
-        log.info("canceled", extra={**fields, "event": "canceled"})
-        return "canceled"
-    if failure.action == "requeue":
-        log.warning(f"failed after {job.attempt} attempts: {failure.message}",
-                    extra={**fields, "event": "failed"})  # fmt: skip
-    return "failed"
-
-
-def _discard_artifacts(job: ClaimedJob, ctx: WorkerContext) -> None:
-    """Remove the job's artifacts (best effort: the storage may be what failed)."""
-    try:
-        ctx.storage.delete_prefix(f"{artifact_key(job.tenant, job.id, 'x')[:-1]}")
-    except Exception as exc:  # noqa: BLE001
-        log.warning(
-            f"could not delete partial artifacts: {exc}",
-            extra={**_fields(job), "event": "cleanup_error"},
-        )
-
-
-def _write(ctx: WorkerContext, change: Callable[[Session], Any]) -> Any:
-    """One state change in its own committed transaction. While the database is unreachable
-    the change is retried with backoff, for less than the heartbeat threshold (after that the
-    reaper owns the job and the attempt guard would refuse the write anyway); None if it
-    never went through (the reaper re-queues the job once its heartbeat is stale)."""
-    deadline = time.monotonic() + WRITE_RETRY_FRACTION * ctx.settings.heartbeat_stale_seconds
-    delay = 0.25
-    while True:
-        try:
-            with session_scope(ctx.sessions) as session:
-                return change(session)
-        except (OperationalError, InterfaceError) as exc:  # unreachable: wait for it
-            if time.monotonic() + delay > deadline:
-                log.exception("database write failed; giving up", extra={"event": "db_error"})
-                return None
-            log.warning(f"database write failed, retry in {delay:g} s: {exc}",
-                        extra={"event": "db_retry"})  # fmt: skip
-            time.sleep(delay)
-            delay = min(2 * delay, 2.0)
-        except SQLAlchemyError:
-            log.exception("database write failed", extra={"event": "db_error"})
-            return None
-
-
-def _json_safe(value: Any) -> Any:
-    """JSON the databases accept: NaN/inf (a padded trajectory) become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "item") and callable(value.item):  # numpy scalars
-        return _json_safe(value.item())
-    return value

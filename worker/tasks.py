@@ -1,4 +1,4 @@
-"""The Celery tasks (thin adapters, STYLE 11): take an id, use the process's context, run
+"""The Celery tasks (thin adapters): take an id, use the process's context, run
 `worker.runner.execute_job` or `worker.reaper.reap_once`.
 
 The context (database engine, storage client, model cache) is made lazily in the process that

@@ -1,4 +1,5 @@
-"""The webhook sender (DESIGN §5.9): posts due deliveries, outside the API's request path.
+"""The webhook sender (docs/architecture.md §9.10): posts due deliveries, outside the API's
+request path.
 
 Runs as a thread of `digin serve` and `digin reaper`, and as the Celery beat task
 `digin.send_webhooks`. Each round leases up to `batch` due deliveries (so that several senders

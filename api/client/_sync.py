@@ -16,7 +16,7 @@ from typing import IO, Any, TypeVar
 
 import httpx
 
-from api.client import _ops as ops
+import api.client._ops as ops  # not via the package: its __init__ imports this module
 from api.client.errors import DiginConnectionError, error_from_response
 from api.client.models import (
     ArtifactList,

@@ -1,4 +1,4 @@
-"""The dashboard (DESIGN §5.10): server-rendered HTML pages under `/ui` with a little
+"""The dashboard (docs/architecture.md §9.11): server-rendered HTML pages under `/ui` with a little
 JavaScript, no build step. `install(app, settings)` adds its routes, its static files, the
 handlers that turn `LoginRequired` / `PageNotFound` into a login redirect and a 404 page, and
 the security headers of every `/ui` response (CSP with the `frame-ancestors` allow-list of

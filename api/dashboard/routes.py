@@ -1,6 +1,6 @@
-"""`/ui`: the dashboard's pages (DESIGN §5.10), server-rendered from the same repository
-functions as the REST API and scoped to the viewer's tenant: another tenant's job or batch is
-a 404 page, exactly as it is a 404 problem under /v1.
+"""`/ui`: the dashboard's pages (docs/architecture.md §9.11), server-rendered from the same
+repository functions as the REST API and scoped to the viewer's tenant: another tenant's job or
+batch is a 404 page, exactly as it is a 404 problem under /v1.
 
 Pages: jobs (filters, cursor pages, live progress), a job (images large with their classifier
 confidences, trajectory, params, timings, error, cancel), batches, a batch (counts, progress,
@@ -20,8 +20,8 @@ from fastapi import APIRouter, Form, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
+import api.dashboard.views as views  # not via the package: its __init__ imports this module
 from api import repo
-from api.dashboard import views
 from api.dashboard.auth import (
     DashboardDep,
     PageNotFound,

@@ -1,4 +1,4 @@
-"""The service's database: models, engines/sessions and migrations (DESIGN §5.1)."""
+"""The service's database: models, engines/sessions and migrations (docs/architecture.md §9.1)."""
 
 from api.db.engine import make_engine, migrate, session_factory, session_scope
 from api.db.models import (

@@ -1,5 +1,5 @@
-"""Database models (DESIGN §5.1, §5.5, §5.8, §5.9): tenants, their API keys, jobs, uploaded
-images, batches (sweeps) and webhook deliveries.
+"""Database models (docs/architecture.md §9.1, §9.6, §9.9, §9.10): tenants, their API keys,
+jobs, uploaded images, batches (sweeps) and webhook deliveries.
 
 Portable between PostgreSQL and SQLite: `Uuid` keys (native uuid / CHAR(32)), JSON (JSONB on
 PostgreSQL), timestamps always timezone-aware UTC (`UTCDateTime`). Status and queue values are
@@ -105,7 +105,7 @@ class ApiKey(Base):
 
 
 class Job(Base):
-    """One explanation job; the row is the truth about its state (DESIGN §5.1)."""
+    """One explanation job; the row is the truth about its state (docs/architecture.md §9.1)."""
 
     __tablename__ = "jobs"
     __table_args__ = (
@@ -174,7 +174,8 @@ class Image(Base):
 
 
 class Batch(Base):
-    """A sweep (DESIGN §5.8): its items are ordinary jobs with `batch_id` and `item_index`."""
+    """A sweep (docs/architecture.md §9.9): its items are ordinary jobs with `batch_id` and
+    `item_index`."""
 
     __tablename__ = "batches"
     __table_args__ = (
@@ -200,8 +201,9 @@ class Batch(Base):
 
 
 class WebhookDelivery(Base):
-    """One event for one endpoint (DESIGN §5.9): the payload is fixed when the event happens;
-    every retry sends the same `event_id` and body (with a fresh timestamp and signature)."""
+    """One event for one endpoint (docs/architecture.md §9.10): the payload is fixed when the
+    event happens; every retry sends the same `event_id` and body (with a fresh timestamp and
+    signature)."""
 
     __tablename__ = "webhook_deliveries"
     __table_args__ = (

@@ -1,4 +1,5 @@
-"""Batches (sweeps, DESIGN §5.8): writing a planned batch, its counts and rates, cancel, lists.
+"""Batches (sweeps, docs/architecture.md §9.9): writing a planned batch, its counts and
+rates, cancel, lists.
 
 A batch's items are ordinary job rows (`batch_id`, `item_index`, `custom_id`, `group_key`),
 written in one multi-row INSERT after the whole batch was validated (`api.sweeps`), so that a

@@ -1,6 +1,6 @@
-"""Reads of the dashboard (DESIGN §5.10) that the REST API has no use for: light rows for live
-progress and for a batch's outcome matrix, and the key behind a dashboard session. Every
-function is scoped to a tenant, like the rest of the repository.
+"""Reads of the dashboard (docs/architecture.md §9.11) that the REST API has no use for: light
+rows for live progress and for a batch's outcome matrix, and the key behind a dashboard
+session. Every function is scoped to a tenant, like the rest of the repository.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Jobs: creating, reading and every state change of the lifecycle (DESIGN §5.1, §5.3).
+"""Jobs: creating, reading and every state change of the lifecycle (docs/architecture.md §9.1).
 
-How the job lifecycle stays correct with several API processes and workers (DESIGN §5.1, §5.3;
-notes/job-service-pitfalls.md):
+How the job lifecycle stays correct with several API processes and workers
+(docs/architecture.md §9.1, §8):
 - Every state change is one conditional UPDATE (compare-and-set on status, and on the attempt
   number for worker writes), atomic on PostgreSQL and SQLite alike. Terminal states never change.
 - A worker's claim makes it the holder of attempt `n`; heartbeat/finish/fail/cancel from any

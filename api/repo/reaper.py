@@ -1,4 +1,4 @@
-"""The reaper (DESIGN §5.3) and the job counts behind the Prometheus metrics."""
+"""The reaper (docs/architecture.md §9.4) and the job counts behind the Prometheus metrics."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def reap(
     unsent_grace_seconds: float = 60,
     limit: int = 1000,
 ) -> ReapReport:
-    """Recover jobs whose worker died or whose message was lost (DESIGN §5.3).
+    """Recover jobs whose worker died or whose message was lost (docs/architecture.md §9.4).
 
     Running/canceling jobs with no heartbeat for `heartbeat_stale_seconds`: canceling ones
     become canceled; running ones go back to queued while attempts < max_attempts, else fail

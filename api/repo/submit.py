@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 
 from api.db.models import QUEUED, QUEUES, ApiKey, Job, Tenant, utcnow
 from api.repo.jobs import RETRY_AFTER_S, IdempotencyConflict, TenantLimitExceeded, lock_tenant
-from api.repo.tenants import _DUMMY_HASH, local_tenant
+from api.repo.tenants import DUMMY_HASH, local_tenant
 from api.security import key_prefix, verify_api_key
 
 LOCAL = object()  # `Submission.secret` when auth is off: the embedded `local` tenant
@@ -79,7 +79,7 @@ def _authenticate(session: Session, submissions: list[Submission]) -> _Tenants:
     for secret in secrets_:
         row = rows.get(key_prefix(secret) or "")
         if row is None:
-            verify_api_key(secret, _DUMMY_HASH)  # the same work as for a known prefix
+            verify_api_key(secret, DUMMY_HASH)  # the same work as for a known prefix
         elif verify_api_key(secret, row[0]):
             found.by_secret[secret] = row[1]
     return found

@@ -1,4 +1,4 @@
-"""Tenants, their API keys (DESIGN §5.5) and uploaded start images."""
+"""Tenants, their API keys (docs/architecture.md §9.6) and uploaded start images."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from api.security import generate_api_key, hash_api_key, key_prefix, verify_api_
 
 LOCAL_TENANT = "local"  # embedded mode's tenant when auth is off
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-_DUMMY_HASH = hash_api_key("dg_00000000_" + "0" * 43)
+DUMMY_HASH = hash_api_key("dg_00000000_" + "0" * 43)  # checked against when no key matches
 
 
-def _insert_ignore(session: Session, model: type[Any], conflict: list[str]) -> Insert:
+def insert_ignore(session: Session, model: type[Any], conflict: list[str]) -> Insert:
     """INSERT … ON CONFLICT (conflict) DO NOTHING, on PostgreSQL and SQLite."""
     dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
     return dialect.insert(model).on_conflict_do_nothing(index_elements=conflict)  # type: ignore[no-any-return]
@@ -50,7 +50,7 @@ def create_tenant(session: Session, *, name: str, webhook_secret: str | None = N
         "created_at": utcnow(),
         "webhook_secret": webhook_secret,
     }
-    stmt = _insert_ignore(session, Tenant, ["name"]).values(**values).returning(Tenant.id)
+    stmt = insert_ignore(session, Tenant, ["name"]).values(**values).returning(Tenant.id)
     tenant_id = session.scalar(stmt)
     if tenant_id is None:
         raise TenantExists(f"tenant {name!r} exists already")
@@ -64,7 +64,7 @@ def ensure_tenant(session: Session, *, name: str) -> Tenant:
     if tenant is not None:
         return tenant
     values = {"id": uuid.uuid4(), "name": name, "created_at": utcnow()}
-    session.execute(_insert_ignore(session, Tenant, ["name"]).values(**values))
+    session.execute(insert_ignore(session, Tenant, ["name"]).values(**values))
     tenant = get_tenant(session, name=name)
     assert tenant is not None
     return tenant
@@ -89,7 +89,7 @@ def create_api_key(session: Session, *, tenant_name: str) -> tuple[ApiKey, str]:
             "hash": hash_api_key(secret),
             "created_at": utcnow(),
         }
-        stmt = _insert_ignore(session, ApiKey, ["prefix"]).values(**values).returning(ApiKey.id)
+        stmt = insert_ignore(session, ApiKey, ["prefix"]).values(**values).returning(ApiKey.id)
         key_id = session.scalar(stmt)
         if key_id is not None:
             return session.get_one(ApiKey, key_id), secret
@@ -128,7 +128,7 @@ def authenticate(session: Session, *, secret: str) -> Tenant | None:
             .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None))
         ).one_or_none()
     if row is None:
-        verify_api_key(secret, _DUMMY_HASH)  # the same work as for a known prefix
+        verify_api_key(secret, DUMMY_HASH)  # the same work as for a known prefix
         return None
     stored_hash, tenant = row
     return tenant if verify_api_key(secret, stored_hash) else None
@@ -159,7 +159,7 @@ def create_image(
         "storage_key": storage_key,
         "created_at": utcnow(),
     }
-    stmt = _insert_ignore(session, Image, ["tenant_id", "sha256"]).values(**values)
+    stmt = insert_ignore(session, Image, ["tenant_id", "sha256"]).values(**values)
     created = session.scalar(stmt.returning(Image.id)) is not None
     image = session.scalars(
         select(Image).where(Image.tenant_id == tenant_id, Image.sha256 == sha256)

@@ -1,4 +1,4 @@
-"""Webhook events and their deliveries (DESIGN §5.9): a transactional outbox.
+"""Webhook events and their deliveries (docs/architecture.md §9.10): a transactional outbox.
 
 An event is recorded in the same transaction as the state change that causes it (the job's
 compare-and-set, a batch's bulk cancel, a batch's last item ending), as one `webhook_deliveries`
@@ -30,10 +30,10 @@ from api.db.models import (
     WebhookDelivery,
     utcnow,
 )
-from api.repo.tenants import _insert_ignore
+from api.repo.tenants import insert_ignore
 from api.webhooks import JOB_EVENTS, new_secret
 
-MAX_ATTEMPTS = 8  # default; the sender passes DIGIN_WEBHOOK_MAX_ATTEMPTS
+MAX_ATTEMPTS = 8  # attempts per delivery (every delivery row gets this; no setting changes it)
 LOG_ENTRIES = 20  # attempts kept in a delivery's log
 _NAMESPACE = uuid.UUID("5f0c8a52-51b1-4a0e-9a6b-6f1e0f3c9d11")
 
@@ -104,7 +104,7 @@ def _body(event: str, ident: str, data: dict[str, Any], now: datetime) -> str:
 def add_deliveries(session: Session, rows: Sequence[dict[str, Any]]) -> None:
     """Insert delivery rows (ignoring an event id already recorded: an event happens once)."""
     if rows:
-        session.execute(_insert_ignore(session, WebhookDelivery, ["event_id"]), list(rows))
+        session.execute(insert_ignore(session, WebhookDelivery, ["event_id"]), list(rows))
 
 
 def delivery_row(

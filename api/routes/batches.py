@@ -1,4 +1,5 @@
-"""`/v1/batches`: sweeps over classes × classifiers × seeds, or explicit items (DESIGN §5.8).
+"""`/v1/batches`: sweeps over classes × classifiers × seeds, or explicit items
+(docs/architecture.md §9.9).
 
 A batch is validated as a whole before anything is written (`api.sweeps`), its items are
 inserted as ordinary jobs in one multi-row INSERT and committed, then their messages go to the

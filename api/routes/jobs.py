@@ -1,8 +1,9 @@
-"""`/v1/jobs`: submit, read, list, cancel, and the artifacts of a job (DESIGN §5.2).
+"""`/v1/jobs`: submit, read, list, cancel, and the artifacts of a job (docs/architecture.md §9.2).
 
 Every query is scoped to the caller's tenant; another tenant's job is a 404. A submission is
-validated, written and committed before its message is sent (DESIGN §5.3); a broker that is
-down leaves the job queued for the reaper to re-send, and the client still gets its 202.
+validated, written and committed before its message is sent (docs/architecture.md §8.3); a
+broker that is down leaves the job queued for the reaper to re-send, and the client still gets
+its 202.
 """
 
 from __future__ import annotations

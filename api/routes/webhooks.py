@@ -1,4 +1,5 @@
-"""Webhook delivery logs of jobs and batches, and the tenant's signing secret (DESIGN §5.9).
+"""Webhook delivery logs of jobs and batches, and the tenant's signing secret
+(docs/architecture.md §9.10).
 
 Deliveries are sent by the worker side (`worker.webhooks`, in `digin serve`, `digin reaper` and
 Celery beat), never in a request; these routes only read what happened.

@@ -1,4 +1,6 @@
-"""Visual counterfactual explanations of real images (DESIGN §3.3), the `counterfactual` kind.
+"""Visual counterfactual explanations of real images, the `counterfactual` kind.
+
+See docs/architecture.md §5.
 
     images.py     load, validate and preprocess the start image (file, upload, bundled digit)
     inversion.py  DDIM inversion + null-text inversion, and the inversion cache

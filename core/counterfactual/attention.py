@@ -1,4 +1,6 @@
-"""Cross-attention control: prompt-to-prompt injection and foreground masks (DESIGN §3.3 4–5).
+"""Cross-attention control: prompt-to-prompt injection and foreground masks.
+
+See docs/architecture.md §5.5 and §5.6.
 
 Hertz et al., "Prompt-to-Prompt Image Editing with Cross-Attention Control", ICLR 2023, as used
 by DiG-IN's official code (`TrackAttentionProcessor`, `p2p_reshape_initial_cross_attention`,

@@ -1,4 +1,6 @@
-"""Hyperparameters of counterfactuals of real images (DESIGN §3.3), beside `GuidanceConfig`.
+"""Hyperparameters of counterfactuals of real images, beside `GuidanceConfig`.
+
+See docs/architecture.md §5.
 
 Torch-free (the API validates params against it). Defaults follow the paper's official code:
 `NullInversion` (10 inner Adam steps, lr 1e-2·(1 − i/100), early stop at MSE < 1e-5 + i·2e-5),

@@ -1,4 +1,6 @@
-"""The counterfactual edit (DESIGN §3.3 steps 4–6): DiG-IN's optimisation from an inverted image.
+"""The counterfactual edit: DiG-IN's optimisation from an inverted image.
+
+See docs/architecture.md §5.5–5.7.
 
 Notation as in `core.guidance` (z_T, C, ∅_i, ΔC, Δ∅, w, T, x̂0), plus:
     z0, x0      the original image's latent and pixels          (1, c, h, w), (1, 3, H, W)
@@ -95,7 +97,7 @@ def load_lpips(device: torch.device) -> nn.Module:
 
 
 class Regularizers(nn.Module):
-    """Weighted distances of x̂0 (latent and decoded) to the original (DESIGN §3.3 step 6)."""
+    """Weighted distances of x̂0 (latent and decoded) to the original (docs/architecture.md §5.7)."""
 
     def __init__(self, config: CounterfactualConfig, start: EditStart) -> None:
         super().__init__()

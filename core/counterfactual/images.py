@@ -1,10 +1,11 @@
-"""The start image of a counterfactual (DESIGN §3.3 step 1): loaded, validated, preprocessed.
+"""The start image of a counterfactual (docs/architecture.md §5.2): loaded, validated, preprocessed.
 
 Sources (one per job):
     a file path           'photos/cat.png' (the CLI; a service must not accept server paths)
     an uploaded image id  resolved to bytes by the caller's `resolver` (the service's job)
     a bundled digit       'digits:<split>/<n>': image n of a split (train, judge, test) of the
-                          digits data (DESIGN §4), so that tests and demos run offline
+                          digits data (docs/architecture.md §6.4), so that tests and demos
+                          run offline
 
 Bytes are checked before any pixel is decoded: size, format by magic bytes against an allow-list
 (decoded only by that format's Pillow plugin), pixel count from the header; Pillow's

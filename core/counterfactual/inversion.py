@@ -1,4 +1,4 @@
-"""DDIM inversion and null-text inversion of a real image (DESIGN §3.3 step 3).
+"""DDIM inversion and null-text inversion of a real image (docs/architecture.md §5.4).
 
 Mokady et al., "Null-text Inversion for Editing Real Images", CVPR 2023, as used by DiG-IN's
 official code (`NullInversion`):

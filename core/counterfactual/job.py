@@ -1,4 +1,6 @@
-"""One `counterfactual` job (DESIGN §3.3), end to end: params → typed `CounterfactualResult`.
+"""One `counterfactual` job, end to end: params → typed `CounterfactualResult`.
+
+See docs/architecture.md §5.
 
 1. Models (once per process) and the start image at the model resolution.
 2. Start class (given, or the classifier's prediction) and the caption naming it.

@@ -1,1 +1,4 @@
-"""The bundled digits model zoo (DESIGN §4): data, nets, training, loaders, evaluation."""
+"""The bundled digits model zoo: data, nets, training, loaders, evaluation.
+
+See docs/architecture.md §6.4.
+"""

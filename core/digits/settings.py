@@ -1,7 +1,8 @@
 """The guidance and sampling settings of the digits zoo: the one place in the code.
 
 `examples/*_digits.json` repeat these values (a test checks that they agree), and every semantic
-test and benchmark uses them. They differ from the Stable Diffusion defaults (DESIGN §3.1):
+test and benchmark uses them. They differ from the Stable Diffusion defaults
+(docs/architecture.md §3):
 
 - 5 DDIM steps: the 16x16 model's plain samples are as good at 4 steps as at 20 (the judge
   recognises all of them), and every step costs a UNet call forward and backward.
@@ -39,7 +40,8 @@ DIGITS_GUIDANCE = GuidanceConfig(
 SAMPLE_STEPS = DIGITS_GUIDANCE.ddim_steps
 SAMPLE_GUIDANCE_SCALE = DIGITS_GUIDANCE.guidance_scale
 
-# Counterfactuals of real digits (kind `counterfactual`, DESIGN §3.3): guidance and edit settings.
+# Counterfactuals of real digits (kind `counterfactual`, docs/architecture.md §5): guidance and
+# edit settings.
 # `examples/counterfactual_digits.json` repeats them (a test checks). They differ from SD's:
 # - the guidance settings of DIGITS_GUIDANCE, without checkpointing (the model is small; the
 #   recomputation would cost a quarter of the time).

@@ -1,4 +1,6 @@
-"""Loading the digits zoo: safetensors weights + a JSON model card per model (DESIGN §4).
+"""Loading the digits zoo: safetensors weights + a JSON model card per model.
+
+See docs/architecture.md §6.4.
 
 Folder layout (written by `python -m core.digits.train --out DIR`):
 

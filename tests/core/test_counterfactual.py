@@ -1,5 +1,6 @@
-"""Counterfactuals of real images (DESIGN §3.3) on the tiny random Stable Diffusion models:
-inversion, prompt-to-prompt control, masks, regularisers, the inversion cache, the job and CLI."""
+"""Counterfactuals of real images (docs/architecture.md §5) on the tiny random Stable
+Diffusion models: inversion, prompt-to-prompt control, masks, regularisers, the inversion cache,
+the job and CLI."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Invariants of the guidance loop (DESIGN §6) on tiny random Stable Diffusion components."""
+"""Invariants of the guidance loop (docs/architecture.md §3, §11) on tiny random Stable
+Diffusion components."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The model registry (DESIGN §3.4): spec parsing, the curated list, availability, allow-lists."""
+"""The model registry (docs/architecture.md §6.1): spec parsing, the curated list,
+availability, allow-lists."""
 
 from __future__ import annotations
 

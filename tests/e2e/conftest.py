@@ -1,4 +1,4 @@
-"""End-to-end fixtures: real servers and real processes (notes/job-service-pitfalls.md §4).
+"""End-to-end fixtures: real servers and real processes (docs/architecture.md §11).
 
 PostgreSQL (the API tests' throwaway database), Redis (a dedicated DB number, flushed), S3 through
 moto's threaded server with the real minio client, and Celery workers started as subprocesses

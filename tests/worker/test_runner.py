@@ -313,7 +313,7 @@ def test_run_errors_map_to_codes(
 ):
     import torch
 
-    import core.jobs
+    import core.kinds
 
     if exc == "oom":
         exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -321,7 +321,7 @@ def test_run_errors_map_to_codes(
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise exc
 
-    monkeypatch.setattr(core.jobs, "run_job", broken)
+    monkeypatch.setattr(core.kinds, "run_job", broken)
     job = submit(session, tenant, job_params())
     assert execute_job(job.id, ctx=ctx) == "failed"
     row = reload(sessions, job)
