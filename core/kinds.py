@@ -20,6 +20,7 @@ renders its files (`render_artifacts()`, name → bytes; `core.output.render_art
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from core.analysis import run_neural_pca, run_pca_component, run_spurious_score
+from core.batching import job_batch
 from core.context import ImageResolver, ProgressFn, RunContext, StopFn
 from core.counterfactual.job import run_counterfactual
 from core.jobs import DEFAULT_CACHE, ModelCache, run_generative
@@ -39,8 +41,25 @@ class Kind:
     name: str
     params: type[BaseModel]  # validates the job's params (the API's table, torch-free)
     run: Callable[[Any, RunContext], Result]
+    # progress steps of a run under a runner's batch limit, known before the models load; None:
+    # the run reports its total itself once it knows it (analysis kinds, counterfactuals)
+    steps: Callable[[Any, int], int | None]
 
 
+def generative_steps(params: Any, max_batch: int) -> int:
+    """(iterations + 1) per batch of items: the steps `core.jobs.run_generative` reports."""
+    refs = params.neurons if hasattr(params, "neurons") else params.classes
+    items = len(refs) * params.images_per_class
+    return (params.guidance.iterations + 1) * math.ceil(
+        items / job_batch(max_batch, params.guidance)
+    )
+
+
+def _unknown(params: Any, max_batch: int) -> None:
+    return None
+
+
+GENERATIVE = ("guided", "disagreement", "neuron")
 _RUNNERS: dict[str, Callable[[Any, RunContext], Result]] = {
     "guided": run_generative,
     "disagreement": run_generative,
@@ -52,7 +71,10 @@ _RUNNERS: dict[str, Callable[[Any, RunContext], Result]] = {
 }
 if set(_RUNNERS) != set(PARAMS_BY_KIND):
     raise RuntimeError(f"kinds without a runner or params: {set(_RUNNERS) ^ set(PARAMS_BY_KIND)}")
-KINDS: dict[str, Kind] = {k: Kind(k, PARAMS_BY_KIND[k], _RUNNERS[k]) for k in PARAMS_BY_KIND}
+KINDS: dict[str, Kind] = {
+    k: Kind(k, PARAMS_BY_KIND[k], _RUNNERS[k], generative_steps if k in GENERATIVE else _unknown)
+    for k in PARAMS_BY_KIND
+}
 
 
 def run_job(

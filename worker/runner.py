@@ -15,7 +15,6 @@ number (`api.repo`), so a duplicate or late delivery, or a stale worker, changes
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import uuid
 from collections.abc import Callable
@@ -214,20 +213,18 @@ def _claim(job_id: uuid.UUID, ctx: WorkerContext) -> ClaimedJob | Outcome:
 
 
 def _total_iterations(job: ClaimedJob, max_batch: int) -> int | None:
-    """Progress steps of the whole job ((iterations + 1) per batch of items), if the params
-    can be read; the core's progress callback counts the same steps."""
+    """Progress steps of the whole job from the kinds table (`core.kinds.Kind.steps`), if the
+    params can be read and the kind knows them before its models load; else None (the run
+    reports its total itself)."""
     try:
         from core.params import validate_params
 
         params: Any = validate_params(job.kind, job.params)
     except ValueError:
         return None
-    refs = getattr(params, "neurons", None) or getattr(params, "classes", None)
-    guidance = getattr(params, "guidance", None)
-    if not refs or guidance is None or not hasattr(params, "images_per_class"):
-        return None  # other kinds (analysis, counterfactual) report their own totals
-    items = len(refs) * params.images_per_class
-    return int((guidance.iterations + 1) * math.ceil(items / max_batch))
+    from core.kinds import KINDS
+
+    return KINDS[job.kind].steps(params, max_batch)
 
 
 def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any] | None:
