@@ -254,7 +254,10 @@ def _enqueuer(settings: Settings) -> Any:
 def reaper_command(
     interval: Annotated[
         float | None,
-        typer.Option(help="Seconds between rounds (default: heartbeat threshold / 4, ≤ 30 s)."),
+        typer.Option(
+            min=0.1,
+            help="Seconds between rounds, at least 0.1 (default: heartbeat threshold / 4, ≤ 30 s).",
+        ),
     ] = None,
     once: Annotated[bool, typer.Option("--once", help="One round, then exit.")] = False,
 ) -> None:

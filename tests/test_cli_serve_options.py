@@ -207,3 +207,10 @@ def test_digin_serve_listens_on_its_host_and_port_options(serve_process):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
     wait_until("no process of digin serve to be left", lambda: not any(map(alive, children)), 15)
+
+
+@pytest.mark.parametrize("interval", ["0", "-1"])
+def test_reaper_refuses_an_interval_that_would_spin(interval):
+    result = CliRunner().invoke(app, ["reaper", "--interval", interval, "--once"])
+    assert result.exit_code == 2
+    assert "--interval" in result.output
