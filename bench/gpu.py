@@ -54,7 +54,7 @@ import torch
 from core.batching import fit_memory_line, largest_batch
 from core.config import GuidanceConfig
 from core.flops import iteration_flops
-from core.guidance import optimize
+from core.guidance import DTYPES, optimize
 from core.objectives import ClassObjective
 from core.random_models import build_random_diffusion
 
@@ -79,7 +79,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 BASE = ("reference", "optimised", "autocast")
 ABLATIONS = tuple(n for n in VARIANTS if n not in BASE)
 CPU_ABLATIONS = ("optimised+channels_last", "optimised-decoder_checkpointing")  # no cuDNN, compile
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_config(name: str, common: dict) -> GuidanceConfig:
@@ -379,7 +378,7 @@ class Bench:
         fp32_first = sorted(configs, key=lambda n: configs[n].weights_precision != "fp32")
         for name in fp32_first:
             config = configs[name]
-            dtype = WEIGHT_DTYPES[config.weights_precision]
+            dtype = DTYPES[config.weights_precision]
             if model.dtype != dtype:  # fp32 → bf16 once, after every fp32 configuration
                 model.to(dtype)
             flops = flops_of(model, clf, config)

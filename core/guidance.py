@@ -42,7 +42,7 @@ from core.context import ProgressFn, StopFn
 from core.diffusion import DiffusionModel, TextEmbeddings
 from core.objectives import Objective, ObjectiveOutput
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names
 
 
 def loss_step_weights(loss_steps: int) -> Tensor:
@@ -55,7 +55,7 @@ def autocast(device: torch.device, precision: str):
     """Autocast context of UNet and VAE calls (a no-op in fp32)."""
     if precision == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=_DTYPES[precision])
+    return torch.autocast(device.type, dtype=DTYPES[precision])
 
 
 def initial_latents(model: DiffusionModel, rngs: list[ItemRNG], resolution: int) -> Tensor:

@@ -24,13 +24,11 @@ from core.classes import imagenet_classes, resolve_class
 from core.classifiers import Classifier
 from core.context import ProgressFn, RunContext, StopFn
 from core.diffusion import DiffusionModel
-from core.guidance import GuidanceResult, optimize
+from core.guidance import DTYPES, GuidanceResult, optimize
 from core.loaders import load_classifier, load_diffusion
 from core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
 from core.output import render_generative
 from core.params import DisagreementParams, GuidedParams, NeuronParams, kind_of
-
-WEIGHT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ModelCache:
@@ -51,11 +49,11 @@ class ModelCache:
         def load() -> DiffusionModel:
             model = load_diffusion(spec, device=device)
             if weights != "fp32":
-                model.to(WEIGHT_DTYPES[weights])
+                model.to(DTYPES[weights])
             return model
 
-        if weights not in WEIGHT_DTYPES:
-            raise ValueError(f"weights must be one of {', '.join(WEIGHT_DTYPES)}, got {weights!r}")
+        if weights not in DTYPES:
+            raise ValueError(f"weights must be one of {', '.join(DTYPES)}, got {weights!r}")
         return self.get(("diffusion", spec, device, weights), load)
 
     def classifier(

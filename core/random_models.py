@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 from core.diffusion import DiffusionModel
+from core.guidance import DTYPES
 
 ARCHS_DIR = Path(__file__).parent / "archs"
 ARCHS = ("sd15", "sdxl")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _BLOCK = 1 << 20  # length of the seeded noise block the weights are cut from
 
 

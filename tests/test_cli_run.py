@@ -29,8 +29,17 @@ def test_run_sd_guided(tiny_models, tmp_path):
     }
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        app, ["run", "guided", "--params", str(_write(tmp_path / "p.json", params)),
-              "--out", str(out), "--seed", "3"]
+        app,
+        [
+            "run",
+            "guided",
+            "--params",
+            str(_write(tmp_path / "p.json", params)),
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "result.json").read_text())
@@ -55,8 +64,15 @@ def test_run_sdxl_disagreement(tiny_models, tmp_path):
     }
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        app, ["run", "disagreement", "--params", str(_write(tmp_path / "p.json", params)),
-              "--out", str(out)]
+        app,
+        [
+            "run",
+            "disagreement",
+            "--params",
+            str(_write(tmp_path / "p.json", params)),
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "result.json").read_text())
@@ -67,8 +83,15 @@ def test_run_sdxl_disagreement(tiny_models, tmp_path):
 def test_run_bad_params_names_the_field(tmp_path):
     params = {"diffusion": "x", "classifier": "y", "classes": [1], "guidance": {"lr": -1}}
     result = CliRunner().invoke(
-        app, ["run", "guided", "--params", str(_write(tmp_path / "p.json", params)),
-              "--out", str(tmp_path / "o")]
+        app,
+        [
+            "run",
+            "guided",
+            "--params",
+            str(_write(tmp_path / "p.json", params)),
+            "--out",
+            str(tmp_path / "o"),
+        ],
     )
     assert result.exit_code == 2
     assert "guidance.lr" in result.output and "greater than or equal to 0" in result.output
@@ -103,8 +126,8 @@ def test_run_fills_in_the_zoo_models_settings_and_prompt(tmp_path):
     params = {"classes": ["7"], "guidance": {"iterations": 1}}
     out = tmp_path / "out"
     result = CliRunner().invoke(
-        app, ["run", "guided", "--params", str(_write(tmp_path / "p.json", params)),
-              "--out", str(out)]
+        app,
+        ["run", "guided", "--params", str(_write(tmp_path / "p.json", params)), "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "result.json").read_text())
@@ -122,8 +145,15 @@ def test_run_neural_pca_then_pca_component_then_spurious_score(tmp_path):
     params["visualization"]["guidance"]["iterations"] = 1
     out = tmp_path / "pca"
     result = CliRunner().invoke(
-        app, ["run", "neural_pca", "--params", str(_write(tmp_path / "p.json", params)),
-              "--out", str(out)]
+        app,
+        [
+            "run",
+            "neural_pca",
+            "--params",
+            str(_write(tmp_path / "p.json", params)),
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "result.json").read_text())
@@ -134,8 +164,15 @@ def test_run_neural_pca_then_pca_component_then_spurious_score(tmp_path):
 
     params = {"pca": str(out / "result.json"), "components": [1], "guidance": {"iterations": 1}}
     result = CliRunner().invoke(
-        app, ["run", "pca_component", "--params", str(_write(tmp_path / "c.json", params)),
-              "--out", str(tmp_path / "component")]
+        app,
+        [
+            "run",
+            "pca_component",
+            "--params",
+            str(_write(tmp_path / "c.json", params)),
+            "--out",
+            str(tmp_path / "component"),
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "component" / "result.json").read_text())
@@ -144,8 +181,15 @@ def test_run_neural_pca_then_pca_component_then_spurious_score(tmp_path):
 
     out = tmp_path / "spurious"
     result = CliRunner().invoke(
-        app, ["run", "spurious_score", "--params", str(EXAMPLES / "spurious_score_digits.json"),
-              "--out", str(out)]
+        app,
+        [
+            "run",
+            "spurious_score",
+            "--params",
+            str(EXAMPLES / "spurious_score_digits.json"),
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "result.json").read_text())
@@ -156,14 +200,28 @@ def test_run_neural_pca_then_pca_component_then_spurious_score(tmp_path):
 def test_run_analysis_errors_name_the_field(tmp_path):
     params = {"class": 7, "images": {"image_ids": ["abc"]}}
     result = CliRunner().invoke(
-        app, ["run", "neural_pca", "--params", str(_write(tmp_path / "p.json", params)),
-              "--out", str(tmp_path / "o")]
+        app,
+        [
+            "run",
+            "neural_pca",
+            "--params",
+            str(_write(tmp_path / "p.json", params)),
+            "--out",
+            str(tmp_path / "o"),
+        ],
     )
     assert result.exit_code == 2 and "images.image_ids" in result.output
     assert not (tmp_path / "o").exists()
     params = {"classes": [7], "spurious": {"digits": "test", "patch": {"rate": 2}}}
     result = CliRunner().invoke(
-        app, ["run", "spurious_score", "--params", str(_write(tmp_path / "s.json", params)),
-              "--out", str(tmp_path / "o")]
+        app,
+        [
+            "run",
+            "spurious_score",
+            "--params",
+            str(_write(tmp_path / "s.json", params)),
+            "--out",
+            str(tmp_path / "o"),
+        ],
     )
     assert result.exit_code == 2 and "spurious.patch.rate" in result.output

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from api.settings import get_settings
 from digin.cli import app
 from tests.e2e.conftest import wait_until
-from tests.e2e.test_embedded import alive, descendants, free_port
+from tests.e2e.test_embedded import alive, descendants, free_port, stop_tree
 from tests.worker.helpers import ROOT
 
 runner = CliRunner()
@@ -175,17 +175,7 @@ def serve_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int
     try:
         yield proc, port, env_port, log
     finally:
-        if proc.poll() is None:  # the test failed early: stop everything it started
-            below = descendants(proc.pid)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for pid in below:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        stop_tree(proc, timeout=30)  # the test failed early: stop everything it started
 
 
 def test_digin_serve_listens_on_its_host_and_port_options(serve_process):

@@ -54,6 +54,22 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def stop_tree(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Stop a `digin serve` started by a test and everything below it: SIGTERM, then SIGKILL
+    after `timeout` seconds, then SIGKILL for any process of its tree still alive."""
+    below = descendants(proc.pid)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for pid in below:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture
 def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     if not sys.platform.startswith("linux"):
@@ -74,17 +90,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]
     try:
         yield proc, f"http://127.0.0.1:{port}", log
     finally:
-        if proc.poll() is None:  # the test failed early: stop everything it started
-            below = descendants(proc.pid)
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            for pid in below:
-                if alive(pid):
-                    os.kill(pid, signal.SIGKILL)
+        stop_tree(proc, timeout=30)  # the test failed early: stop everything it started
 
 
 def test_digin_serve_runs_a_job_and_stops_cleanly(serve, e2e_params: ParamsFactory):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +21,7 @@ import pytest
 
 from api.webhooks import verify_signature
 from tests.e2e.conftest import wait_until
-from tests.e2e.test_embedded import alive, descendants, free_port
+from tests.e2e.test_embedded import free_port, stop_tree
 from tests.worker.helpers import ROOT, decode_png
 
 SWEEP_TIMEOUT_S = 240.0
@@ -81,17 +80,7 @@ def serve(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]
     try:
         yield proc, f"http://127.0.0.1:{port}", log
     finally:
-        below = descendants(proc.pid)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pid in below:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_tree(proc)
 
 
 def test_sweep_of_all_digits_by_two_classifiers_then_a_canceled_sweep(serve, receiver):

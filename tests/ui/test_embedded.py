@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ import pytest
 
 from api.dashboard import number
 from tests.e2e.conftest import wait_until
-from tests.e2e.test_embedded import alive, descendants, free_port
+from tests.e2e.test_embedded import free_port, stop_tree
 from tests.ui.conftest import JOB_TIMEOUT_MS, natural_widths, screenshot
 from tests.worker.helpers import ROOT
 
@@ -73,17 +72,7 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
         yield service
     finally:
         service.http.close()
-        below = descendants(proc.pid)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for pid in below:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop_tree(proc)
 
 
 def test_a_job_finishes_on_the_jobs_page_and_its_page_shows_the_apis_numbers(page, embedded):
