@@ -3,7 +3,7 @@
 #   target `api`        the API, `digin migrate`, `digin keys`, `digin reaper` (torch-free, small)
 #   target `worker-cpu` a Celery worker on the CPU (docker-compose.cpu.yml), torch CPU build
 # The GPU worker is Dockerfile.gpu. The project is installed editable from /app because the
-# Alembic migrations are read from the source tree (api/db/engine.py: MIGRATIONS).
+# Alembic migrations are read from the source tree (service/db/engine.py: MIGRATIONS).
 
 FROM python:3.11-slim-bookworm AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -16,6 +16,7 @@ RUN useradd --create-home --uid 10001 digin \
 WORKDIR /app
 COPY pyproject.toml README.md alembic.ini ./
 COPY api ./api
+COPY service ./service
 COPY core ./core
 COPY worker ./worker
 COPY digin ./digin

@@ -18,9 +18,9 @@ tiny:
 	$(BIN)/digin make-tiny-models $(TINY)
 
 # Retrain the bundled digits zoo from fixed seeds (about 25 min on 2 cores); options of the
-# command (planted patch, correlated class, rates): python -m core.digits.train --help
+# command (planted patch, correlated class, rates): python -m digin.core.digits.train --help
 zoo:
-	$(BIN)/python -m core.digits.train --out $(ZOO)
+	$(BIN)/python -m digin.core.digits.train --out $(ZOO)
 
 run:
 	$(BIN)/digin run $(KIND) --params $(PARAMS) --out $(OUT) --device $(DEVICE)

@@ -3,7 +3,7 @@
 The app owns its engine, session factory, storage client and Celery app (a producer only: the
 workers live in `worker/`), made from the settings here and closed at shutdown. Middleware, from
 the outside in: request metrics, then the body-size limit; errors of every kind are problem+json
-(`api.problems`). Embedded mode without auth serves only on a loopback address.
+(`digin.api.problems`). Embedded mode without auth serves only on a loopback address.
 """
 
 from __future__ import annotations
@@ -21,22 +21,22 @@ from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import dashboard
-from api.db import make_engine, session_factory
-from api.deps import Services
-from api.dispatch import make_celery
-from api.images import FIELD as IMAGE_FIELD
-from api.metrics import Metrics, MetricsMiddleware
-from api.problems import (
+from digin.api import dashboard
+from digin.api.deps import Services
+from digin.api.images import FIELD as IMAGE_FIELD
+from digin.api.metrics import Metrics, MetricsMiddleware
+from digin.api.problems import (
     PROBLEM_MEDIA_TYPE,
     Problem,
     install_problem_handlers,
     problem_response,
 )
-from api.routes import ROUTERS
-from api.settings import Settings, get_settings
-from api.storage import LocalStorage, storage_from_settings
-from api.submissions import JobWriter
+from digin.api.routes import ROUTERS
+from digin.api.submissions import JobWriter
+from digin.service.db import make_engine, session_factory
+from digin.service.dispatch import make_celery
+from digin.service.settings import Settings, get_settings
+from digin.service.storage import LocalStorage, storage_from_settings
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ tenant (bearer API key, or the `local` tenant when auth is off in embedded mode)
 that do no I/O are `async def`: FastAPI runs them inline, not through its thread pool.
 
 The app's long-lived objects live in one `Services` container on `app.state.services`, made by
-`api.app.create_app` from the settings.
+`digin.api.app.create_app` from the settings.
 """
 
 from __future__ import annotations
@@ -19,14 +19,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import Tenant
-from api.metrics import Metrics
-from api.problems import ProblemError
-from api.repo.submit import LOCAL
-from api.settings import Settings
-from api.storage import Storage
-from api.submissions import JobWriter
+from digin.api.metrics import Metrics
+from digin.api.problems import ProblemError
+from digin.api.submissions import JobWriter
+from digin.service import repo
+from digin.service.db import Tenant
+from digin.service.repo.submit import LOCAL
+from digin.service.settings import Settings
+from digin.service.storage import Storage
 
 
 @dataclass
@@ -39,7 +39,7 @@ class Services:
     storage: Storage
     celery: Celery
     metrics: Metrics
-    writer: JobWriter  # POST /v1/jobs: group commit (api.submissions)
+    writer: JobWriter  # POST /v1/jobs: group commit (digin.api.submissions)
 
 
 async def get_services(request: Request) -> Services:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from api.problems import ProblemError, field_problem
+from digin.api.problems import ProblemError, field_problem
 
 FIELD = "file"  # the multipart field of POST /v1/images
 

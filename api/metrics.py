@@ -16,7 +16,6 @@ Per app (its own registry, so several apps in one process do not collide):
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -28,9 +27,10 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import repo
-from api.db import QUEUES, STATUSES
-from core.params import KINDS
+from digin.core.params import KINDS
+from digin.service import repo
+from digin.service.db import QUEUES, STATUSES
+from digin.service.dispatch import BrokerReader
 
 log = logging.getLogger(__name__)
 
@@ -76,53 +76,11 @@ class JobCollector(Collector):
         yield depth
 
 
-# kombu's Redis transport keeps a queue's priority levels in lists `queue`, `queue\x06\x163`, …
-REDIS_PRIORITY_SEPARATOR = "\x06\x16"
-REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
-REDIS_UNACKED_KEY = "unacked"
-BROKER_TIMEOUT_S = 1.0
-
-
-def redis_queue_keys(queue: str) -> list[str]:
-    return [
-        queue if p == 0 else f"{queue}{REDIS_PRIORITY_SEPARATOR}{p}" for p in REDIS_PRIORITY_STEPS
-    ]
-
-
-class BrokerCollector(Collector):
-    """Messages waiting per queue and unacknowledged messages, from the broker per scrape:
-    one pipelined round trip to Redis, or a listing of the filesystem broker's folder."""
-
-    def __init__(self, broker_url: str, folder: str | None = None) -> None:
-        self.broker_url, self.folder = broker_url, folder
-        self._redis: Any = None
+class BrokerCollector(BrokerReader, Collector):
+    """The broker's queue depths and unacknowledged messages, read per scrape."""
 
     def describe(self) -> Iterable[Metric]:
         return []
-
-    def read(self) -> tuple[dict[str, int], int | None]:
-        if self.broker_url.startswith("redis"):
-            if self._redis is None:
-                import redis
-
-                self._redis = redis.Redis.from_url(
-                    self.broker_url,
-                    socket_timeout=BROKER_TIMEOUT_S,
-                    socket_connect_timeout=BROKER_TIMEOUT_S,
-                )
-            pipe = self._redis.pipeline(transaction=False)
-            for queue in QUEUES:
-                for key in redis_queue_keys(queue):
-                    pipe.llen(key)
-            pipe.hlen(REDIS_UNACKED_KEY)
-            *lengths, unacked = pipe.execute()
-            steps = len(REDIS_PRIORITY_STEPS)
-            depths = {q: sum(lengths[i * steps : (i + 1) * steps]) for i, q in enumerate(QUEUES)}
-            return depths, int(unacked)
-        if self.folder is not None:  # filesystem://: one file per waiting message
-            names = os.listdir(self.folder)
-            return {q: sum(n.endswith(f".{q}.msg") for n in names) for q in QUEUES}, None
-        return {}, None
 
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("digin_broker_scrape_ok", "1 if the broker could be read")

@@ -235,7 +235,7 @@ def install_problem_handlers(app: FastAPI) -> None:
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for these error statuses (the content type and schema are
-    set to the problem by `api.app`'s OpenAPI hook)."""
+    set to the problem by `digin.api.app`'s OpenAPI hook)."""
     return {
         status: {"description": _DESCRIPTIONS.get(status, _phrase(status))} for status in statuses
     }

@@ -26,13 +26,13 @@ from pydantic import (
     model_validator,
 )
 
-from api.db import STATUSES, Image, Job
-from api.problems import ProblemError
-from core.params import KINDS, ParamsError, validate_params
-from core.registry import ModelInfo, SchemeInfo, is_allowed, names_server_path, parse_spec
+from digin.api.problems import ProblemError
+from digin.core.params import KINDS, ParamsError, validate_params
+from digin.core.registry import ModelInfo, SchemeInfo, is_allowed, names_server_path, parse_spec
+from digin.service.db import STATUSES, Image, Job
 
 JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
-assert set(get_args(JobStatus)) == set(STATUSES), "JobStatus must list api.db's STATUSES"
+assert set(get_args(JobStatus)) == set(STATUSES), "JobStatus must list digin.service.db's STATUSES"
 
 MAX_SEED = 2**53 - 1  # exact in JSON numbers (JavaScript clients); item i uses seed + i
 MAX_PRIORITY = 9
@@ -86,7 +86,7 @@ class WebhookSpec(BaseModel):
 
 # --- jobs -----------------------------------------------------------------------------------------
 class JobCreate(BaseModel):
-    """A new job (`POST /v1/jobs`). `params` are the kind's parameters (see `core.params`),
+    """A new job (`POST /v1/jobs`). `params` are the kind's parameters (see `digin.core.params`),
     validated and stored with every default filled in."""
 
     model_config = ConfigDict(

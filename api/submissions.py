@@ -5,7 +5,7 @@ API process. The writer takes every submission waiting at that moment (up to `ma
 for all of them together:
 
 1. authenticates, checks caps and idempotency keys and inserts the jobs in ONE transaction
-   (`api.repo.submit.submit_jobs`), and commits;
+   (`digin.service.repo.submit.submit_jobs`), and commits;
 2. sends each created job's message (after the commit, as always: a worker that runs it finds
    the row), through one broker connection;
 3. records the send times (`enqueued_at`) in one statement and commits;
@@ -33,10 +33,10 @@ from typing import cast
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import Job, utcnow
-from api.dispatch import enqueue
-from api.metrics import Metrics
-from api.repo.submit import Outcome, Submission, mark_sent, submit_jobs
+from digin.api.metrics import Metrics
+from digin.service.db import Job, utcnow
+from digin.service.dispatch import enqueue
+from digin.service.repo.submit import Outcome, Submission, mark_sent, submit_jobs
 
 log = logging.getLogger(__name__)
 

@@ -20,41 +20,22 @@ from __future__ import annotations
 import copy
 import json
 import secrets
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from api.problems import ProblemError
-from api.schemas import BatchCreate, ClassRange, JobCreate
-from core.classes import imagenet_class_names, resolve_class
-from core.params import group_key
-from core.registry import list_models, parse_spec, zoo_dir
+from digin.api.problems import ProblemError
+from digin.api.schemas import BatchCreate, ClassRange, JobCreate
+from digin.core.classes import imagenet_class_names, resolve_class
+from digin.core.params import group_key
+from digin.core.registry import list_models, parse_spec, zoo_dir
+from digin.service.repo.batches import BatchPlan, PlannedItem
 
 MAX_ERRORS = 20  # bad items reported in one problem
 MAX_CLASSES_PER_ITEM = 1000
 # kinds whose `classes` only name classes (checked per item; the rest validated once)
 CLASS_ONLY_KINDS = ("guided", "disagreement", "spurious_score")
 CLASSIFIER_FIELD = {"disagreement": ("classifier1", "classifier2")}
-
-
-@dataclass
-class PlannedItem:
-    index: int
-    custom_id: str
-    params: dict[str, Any]  # normalised: what the job stores and runs
-    seed: int
-    group_key: str | None
-    job_id: uuid.UUID | None = None  # set when the row is written
-
-
-@dataclass
-class BatchPlan:
-    kind: str
-    items: list[PlannedItem]
-    spec: dict[str, Any]  # what the batch records about its axes or items
-    errors: list[dict[str, str]] = field(default_factory=list)
 
 
 # --- the classes of a classifier ----------------------------------------------------------------
@@ -325,7 +306,7 @@ def _classes_axis(
 
 def _default_classifier(kind: str, base: dict[str, Any], validate: _Validator) -> str | None:
     """The classifier the params default to (from the kind's model), for `classes: "all"`."""
-    from core.params import PARAMS_BY_KIND
+    from digin.core.params import PARAMS_BY_KIND
 
     role = CLASSIFIER_FIELD.get(kind, ("classifier",))[0]
     model_field = PARAMS_BY_KIND[kind].model_fields.get(role)

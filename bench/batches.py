@@ -4,14 +4,14 @@ asserted (the machine is shared: the load average is recorded beside every figur
 
 1. Accept: `POST /v1/batches` of `--items` items (every ImageNet class x 5 registry classifiers
    x 10 seeds over a Stable Diffusion template: validated, inserted, enqueued) through ONE API
-   process (uvicorn, `api.app:create_app`) on a throwaway PostgreSQL database and a Redis DB,
+   process (uvicorn, `digin.api.app:create_app`) on a throwaway PostgreSQL database and a Redis DB,
    timed from the client; then the same items as an explicit `items` list. Afterwards the rows
    and the broker messages are counted. The phases (plan, insert, send) are also timed in
    process on a second batch of the same size.
 2. Results index: `GET /v1/batches/{id}/results` (JSON lines and CSV) of that batch, its items
    first marked succeeded with a typical result (summary + 4 artifacts), lines per second.
 3. Execution: `--exec-items` digits-zoo sweep items (guided, zoo settings, `--iterations`)
-   through the worker's task (`worker.runner.execute_job`: claim, optimise, render, upload,
+   through the worker's task (`digin.worker.runner.execute_job`: claim, optimise, render, upload,
    finish) on a throwaway SQLite database and local storage, with DIGIN_BATCH_MAX_ITEMS=1 (one
    by one) and =8 (batched runs of compatible items), torch on one thread.
 
@@ -117,13 +117,13 @@ class Deployment:
         self.api: subprocess.Popen[bytes] | None = None
 
     def settings(self) -> Any:
-        from api.settings import fresh_settings
+        from digin.service.settings import fresh_settings
 
         return fresh_settings(**self.values)
 
     def setup(self) -> dict[str, str]:
-        from api import repo
-        from api.db import make_engine, migrate, session_factory
+        from digin.service import repo
+        from digin.service.db import make_engine, migrate, session_factory
 
         migrate(self.url)
         self.sessions = session_factory(make_engine(self.url))
@@ -144,7 +144,7 @@ class Deployment:
                     sys.executable,
                     "-m",
                     "uvicorn",
-                    "api.app:create_app",
+                    "digin.api.app:create_app",
                     "--factory",
                     "--host",
                     "127.0.0.1",
@@ -187,7 +187,7 @@ class Deployment:
 
 
 def accept(dep: Deployment, base: str, headers: dict[str, str], body: dict[str, Any]) -> dict:
-    from api.db import Job
+    from digin.service.db import Job
 
     data = json.dumps(body).encode()
     before = dep.messages()
@@ -223,11 +223,11 @@ def accept(dep: Deployment, base: str, headers: dict[str, str], body: dict[str, 
 
 def phases(dep: Deployment, items: int) -> dict[str, Any]:
     """The accept path's parts, in process (what the route does, step by step)."""
-    from api import repo
-    from api.dispatch import enqueue_many, make_celery
-    from api.repo.batches import create_batch
-    from api.schemas import BatchCreate
-    from api.sweeps import plan_batch
+    from digin.api.schemas import BatchCreate
+    from digin.api.sweeps import plan_batch
+    from digin.service import repo
+    from digin.service.dispatch import enqueue_many, make_celery
+    from digin.service.repo.batches import create_batch
 
     settings = dep.settings()
     out: dict[str, Any] = {"loadavg_before": loadavg()}
@@ -264,7 +264,7 @@ def phases(dep: Deployment, items: int) -> dict[str, Any]:
 
 
 def stream(dep: Deployment, base: str, headers: dict[str, str], batch_id: str) -> dict:
-    from api.db import Job
+    from digin.service.db import Job
 
     names = ["grid.png", "item_000.png", "item_000_start.png", "result.json"]
     with dep.sessions() as session:  # every item succeeded, with a typical result
@@ -336,15 +336,15 @@ def execution(items: int, iterations: int) -> dict[str, Any]:
     """Worker-task throughput of digits sweep items, one by one vs batched runs."""
     import torch
 
-    from api import repo
-    from api.db import Job, make_engine, migrate, session_factory
-    from api.repo.batches import create_batch
-    from api.schemas import BatchCreate
-    from api.settings import fresh_settings
-    from api.storage import LocalStorage
-    from api.sweeps import plan_batch
-    from core.jobs import ModelCache
-    from worker.runner import WorkerContext, execute_job
+    from digin.api.schemas import BatchCreate
+    from digin.api.sweeps import plan_batch
+    from digin.core.jobs import ModelCache
+    from digin.service import repo
+    from digin.service.db import Job, make_engine, migrate, session_factory
+    from digin.service.repo.batches import create_batch
+    from digin.service.settings import fresh_settings
+    from digin.service.storage import LocalStorage
+    from digin.worker.runner import WorkerContext, execute_job
 
     torch.set_num_threads(1)
     cache = ModelCache()

@@ -1,7 +1,7 @@
 """Counterfactual benchmark (docs/architecture.md §12): time per image and quality, figures only.
 
 1. Digits zoo (`examples/counterfactual_digits.json`, the settings of
-   `core.digits.settings.DIGITS_COUNTERFACTUAL*`): held-out test digits, `--per-class` of each
+   `digin.core.digits.settings.DIGITS_COUNTERFACTUAL*`): held-out test digits, `--per-class` of each
    class, each towards every other class (one job per image, its targets as one batch).
    Per image: seconds of the inversion, of the reconstruction + mask, and of the edit (the
    prompt-to-prompt search and the optimisation). Quality: flip rates by the explained
@@ -10,7 +10,7 @@
    against the mean L1 distance of the start digit to the target class's (and its own class's)
    training digits; the reconstruction errors (MSE of x̂0 to the latent, of the decoded image to
    the original) of plain DDIM and of null-text inversion; an inversion cache check.
-2. Tiny random Stable Diffusion (`core.tiny`, 64 px): the same timings for a PNG file through
+2. Tiny random Stable Diffusion (`digin.core.tiny`, 64 px): the same timings for a PNG file through
    the path loader, two targets, with `TINY_GUIDANCE` (quality is meaningless there).
 
     python bench/counterfactual.py [--per-class 1] [--out bench/results/counterfactual.json]
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import torch
 
-from core.counterfactual.job import class_probs
-from core.digits.data import load_images, make_splits
-from core.jobs import ModelCache
-from core.kinds import run_job
+from digin.core.counterfactual.job import class_probs
+from digin.core.digits.data import load_images, make_splits
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_GUIDANCE = {"ddim_steps": 10, "iterations": 5, "loss_steps": 3, "num_cutouts": 4}
@@ -161,7 +161,7 @@ def digits(per_class: int, override: dict, cache: ModelCache) -> dict:
 def tiny_sd(models_dir: Path, cache: ModelCache) -> dict:
     from PIL import Image
 
-    from core.tiny import make_tiny_models
+    from digin.core.tiny import make_tiny_models
 
     specs = make_tiny_models(models_dir)
     gen = torch.Generator().manual_seed(0)

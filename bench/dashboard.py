@@ -32,10 +32,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from api import repo  # noqa: E402
-from api.db import Batch, make_engine, migrate, session_factory  # noqa: E402
-from api.repo.batches import insert_jobs  # noqa: E402
-from api.storage import artifact_key, storage_from_settings  # noqa: E402
+from digin.service import repo  # noqa: E402
+from digin.service.db import Batch, make_engine, migrate, session_factory  # noqa: E402
+from digin.service.repo.batches import insert_jobs  # noqa: E402
+from digin.service.storage import artifact_key, storage_from_settings  # noqa: E402
 
 TENANT = repo.LOCAL_TENANT  # auth off (SQLite): the viewer is `local`; on: a key of it
 ITERATIONS = 10
@@ -60,7 +60,7 @@ def summary(p: float) -> dict[str, Any]:
 
 def seed(sessions: Any, storage: Any, *, jobs: int, batch_classes: int) -> dict[str, Any]:
     """Write the tenant, its batch and `jobs` jobs in bulk; returns the ids the bench reads."""
-    from core.params import validate_params
+    from digin.core.params import validate_params
 
     params = validate_params("guided", {"classes": ["seven"]}).model_dump(mode="json")
     now = datetime.now(UTC)
@@ -183,8 +183,8 @@ def _next_link(html: str) -> str:
 def run(database_url: str | None, jobs: int, batch_classes: int, repeat: int) -> dict[str, Any]:
     import httpx
 
-    from api.app import create_app
-    from api.settings import fresh_settings
+    from digin.api.app import create_app
+    from digin.service.settings import fresh_settings
 
     with tempfile.TemporaryDirectory(prefix="digin-bench-ui-") as folder:
         url = database_url or f"sqlite:///{Path(folder) / 'digin.db'}"

@@ -1,12 +1,12 @@
 """Full-scale speed and memory of the guidance loop: figures, never asserts.
 
 For each architecture (full-size random-weight SD 1.5 at 512 px, SDXL at 1024 px, built directly
-on the device by `core.random_models`) and each configuration (`VARIANTS`: the `reference`
+on the device by `digin.core.random_models`) and each configuration (`VARIANTS`: the `reference`
 preset, the paper's fp32, one item, 16 cutouts, full checkpointing; the `optimised` preset, bf16
 weights run natively, the VAE decoder recomputed block by block, batched; `autocast`, the earlier
 optimised path, bf16 autocast over fp32 weights; ablations on top of the optimised preset),
-`core.guidance.optimize` runs `iterations` iterations of `ddim_steps` DDIM steps, at B = 1 and at
-the largest B that fits the device's memory, and measures
+`digin.core.guidance.optimize` runs `iterations` iterations of `ddim_steps` DDIM steps, at B = 1 and
+at the largest B that fits the device's memory, and measures
 
 - seconds per optimisation iteration (steady state: the iterations after the first, which also
   pays for warm-up and compilation; each iteration ends with its one host copy, so the wall time
@@ -16,16 +16,16 @@ the largest B that fits the device's memory, and measures
 - images per hour: 3600 · B / (20 · seconds per iteration), an image being 20 iterations
   (`--per-image-iterations`), steady state without model loading, compilation and the final
   evaluation pass,
-- the FLOPs of an iteration (`core.flops`, counted on the model) and the achieved fraction of the
-  device's bf16 matrix rate, measured in the same run (a large bf16 matrix product).
+- the FLOPs of an iteration (`digin.core.flops`, counted on the model) and the achieved fraction of
+  the device's bf16 matrix rate, measured in the same run (a large bf16 matrix product).
 
 The classifier is a random-weight timm ResNet-50 (224 px, 1000 classes), the objective CE to a
 class. On a GPU the largest B comes from the peaks of two one-iteration probes (B = 1, 2) and
-`core.batching.largest_batch` under 92 % of the device's memory (capped by `--limit`), backing off
-on out-of-memory. Ablation rows add channels-last, torch.compile of the UNet or cuDNN's benchmark
-mode to the optimised path, or take its decoder recompute away. The configurations with fp32
-weights run first; then the model's weights are converted to bf16 once. A torch profiler table of
-the top kernels of one optimised iteration (`--profile-batch`) shows where the time goes.
+`digin.core.batching.largest_batch` under 92 % of the device's memory (capped by `--limit`), backing
+off on out-of-memory. Ablation rows add channels-last, torch.compile of the UNet or cuDNN's
+benchmark mode to the optimised path, or take its decoder recompute away. The configurations with
+fp32 weights run first; then the model's weights are converted to bf16 once. A torch profiler table
+of the top kernels of one optimised iteration (`--profile-batch`) shows where the time goes.
 
     python bench/gpu.py [--archs sd15 sdxl] [--out bench/results/gpu.json]
     python bench/gpu.py --smoke     # CPU: the full-size archs at 64 px, 3 DDIM steps
@@ -51,12 +51,12 @@ from pathlib import Path
 
 import torch
 
-from core.batching import fit_memory_line, largest_batch
-from core.config import GuidanceConfig
-from core.flops import iteration_flops
-from core.guidance import DTYPES, optimize
-from core.objectives import ClassObjective
-from core.random_models import build_random_diffusion
+from digin.core.batching import fit_memory_line, largest_batch
+from digin.core.config import GuidanceConfig
+from digin.core.flops import iteration_flops
+from digin.core.guidance import DTYPES, optimize
+from digin.core.objectives import ClassObjective
+from digin.core.random_models import build_random_diffusion
 
 NATIVE = {"sd15": 512, "sdxl": 1024}
 # glibc malloc: blocks of 128 KiB and more by mmap, freed memory returned at once, so that the
@@ -190,8 +190,8 @@ def make_classifier(name: str, device: torch.device):
     import timm
     import timm.data
 
-    from core.classes import imagenet_class_names
-    from core.classifiers import TimmClassifier
+    from digin.core.classes import imagenet_class_names
+    from digin.core.classifiers import TimmClassifier
 
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False)
@@ -236,7 +236,7 @@ def run(
 
 
 def count_flops(model, clf, config: GuidanceConfig, resolution: int) -> dict:
-    """FLOPs of one item's training iteration (`core.flops`), with its parts."""
+    """FLOPs of one item's training iteration (`digin.core.flops`), with its parts."""
     objective = ClassObjective(clf, torch.zeros(1, dtype=torch.long, device=model.device))
     flops = iteration_flops(
         model, objective, config, model.encode_text(_prompts(clf, 1)), model.null_text(1),
@@ -342,7 +342,7 @@ class Bench:
         if arch in NATIVE:
             model = build_random_diffusion(arch, device=device)
         else:
-            from core.loaders import load_diffusion
+            from digin.core.loaders import load_diffusion
 
             model = load_diffusion(arch, device=device)
         info = self.results["per_arch"].setdefault(arch, {})

@@ -57,7 +57,7 @@ for name in ("diffusers", "transformers", "timm", "accelerate", "safetensors", "
              "huggingface_hub", "numpy", "PIL", "sklearn"):
     module = importlib.import_module(name)
     print(f"  {name} {getattr(module, '__version__', '?')} ({module.__file__})")
-import core.flops, core.jobs, core.random_models  # everything the run imports
+import digin.core.flops, digin.core.jobs, digin.core.random_models  # everything the run imports
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used,utilization.gpu,clocks.sm,temperature.gpu --format=csv
 

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from core.config import GuidanceConfig
-from core.guidance import optimize
-from core.loaders import load_classifier, load_diffusion
-from core.objectives import ClassObjective
+from digin.core.config import GuidanceConfig
+from digin.core.guidance import optimize
+from digin.core.loaders import load_classifier, load_diffusion
+from digin.core.objectives import ClassObjective
 
 RES = 64
 CONFIG = GuidanceConfig(ddim_steps=10, iterations=3, loss_steps=3, num_cutouts=16)
@@ -182,7 +182,7 @@ def main() -> None:
         peak_memory_child(args.models_json, args.child_memory, not args.no_checkpointing)
         return
 
-    from core.tiny import make_tiny_models
+    from digin.core.tiny import make_tiny_models
 
     folder = args.models or Path(tempfile.mkdtemp(prefix="digin-tiny-"))
     specs_file = folder / "specs.json"

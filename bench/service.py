@@ -3,8 +3,8 @@
 1. Submissions per second: `--submissions` POST /v1/jobs (digits guided jobs) from
    `--concurrency` concurrent keep-alive connections (a lean asyncio HTTP/1.1 client, not
    httpx: see `RawConnection`) through ONE API process (`digin api`: uvicorn with
-   `api.app:create_app`, factory=True), the per-tenant queued cap raised above the total. Every
-   accepted job is checked in the database and in the broker afterwards.
+   `digin.api.app:create_app`, factory=True), the per-tenant queued cap raised above the total.
+   Every accepted job is checked in the database and in the broker afterwards.
 2. GET /v1/jobs/{id} latency: `--pollers` concurrent clients poll random jobs of step 1 for
    `--poll-seconds`: back to back (no pause: the API saturated, so latency is mostly waiting in
    line: about pollers / throughput), paced (each client waits the Retry-After the API answers,
@@ -26,7 +26,7 @@ shared machine it says more than the rate does.
 Everything is set up here and removed at the end: a fresh PostgreSQL database (created through
 `--admin-url`, migrated, dropped WITH (FORCE)), a dedicated Redis DB (`--redis-url`, flushed
 before and after), local artifact storage in a temporary folder, auth on with an API key made
-by `api.repo.create_api_key`.
+by `digin.service.repo.create_api_key`.
 
     python bench/service.py [--submissions 2000] [--concurrency 32] [--pollers 50]
         [--poll-seconds 15] [--queue-jobs 10] [--out bench/results/service.json]
@@ -206,8 +206,8 @@ class Deployment:
 
     def setup(self) -> str:
         """Migrate, make the tenant's API key; returns the key."""
-        from api import repo
-        from api.db import make_engine, migrate, session_factory
+        from digin.service import repo
+        from digin.service.db import make_engine, migrate, session_factory
 
         migrate(self.database_url)
         self.engine = make_engine(self.database_url)
@@ -486,7 +486,7 @@ def run_sequential(
 ) -> list[dict[str, Any]]:
     """Submit `n` tiny jobs through the API, each once the previous one is finished; the
     timestamps of their rows."""
-    from api.db import TERMINAL, Job
+    from digin.service.db import TERMINAL, Job
 
     rows = []
     with httpx.Client(base_url=base, headers=headers, timeout=60) as client:
@@ -570,11 +570,11 @@ def main() -> None:
     results: dict[str, Any] = {"machine": machine() | {"loadavg_before": loadavg()}}
     results["config"] = {k: v for k, v in vars(args).items() if k not in ("out", "admin_url")}
     results["config"] |= {
-        "api": "digin api --host 127.0.0.1 --port <free> (uvicorn, api.app:create_app, "
+        "api": "digin api --host 127.0.0.1 --port <free> (uvicorn, digin.api.app:create_app, "
         "factory=True, one process, its defaults: access log on, uvloop, httptools)",
         "worker": "digin worker -c 1 -Q interactive (prefork, DIGIN_DEVICE=cpu)",
         "storage": "local (temporary folder)",
-        "auth": "on (a key from api.repo.create_api_key)",
+        "auth": "on (a key from digin.service.repo.create_api_key)",
         "submit_body": SUBMIT_BODY,
     }
     total = args.warmup + args.submissions
@@ -597,7 +597,7 @@ def main() -> None:
         )
         cpu = meter.done(args.submissions)
         rate = statuses["202"] / elapsed
-        from api.db import Job
+        from digin.service.db import Job
 
         with deployment.sessions() as session:
             rows = session.scalar(select(func.count()).select_from(Job))

@@ -38,7 +38,7 @@ def main() -> None:
     for name in [n for n in os.environ if n.startswith("DIGIN_")]:
         del os.environ[name]
 
-    from api.db import migrate
+    from digin.service.db import migrate
 
     folder = Path(tempfile.mkdtemp(prefix="digin-soak-"))
     redis, postgres, s3 = PrivateRedis(folder / "redis"), PrivatePostgres(), S3()

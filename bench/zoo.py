@@ -28,12 +28,12 @@ from pathlib import Path
 
 import torch
 
-from core.digits import evaluate
-from core.digits.data import load_images, make_splits
-from core.digits.semantic import judge_agreement, patch_rates
-from core.digits.zoo import ZOO_ENV, card_patch, read_card, resolve_zoo_dir
-from core.jobs import ModelCache
-from core.kinds import run_job
+from digin.core.digits import evaluate
+from digin.core.digits.data import load_images, make_splits
+from digin.core.digits.semantic import judge_agreement, patch_rates
+from digin.core.digits.zoo import ZOO_ENV, card_patch, read_card, resolve_zoo_dir
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def pca_and_spurious(cache: ModelCache, spec, items: int) -> tuple[dict, dict]:
     the mean over all ten classes for reference. Returns (figures, bars)."""
     import tempfile
 
-    from core.output import write_outputs
+    from digin.core.output import write_outputs
 
     def example(kind: str) -> dict:
         return json.loads((ROOT / "examples" / f"{kind}_digits.json").read_text())

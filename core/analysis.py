@@ -1,14 +1,14 @@
 """The neural PCA and spurious-feature kinds (docs/architecture.md §4.4, §4.5), end to end.
 
-    neural_pca      PCA of a ⊙ w_k over a set of class-k images (core.pca): mean, components,
+    neural_pca      PCA of a ⊙ w_k over a set of class-k images (digin.core.pca): mean, components,
                     explained variance, each image's α values, the top images per component,
                     and a `pca_component` visualisation of the top-m components
     pca_component   guidance towards one component: loss −α_l − keep_class · log p(k|x)
-                    (core.objectives.ComponentObjective); a generative job → `JobResult`
+                    (digin.core.objectives.ComponentObjective); a generative job → `JobResult`
     spurious_score  per class, the AUC of p(k|x) separating real class-k images from spurious
-                    ones (core.spurious), and the mean over classes
+                    ones (digin.core.spurious), and the mean over classes
 
-`core.kinds` runs them with `run_pca_component`, `run_neural_pca` and `run_spurious_score`
+`digin.core.kinds` runs them with `run_pca_component`, `run_neural_pca` and `run_spurious_score`
 (each `run(params, ctx)`). The non-generative ones return an
 `AnalysisResult`, which has the same two faces as a `JobResult`: `summary()` (result.json) and
 `render_artifacts()` (name → bytes).
@@ -26,11 +26,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import ValidationError
 
-from core.batching import job_batch
-from core.classifiers import Classifier
-from core.context import RunContext
-from core.imagesets import ImageSet, load_image_set
-from core.jobs import (
+from digin.core.batching import job_batch
+from digin.core.classifiers import Classifier
+from digin.core.context import RunContext
+from digin.core.imagesets import ImageSet, load_image_set
+from digin.core.jobs import (
     DEFAULT_CACHE,
     Item,
     JobResult,
@@ -38,16 +38,16 @@ from core.jobs import (
     optimize_in_batches,
     software_versions,
 )
-from core.objectives import ComponentObjective
-from core.output import png_bytes, to_pil, trajectory_grid
-from core.params import (
+from digin.core.objectives import ComponentObjective
+from digin.core.output import png_bytes, to_pil, trajectory_grid
+from digin.core.params import (
     NeuralPcaParams,
     PcaComponentParams,
     PcaData,
     SpuriousScoreParams,
 )
-from core.pca import NeuralPCA, class_contributions, fit_neural_pca
-from core.spurious import SpuriousScore, roc_plot
+from digin.core.pca import NeuralPCA, class_contributions, fit_neural_pca
+from digin.core.spurious import SpuriousScore, roc_plot
 
 TILE = 96  # pixels per image tile in the figures (small images are upscaled, nearest)
 CAPTION_H = 26

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from core.config import GuidanceConfig
+from digin.core.config import GuidanceConfig
 
 
 def job_batch(runner_limit: int, config: GuidanceConfig) -> int:

@@ -11,7 +11,7 @@ linear layer, so that ``logits == features @ last_layer_weight.T + last_layer_bi
 
 Classifiers are frozen (eval mode, no parameter gradients) but differentiable w.r.t. the input.
 
-Loading a classifier from its spec is `core.loaders.load_classifier`.
+Loading a classifier from its spec is `digin.core.loaders.load_classifier`.
 """
 
 from __future__ import annotations

@@ -84,7 +84,7 @@ class GuidanceConfig:
 # `optimised` is the GPU path: UNet and VAE stored and run in bf16 (classifier losses stay fp32;
 # z_T and the embedding deltas are optimised in fp32), the VAE decoder recomputed block by block
 # in backward (less memory per item, so more items per run), as many items per run as the
-# runner's batch limit allows (`core.batching` fits it to a memory budget), same algorithm.
+# runner's batch limit allows (`digin.core.batching` fits it to a memory budget), same algorithm.
 # Channels-last and torch.compile stay off: on an H200 channels-last was slower at B = 1
 # (BENCHMARKS.md) and compiling costs minutes; bench/gpu.py measures both.
 PRESETS: dict[str, dict[str, Any]] = {

@@ -15,7 +15,7 @@ ImageResolver = Callable[[str], bytes]  # an uploaded image's id → the file's 
 class RunContext:
     seed: int = 0  # item i is seeded with seed + i
     device: str = "cpu"
-    cache: Any = None  # a core.jobs.ModelCache (models loaded once per process); None: shared
+    cache: Any = None  # a digin.core.jobs.ModelCache (models loaded once per process); None: shared
     max_batch: int = 8  # items per optimisation run (a job's own max_batch may lower it)
     progress: ProgressFn | None = None
     should_stop: StopFn | None = None  # cancellation

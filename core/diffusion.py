@@ -2,9 +2,9 @@
 
 A `DiffusionModel` is the frozen UNet, the autoencoder (or none, for pixel-space models), the text
 encoder(s) with their tokenizers, and a DDIM scheduler built from the pipeline's own scheduler
-config (DiG-IN always samples with DDIM, eta = 0). `core.loaders.load_diffusion` builds one from a
-spec (Stable Diffusion 1.x/2.x and SDXL from a hub id or a local folder, safetensors only; the
-digits zoo).
+config (DiG-IN always samples with DDIM, eta = 0). `digin.core.loaders.load_diffusion` builds one
+from a spec (Stable Diffusion 1.x/2.x and SDXL from a hub id or a local folder, safetensors only;
+the digits zoo).
 """
 
 from __future__ import annotations

@@ -27,11 +27,11 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.augment import ItemRNG
-from core.config import GuidanceConfig
-from core.diffusion import DiffusionModel, TextEmbeddings
-from core.guidance import DenoisingLoop, ObjectiveLoss
-from core.objectives import Objective
+from digin.core.augment import ItemRNG
+from digin.core.config import GuidanceConfig
+from digin.core.diffusion import DiffusionModel, TextEmbeddings
+from digin.core.guidance import DenoisingLoop, ObjectiveLoss
+from digin.core.objectives import Objective
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 See docs/architecture.md §4.7.
 
-Jobs that share everything but their items (`core.params.group_key`: same kind, models, prompt
+Jobs that share everything but their items (`digin.core.params.group_key`: same kind, models, prompt
 template, resolution, guidance settings, loss) run through one optimisation over the items
 of all of them, each item with its own seed (job seed + item index, as when the job runs alone),
 and the result is split back into one `JobResult` per job. The core's batch dimension keeps
@@ -17,9 +17,9 @@ from dataclasses import replace
 
 from pydantic import BaseModel
 
-from core.context import ProgressFn, StopFn
-from core.guidance import GuidanceResult
-from core.jobs import (
+from digin.core.context import ProgressFn, StopFn
+from digin.core.guidance import GuidanceResult
+from digin.core.jobs import (
     DEFAULT_CACHE,
     JobResult,
     ModelCache,
@@ -28,7 +28,7 @@ from core.jobs import (
     make_objective,
     optimize_in_batches,
 )
-from core.params import GROUP_ITEM_FIELDS, group_key, validate_params
+from digin.core.params import GROUP_ITEM_FIELDS, group_key, validate_params
 
 
 def slice_result(g: GuidanceResult, start: int, stop: int) -> GuidanceResult:

@@ -22,7 +22,7 @@ The engine: `run` (the iterations), `DenoisingLoop` (the chain; subclasses add p
 through `prepare`), `ObjectiveLoss` (what is minimised, and its clean path), `descend` (the
 update), `Recorder` (the bookkeeping, one host copy per iteration), `guided_eps` (CFG).
 `optimize` is the entry of the generative kinds; counterfactual edits subclass the chain and the
-loss (`core.counterfactual.edit`).
+loss (`digin.core.counterfactual.edit`).
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
-from core.config import GuidanceConfig
-from core.context import ProgressFn, StopFn
-from core.diffusion import DiffusionModel, TextEmbeddings
-from core.objectives import Objective, ObjectiveOutput
+from digin.core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
+from digin.core.config import GuidanceConfig
+from digin.core.context import ProgressFn, StopFn
+from digin.core.diffusion import DiffusionModel, TextEmbeddings
+from digin.core.objectives import Objective, ObjectiveOutput
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names
 
@@ -154,7 +154,7 @@ class DenoisingLoop:
     def prepare(self, z: Tensor, i: int) -> Tensor:
         """What a chain adds at the start of step i, inside the (checkpointed) step so that the
         recompute in backward does it again: nothing here; counterfactual edits blend the
-        background and set the step of the attention control (`core.counterfactual.edit`)."""
+        background and set the step of the attention control (`digin.core.counterfactual.edit`)."""
         return z
 
     def step(
@@ -212,7 +212,7 @@ class ObjectiveLoss(torch.nn.Module):
     """What the engine minimises for the generative kinds: x̂0 latent → image → classifier views
     (`num_cutouts` crops per image, or the clean resize) → per-item objective; checkpointed as
     one unit. `evaluate` is the clean path. Counterfactual edits add regularisers
-    (`core.counterfactual.edit.EditLoss`)."""
+    (`digin.core.counterfactual.edit.EditLoss`)."""
 
     def __init__(self, model, objective: Objective, config: GuidanceConfig, rngs, resolution):
         super().__init__()

@@ -1,8 +1,8 @@
 """Image sets of the analysis kinds (`neural_pca`, `spurious_score`): `ImageSetSpec` → tensors.
 
-Sources (exactly one per spec, validated in `core.params.ImageSetSpec`):
+Sources (exactly one per spec, validated in `digin.core.params.ImageSetSpec`):
 
-    digits      a split of the bundled digits data (`core.digits.data`), filtered by label
+    digits      a split of the bundled digits data (`digin.core.digits.data`), filtered by label
                 ('class': the job's class k, 'other': every other digit, 'all', or a list), the
                 first `limit`, and the zoo's patch planted into a seeded share (`PatchPlan`)
     folder      image files (.png .jpg .jpeg .bmp .webp) in name order; '{class}' / '{index}'
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from core.context import ImageResolver
-from core.params import ImageSetSpec
+from digin.core.context import ImageResolver
+from digin.core.params import ImageSetSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
@@ -79,14 +79,14 @@ def load_image_set(
 def _digits_data():
     """The bundled digits (1797, 1, 16, 16) in [0, 1], labels (1797,), and the zoo's splits;
     read once per process."""
-    from core.digits.data import load_images, make_splits
+    from digin.core.digits.data import load_images, make_splits
 
     x, y = load_images()
     return x, y, make_splits(y)
 
 
 def _digits(spec: ImageSetSpec, class_index: int, field: str) -> ImageSet:
-    from core.digits.data import PatchSpec, plant_patch
+    from digin.core.digits.data import PatchSpec, plant_patch
 
     x, y, splits = _digits_data()
     index = torch.as_tensor(getattr(splits, spec.digits))
@@ -116,7 +116,7 @@ def _digits(spec: ImageSetSpec, class_index: int, field: str) -> ImageSet:
 
 
 def _folder(folder: Path, limit: int | None, size: int, field: str) -> ImageSet:
-    from core.params import MAX_SET_IMAGES
+    from digin.core.params import MAX_SET_IMAGES
 
     if not folder.is_dir():
         raise ValueError(f"{field}.folder: {folder} is not a folder")

@@ -1,7 +1,7 @@
 """One explanation job, end to end: params → models → items → guidance → typed result.
 
-`core.kinds.run_job` (what the CLI and the workers call) runs the generative kinds here. Models
-load once per process
+`digin.core.kinds.run_job` (what the CLI and the workers call) runs the generative kinds here.
+Models load once per process
 through a `ModelCache`; a job's items (classes × images per class, or neurons × images) run as
 batches of at most `max_batch` items, which gives the same images as running them one by one.
 Item i is seeded with `seed + i`.
@@ -19,16 +19,16 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from core.batching import job_batch
-from core.classes import imagenet_classes, resolve_class
-from core.classifiers import Classifier
-from core.context import ProgressFn, RunContext, StopFn
-from core.diffusion import DiffusionModel
-from core.guidance import DTYPES, GuidanceResult, optimize
-from core.loaders import load_classifier, load_diffusion
-from core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
-from core.output import render_generative
-from core.params import DisagreementParams, GuidedParams, NeuronParams, kind_of
+from digin.core.batching import job_batch
+from digin.core.classes import imagenet_classes, resolve_class
+from digin.core.classifiers import Classifier
+from digin.core.context import ProgressFn, RunContext, StopFn
+from digin.core.diffusion import DiffusionModel
+from digin.core.guidance import DTYPES, GuidanceResult, optimize
+from digin.core.loaders import load_classifier, load_diffusion
+from digin.core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
+from digin.core.output import render_generative
+from digin.core.params import DisagreementParams, GuidedParams, NeuronParams, kind_of
 
 
 class ModelCache:
@@ -222,7 +222,7 @@ def make_objective(params: BaseModel, clfs: list[Classifier], items: list[Item])
 
 def run_generative(params: BaseModel, ctx: RunContext) -> JobResult:
     """Run one `guided`, `disagreement` or `neuron` job; `progress(step, total, info)` counts
-    iterations of all batches. Every kind goes through `core.kinds.run_job`."""
+    iterations of all batches. Every kind goes through `digin.core.kinds.run_job`."""
     kind = kind_of(params)
     seed, device, max_batch = ctx.seed, ctx.device, ctx.max_batch
     cache, progress, should_stop = ctx.cache or DEFAULT_CACHE, ctx.progress, ctx.should_stop

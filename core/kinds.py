@@ -1,21 +1,21 @@
 """Every job kind in one table: its params model and the function that runs it.
 
-    kind             params (core.params, torch-free)   runs in
-    guided           GuidedParams                       core.jobs.run_generative
-    disagreement     DisagreementParams                 core.jobs.run_generative
-    neuron           NeuronParams                       core.jobs.run_generative
-    pca_component    PcaComponentParams                 core.analysis.run_pca_component
-    neural_pca       NeuralPcaParams                    core.analysis.run_neural_pca
-    spurious_score   SpuriousScoreParams                core.analysis.run_spurious_score
-    counterfactual   CounterfactualParams               core.counterfactual.job.run_counterfactual
+    kind             params (torch-free)   runs in (digin.core.…)
+    guided           GuidedParams          jobs.run_generative
+    disagreement     DisagreementParams    jobs.run_generative
+    neuron           NeuronParams          jobs.run_generative
+    pca_component    PcaComponentParams    analysis.run_pca_component
+    neural_pca       NeuralPcaParams       analysis.run_neural_pca
+    spurious_score   SpuriousScoreParams   analysis.run_spurious_score
+    counterfactual   CounterfactualParams  counterfactual.job.run_counterfactual
 
-Every runner is `run(params, ctx) -> Result`: validated params and a `core.context.RunContext`
+Every runner is `run(params, ctx) -> Result`: validated params and a `digin.core.context.RunContext`
 (seed, device, model cache, max batch, progress, cancellation, image resolver).
 
-The API validates against `core.params.PARAMS_BY_KIND` (it may not import torch); this table adds
-the runners and checks at import that both name the same kinds. `run_job` is what the CLI
+The API validates against `digin.core.params.PARAMS_BY_KIND` (it may not import torch); this table
+adds the runners and checks at import that both name the same kinds. `run_job` is what the CLI
 (`digin run`) and the workers call. Every result summarises itself (`summary()`, result.json) and
-renders its files (`render_artifacts()`, name → bytes; `core.output.render_artifacts`).
+renders its files (`render_artifacts()`, name → bytes; `digin.core.output.render_artifacts`).
 """
 
 from __future__ import annotations
@@ -27,13 +27,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.analysis import run_neural_pca, run_pca_component, run_spurious_score
-from core.batching import job_batch
-from core.context import ImageResolver, ProgressFn, RunContext, StopFn
-from core.counterfactual.job import run_counterfactual
-from core.jobs import DEFAULT_CACHE, ModelCache, run_generative
-from core.output import Result
-from core.params import PARAMS_BY_KIND, ParamsError, validate_params
+from digin.core.analysis import run_neural_pca, run_pca_component, run_spurious_score
+from digin.core.batching import job_batch
+from digin.core.context import ImageResolver, ProgressFn, RunContext, StopFn
+from digin.core.counterfactual.job import run_counterfactual
+from digin.core.jobs import DEFAULT_CACHE, ModelCache, run_generative
+from digin.core.output import Result
+from digin.core.params import PARAMS_BY_KIND, ParamsError, validate_params
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Kind:
 
 
 def generative_steps(params: Any, max_batch: int) -> int:
-    """(iterations + 1) per batch of items: the steps `core.jobs.run_generative` reports."""
+    """(iterations + 1) per batch of items: the steps `jobs.run_generative` reports."""
     refs = params.neurons if hasattr(params, "neurons") else params.classes
     items = len(refs) * params.images_per_class
     return (params.guidance.iterations + 1) * math.ceil(

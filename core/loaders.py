@@ -1,8 +1,8 @@
 """Loaders: a model spec → a `DiffusionModel` or a `Classifier` (the factory, apart from the
-interfaces in `core.diffusion` and `core.classifiers`, as timm keeps `_factory.py` apart from its
-models).
+interfaces in `digin.core.diffusion` and `digin.core.classifiers`, as timm keeps `_factory.py` apart
+from its models).
 
-Specs (parsed by `core.registry.parse_spec`):
+Specs (parsed by `digin.core.registry.parse_spec`):
 
     diffusers:<hub id | folder>              Stable Diffusion 1.x/2.x or SDXL, safetensors only
     digits[@<zoo folder>]                    the bundled digits diffusion model
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.classes import imagenet_class_names
-from core.classifiers import (
+from digin.core.classes import imagenet_class_names
+from digin.core.classifiers import (
     SIDECAR_KEYS,
     SIMPLE_TEMPLATE,
     Classifier,
@@ -35,8 +35,8 @@ from core.classifiers import (
     ClipTemplates,
     TimmClassifier,
 )
-from core.diffusion import DiffusionModel
-from core.registry import parse_spec
+from digin.core.diffusion import DiffusionModel
+from digin.core.registry import parse_spec
 
 # --- diffusion models ---------------------------------------------------------------------------
 
@@ -96,7 +96,7 @@ def load_diffusion(spec: str, *, device: torch.device | str = "cpu") -> Diffusio
     if parsed.kind != "diffusion":
         raise ValueError(f"{spec!r} names a classifier, not a diffusion model")
     if parsed.scheme == "digits":
-        from core.digits.zoo import load_digits_diffusion
+        from digin.core.digits.zoo import load_digits_diffusion
 
         return load_digits_diffusion(device=device, zoo_dir=parsed.weights, spec=spec)
     return load_diffusers(parsed.name, device=device)
@@ -132,7 +132,7 @@ def load_classifier(
             spec, parsed.arch, parsed.weights, class_names, clip_templates, device
         )
     else:
-        from core.digits.zoo import load_digits_classifier
+        from digin.core.digits.zoo import load_digits_classifier
 
         classifier = load_digits_classifier(
             parsed.arch, zoo_dir=parsed.weights, class_names=class_names, spec=spec

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from core.classifiers import Classifier
+    from digin.core.classifiers import Classifier
 
 DisagreementLoss = Literal["conf", "log_conf", "logits"]
 NeuronMode = Literal["activate", "activate_keep_class", "suppress_keep_class"]
@@ -137,7 +137,7 @@ class NeuronObjective(Objective):
 
 
 class ComponentObjective(Objective):
-    """`pca_component`: a neural PCA component's share of the class-k logit (core.pca),
+    """`pca_component`: a neural PCA component's share of the class-k logit (digin.core.pca),
     α_l = ((a ⊙ w_k − μ)·v_l)(1·v_l), maximised; with keep_class > 0 the class is kept:
     loss = −α_l − keep_class · log p(k|x)."""
 

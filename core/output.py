@@ -84,8 +84,8 @@ def render_artifacts(result: Result) -> dict[str, bytes]:
 
 
 def render_generative(result: Any) -> dict[str, bytes]:
-    """The files of a generative job (`core.jobs.JobResult`): result.json, item_XXX.png (best),
-    item_XXX_start.png (iteration 0), grid.png (the trajectory of every item)."""
+    """The files of a generative job (`digin.core.jobs.JobResult`): result.json, item_XXX.png
+    (best), item_XXX_start.png (iteration 0), grid.png (the trajectory of every item)."""
     out: dict[str, bytes] = {}
     for b, item in enumerate(result.items):
         out[f"item_{item.index:03d}.png"] = png_bytes(to_pil(result.guidance.images[b]))

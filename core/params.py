@@ -6,7 +6,8 @@ params say exactly what ran; `guidance` is the core's frozen `GuidanceConfig` it
 Models default to the bundled digits zoo (docs/architecture.md §6.4), so a job runs offline
 without naming any.
 With a digits diffusion model, the guidance settings and prompts not given in the params are the
-zoo's (`core.digits.settings`) rather than the Stable Diffusion defaults (docs/architecture.md §3).
+zoo's (`digin.core.digits.settings`) rather than the Stable Diffusion defaults (docs/architecture.md
+§3).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from pydantic import (
     model_validator,
 )
 
-from core.config import GuidanceConfig, apply_preset
-from core.counterfactual.config import CounterfactualConfig
-from core.digits import settings as digits_settings
+from digin.core.config import GuidanceConfig, apply_preset
+from digin.core.counterfactual.config import CounterfactualConfig
+from digin.core.digits import settings as digits_settings
 
 ClassRef = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)]
 ModelSpec = Annotated[str, Field(min_length=1, max_length=500)]
@@ -147,16 +148,16 @@ class NeuronParams(_Generative):
         return self
 
 
-# --- neural PCA, its components, spurious scores (loaded by core.imagesets) ----------
+# --- neural PCA, its components, spurious scores (loaded by digin.core.imagesets) ----------
 
-DIGITS_SIDE = 16  # image side of the digits zoo (core.digits.data.RESOLUTION, a torch module)
+DIGITS_SIDE = 16  # image side of the digits zoo (digin.core.digits.data.RESOLUTION, a torch module)
 MAX_SET_IMAGES = 10_000  # images per image set
 MAX_PCA_FEATURES = 65_536  # penultimate features of a PCA passed in the params
 
 
 class PatchPlan(BaseModel):
-    """The zoo's planted patch (`core.digits.data.PatchSpec`) in a share of a digits image set:
-    exactly round(rate · N) of the N images, a seeded choice, carry it."""
+    """The zoo's planted patch (`digin.core.digits.data.PatchSpec`) in a share of a digits image
+    set: exactly round(rate · N) of the N images, a seeded choice, carry it."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -348,7 +349,7 @@ class SpuriousScoreParams(BaseModel):
     )
 
 
-# --- counterfactuals of real images (run by core.counterfactual.job) ------------------
+# --- counterfactuals of real images (run by digin.core.counterfactual.job) ------------------
 
 
 class CounterfactualParams(BaseModel):
@@ -476,12 +477,12 @@ def kind_of(params: BaseModel) -> str:
     raise ValueError(f"{type(params).__name__} is the params model of no kind")
 
 
-ANALYSIS_KINDS = ("neural_pca", "spurious_score")  # non-generative (core.analysis)
+ANALYSIS_KINDS = ("neural_pca", "spurious_score")  # non-generative (digin.core.analysis)
 
 
-# Fields that may differ between jobs run as one batched optimisation (`core.groups`): each job
-# brings its own items (classes or neurons, images per class) and seeds; everything else (models,
-# prompt template, resolution, guidance settings, loss) must be equal.
+# Fields that may differ between jobs run as one batched optimisation (`digin.core.groups`): each
+# job brings its own items (classes or neurons, images per class) and seeds; everything else
+# (models, prompt template, resolution, guidance settings, loss) must be equal.
 GROUP_ITEM_FIELDS: dict[str, tuple[str, ...]] = {
     "guided": ("classes", "images_per_class"),
     "disagreement": ("classes", "images_per_class"),

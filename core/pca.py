@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from core.classifiers import Classifier
+from digin.core.classifiers import Classifier
 
 
 @torch.no_grad()

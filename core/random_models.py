@@ -6,14 +6,15 @@ weights). From them this module builds, offline and from a seed,
 
 - `build_random_diffusion(arch)`: the `DiffusionModel` in memory (no disk round trip), and
 - `make_random_models(arch, out_dir)`: a diffusers pipeline folder (safetensors) that the normal
-  loader (`core.loaders.load_diffusion("diffusers:<dir>")`) reads like a downloaded one.
+  loader (`digin.core.loaders.load_diffusion("diffusers:<dir>")`) reads like a downloaded one.
 
 The weights are random: the images are noise, the timings and memory are those of the real
 models. Weights are filled from one seeded block of uniform noise scaled per tensor like PyTorch's
 default initialisation (±sqrt(3 / fan_in) for matrices and kernels, norms 1, biases 0), which is
 an order of magnitude faster than the modules' own initialisers on a CPU and keeps activations in
-range. The CLIP tokenizers are written offline (`core.tiny`): bytes and a few whole words, padded
-to the real vocabulary size so that the start and end tokens have the real ids (49406, 49407).
+range. The CLIP tokenizers are written offline (`digin.core.tiny`): bytes and a few whole words,
+padded to the real vocabulary size so that the start and end tokens have the real ids (49406,
+49407).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from core.diffusion import DiffusionModel
-from core.guidance import DTYPES
+from digin.core.diffusion import DiffusionModel
+from digin.core.guidance import DTYPES
 
 ARCHS_DIR = Path(__file__).parent / "archs"
 ARCHS = ("sd15", "sdxl")
@@ -81,7 +82,7 @@ def _empty(make, device: torch.device | str, dtype: torch.dtype):
 
 def _tokenizers(arch: str, folder: Path) -> list:
     """Write the arch's CLIP tokenizer(s) under `folder` and load them."""
-    from core.tiny import EOS, write_tokenizer
+    from digin.core.tiny import EOS, write_tokenizer
 
     names = ["tokenizer", "tokenizer_2"] if arch == "sdxl" else ["tokenizer"]
     vocab_size = _config(arch, "text_encoder/config.json")["vocab_size"]

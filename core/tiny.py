@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from core.classes import imagenet_class_names
+from digin.core.classes import imagenet_class_names
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Whole-word merges, so that common prompt words become one token (all else falls back to bytes).

@@ -12,10 +12,10 @@ from typing import Annotated
 
 import typer
 
-from core.params import KINDS
-from core.registry import list_models, list_schemes
 from digin.client_cli import register as register_client_commands
-from digin.service import register as register_service_commands
+from digin.core.params import KINDS
+from digin.core.registry import list_models, list_schemes
+from digin.server_cli import register as register_service_commands
 
 app = typer.Typer(
     name="digin",
@@ -64,7 +64,7 @@ def make_tiny_models_command(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write small random-weight models (SD, SDXL, timm, open_clip) for tests and smoke runs."""
-    from core.tiny import make_tiny_models  # torch: imported only when the command runs
+    from digin.core.tiny import make_tiny_models  # torch: imported only when the command runs
 
     specs = make_tiny_models(out_dir, seed=seed)
     for name, spec in specs.items():
@@ -86,7 +86,7 @@ def make_random_models_command(
     seed: Annotated[int, typer.Option(help="Seed of the random weights.")] = 0,
 ) -> None:
     """Write a full-size random-weight SD 1.5 or SDXL pipeline (timing and memory only)."""
-    from core.random_models import ARCHS, DTYPES, make_random_models  # torch: imported here
+    from digin.core.random_models import ARCHS, DTYPES, make_random_models  # torch: imported here
 
     if arch not in ARCHS:
         raise typer.BadParameter(f"must be one of {', '.join(ARCHS)}", param_hint="--arch")
@@ -117,7 +117,7 @@ def run(
     max_batch: Annotated[int, typer.Option(help="Items optimised together in one run.")] = 8,
 ) -> None:
     """Run one explanation locally (no service) and write its artifacts to --out."""
-    from core.params import ParamsError, validate_params
+    from digin.core.params import ParamsError, validate_params
 
     try:
         raw = {} if params is None else json.loads(params.read_text())
@@ -133,8 +133,8 @@ def run(
     if device != "cpu" and not device.startswith("cuda"):
         raise typer.BadParameter(f"must be cpu or cuda[:N], got {device!r}", param_hint="--device")
 
-    from core.kinds import run_job  # torch: imported only when the command runs
-    from core.output import write_outputs
+    from digin.core.kinds import run_job  # torch: imported only when the command runs
+    from digin.core.output import write_outputs
 
     def progress(step: int, total: int, info: dict) -> None:
         typer.echo(f"iteration {step}/{total}  clean loss {info.get('clean_loss')}", err=True)

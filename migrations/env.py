@@ -1,5 +1,5 @@
-"""Alembic environment: the URL comes from `api.db.migrate(url)`, `-x url=…`, or the service
-settings; SQLite gets the same pragmas as the service's engine and batch mode for ALTERs."""
+"""Alembic environment: the URL comes from `digin.service.db.migrate(url)`, `-x url=…`, or the
+service settings; SQLite gets the same pragmas as the service's engine and batch mode for ALTERs."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from logging.config import fileConfig
 
 from alembic import context
 
-from api.db.engine import make_engine
-from api.db.models import Base
+from digin.service.db.engine import make_engine
+from digin.service.db.models import Base
 
 config = context.config
-if config.config_file_name is not None:  # the alembic CLI; api.db.migrate leaves logging alone
+# the alembic CLI; digin.service.db.migrate leaves logging alone
+if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
@@ -19,7 +20,7 @@ def database_url() -> str:
     url = config.attributes.get("url") or context.get_x_argument(as_dictionary=True).get("url")
     if url:
         return str(url)
-    from api.settings import fresh_settings
+    from digin.service.settings import fresh_settings
 
     return fresh_settings().database_url
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from core.registry import ModelInfo, parse_spec
 from digin.cli import app
+from digin.core.registry import ModelInfo, parse_spec
 
 runner = CliRunner()
 
@@ -34,7 +34,7 @@ def test_models_table():
 
 
 def test_make_tiny_models_prints_loadable_specs(tmp_path):
-    pytest.importorskip("core.tiny", reason="core.tiny is not written yet")
+    pytest.importorskip("digin.core.tiny", reason="digin.core.tiny is not written yet")
     result = runner.invoke(app, ["make-tiny-models", str(tmp_path / "tiny")])
     assert result.exit_code == 0, result.output
     specs = dict(line.split(": ", 1) for line in result.stdout.splitlines())

@@ -18,8 +18,8 @@ import typer
 import uvicorn
 from typer.testing import CliRunner
 
-from api.settings import get_settings
 from digin.cli import app
+from digin.service.settings import get_settings
 from tests.e2e.conftest import wait_until
 from tests.e2e.test_embedded import alive, descendants, free_port, stop_tree
 from tests.worker.helpers import ROOT

@@ -24,7 +24,7 @@ import typer
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from api.settings import Settings
+from digin.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -324,7 +324,7 @@ def test_environment_names_are_real_settings():
                 continue
             for key in environment(service):
                 if key.startswith("DIGIN_"):
-                    assert key in settings, f"{name}: {key} is not a setting of api/settings.py"
+                    assert key in settings, f"{name}: {key} is not a setting of service/settings.py"
                 else:
                     assert key in OTHER_CONTAINER_ENV, f"{name}: unexpected variable {key}"
 
@@ -332,7 +332,7 @@ def test_environment_names_are_real_settings():
 def test_the_settings_of_the_deployment_are_valid_production_settings(
     monkeypatch: pytest.MonkeyPatch,
 ):
-    """The API's environment, as compose hands it over, is accepted by api/settings.py."""
+    """The API's environment, as compose hands it over, is accepted by service/settings.py."""
     for name in list(os.environ):
         if name.startswith("DIGIN_"):
             monkeypatch.delenv(name)

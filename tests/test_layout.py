@@ -8,6 +8,7 @@ import ast
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,47 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 SERVICE = {"fastapi", "starlette", "sqlalchemy", "alembic", "celery", "kombu", "minio"}
-CORE_FORBIDDEN = SERVICE | {"api", "worker"}
-API_FORBIDDEN = {"torch", "torchvision", "diffusers", "timm", "open_clip", "transformers"}
-# The core modules the API may import: each must load without torch (checked below).
-TORCH_FREE = ["core", "core.config", "core.params", "core.registry", "core.classes"]
+TORCH = {"torch", "torchvision", "diffusers", "timm", "open_clip", "transformers"}
+# Layers are the repository's folders; a module's layer is its folder (`digin` for the CLI).
+CORE_FORBIDDEN = SERVICE | {"api", "service", "worker", "digin"}
+API_FORBIDDEN = TORCH | {"worker"}
+SERVICE_FORBIDDEN = TORCH | {"fastapi", "starlette", "api", "worker", "digin"}
+WORKER_FORBIDDEN = {"fastapi", "starlette", "api", "digin"}
+# The core modules the API and the service layer may import: each loads without torch.
+TORCH_FREE = [
+    "digin.core",
+    "digin.core.config",
+    "digin.core.params",
+    "digin.core.registry",
+    "digin.core.classes",
+]
+
+
+def package_dirs() -> dict[str, str]:
+    """Repository folder -> installed package (pyproject's package-dir), plus digin/ itself."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return {"digin": "digin", **{folder: name for name, folder in config["package-dir"].items()}}
+
+
+FOLDERS = package_dirs()  # {"core": "digin.core", ..., "digin": "digin"}
 
 
 def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT).with_suffix("").parts
+    """The installed name of a file under one of the mapped folders."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts[0] = FOLDERS.get(parts[0], parts[0])
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> str:
+    """`digin.core.x` -> core, `digin.cli` -> digin, a third-party `torch.nn` -> torch."""
+    parts = module.split(".")
+    if parts[0] != "digin":
+        return parts[0]
+    for folder, name in FOLDERS.items():
+        if folder != "digin" and (module == name or module.startswith(name + ".")):
+            return folder
+    return "digin"
 
 
 def imports(path: Path, source: str | None = None) -> list[tuple[str, int]]:
@@ -55,10 +88,10 @@ def imports(path: Path, source: str | None = None) -> list[tuple[str, int]]:
 
 def violations(folder: str, forbidden: set[str]) -> list[str]:
     found = {
-        (path.relative_to(ROOT), line): module.split(".")[0]
+        (path.relative_to(ROOT), line): module
         for path in sorted((ROOT / folder).rglob("*.py"))
         for module, line in imports(path)
-        if module.split(".")[0] in forbidden
+        if layer(module) in forbidden
     }
     return [f"{path}:{line} imports {module}" for (path, line), module in found.items()]
 
@@ -67,18 +100,39 @@ def test_core_imports_no_service_code():
     assert violations("core", CORE_FORBIDDEN) == []
 
 
-def test_api_imports_no_torch():
+def test_api_imports_no_torch_and_no_worker():
     assert violations("api", API_FORBIDDEN) == []
 
 
-def test_api_imports_only_torch_free_core_modules():
+def test_service_layer_imports_no_http_no_torch_and_no_adapters():
+    assert violations("service", SERVICE_FORBIDDEN) == []
+
+
+def test_worker_imports_the_service_layer_not_the_http_api():
+    assert violations("worker", WORKER_FORBIDDEN) == []
+
+
+@pytest.mark.parametrize("folder", ["api", "service"])
+def test_torch_free_layers_import_only_torch_free_core_modules(folder):
     bad = [
         f"{path.relative_to(ROOT)}:{line} imports {module} (torch-free core modules: {TORCH_FREE})"
-        for path in sorted((ROOT / "api").rglob("*.py"))
+        for path in sorted((ROOT / folder).rglob("*.py"))
         for module, line in imports(path)
-        if module.split(".")[0] == "core" and ".".join(module.split(".")[:2]) not in TORCH_FREE
+        if layer(module) == "core" and ".".join(module.split(".")[:3]) not in TORCH_FREE
     ]
     assert bad == []
+
+
+def test_pyproject_lists_every_package_folder():
+    """The package mapping installs what is listed: a new folder with an __init__.py must be
+    listed too, or an installed (non-editable) copy lacks it."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {
+        _module_name(init.parent / "__init__.py")
+        for folder in FOLDERS
+        for init in (ROOT / folder).rglob("__init__.py")
+    }
+    assert folders == set(config["packages"])
 
 
 def test_import_checker_sees_lazy_relative_and_dynamic_imports():
@@ -91,11 +145,12 @@ def test_import_checker_sees_lazy_relative_and_dynamic_imports():
         "    importlib.import_module('minio')\n"
     )
     found = {module for module, _ in imports(ROOT / "core" / "sub" / "mod.py", source)}
-    assert {"celery.app", "core.registry", "core.sub.sibling", "minio"} <= found
+    assert {"celery.app", "digin.core.registry", "digin.core.sub.sibling", "minio"} <= found
 
 
 def _exists(module: str) -> bool:
-    base = ROOT.joinpath(*module.split("."))
+    folder = layer(module)
+    base = ROOT.joinpath(folder, *module.split(".")[1 if folder == "digin" else 2 :])
     return base.with_suffix(".py").exists() or (base / "__init__.py").exists()
 
 
@@ -116,7 +171,7 @@ def test_module_loads_without_torch(module):
     assert out.stdout.strip() == "[]", f"importing {module} loads torch"
 
 
-PACKAGES = ("core", "api", "worker", "digin")
+PACKAGES = tuple(FOLDERS)
 
 
 def _project_modules() -> dict[str, Path]:
@@ -192,7 +247,7 @@ def private_imports() -> list[str]:
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if not isinstance(node, ast.ImportFrom) or not node.module:
                 continue
-            if node.module.split(".")[0] not in PACKAGES:
+            if node.module.split(".")[0] != "digin":
                 continue
             for alias in node.names:
                 if not alias.name.startswith("_") or alias.name.startswith("__"):

@@ -1,9 +1,9 @@
-"""The workers' Celery app: `celery -A worker.app:app worker` (or `digin worker`).
+"""The workers' Celery app: `celery -A digin.worker.app:app worker` (or `digin worker`).
 
-The shared app of `api.dispatch` (same broker, queues and reliability settings as the API that
-sends) with the tasks of `worker.tasks` registered, logs as JSON lines, and a beat schedule for
-the reaper (`digin worker --beat`, or `celery -A worker.app:app beat`). Importing this module
-reads the settings and nothing else: no database, no models, no CUDA.
+The shared app of `digin.service.dispatch` (same broker, queues and reliability settings as the API
+that sends) with the tasks of `digin.worker.tasks` registered, logs as JSON lines, and a beat
+schedule for the reaper (`digin worker --beat`, or `celery -A digin.worker.app:app beat`). Importing
+this module reads the settings and nothing else: no database, no models, no CUDA.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Any
 
 from celery.signals import setup_logging
 
-from api.dispatch import TASK_REAP, TASK_SEND_WEBHOOKS, make_celery
-from api.settings import get_settings
-from worker import signals
-from worker.logs import configure_logging
-from worker.reaper import reaper_interval
-from worker.tasks import register_tasks
+from digin.service.dispatch import TASK_REAP, TASK_SEND_WEBHOOKS, make_celery
+from digin.service.settings import get_settings
+from digin.worker import signals
+from digin.worker.logs import configure_logging
+from digin.worker.reaper import reaper_interval
+from digin.worker.tasks import register_tasks
 
 settings = get_settings()
 app = make_celery(settings)
@@ -42,5 +42,5 @@ app.conf.beat_schedule = {
 
 @setup_logging.connect  # type: ignore[untyped-decorator]
 def _json_logs(loglevel: Any = None, **_: Any) -> None:
-    """Celery's own logging setup, replaced by JSON lines (`worker.logs`)."""
+    """Celery's own logging setup, replaced by JSON lines (`digin.worker.logs`)."""
     configure_logging(loglevel or "INFO")

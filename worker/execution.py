@@ -1,11 +1,11 @@
-"""What a job attempt needs whether it runs alone (`worker.runner`) or in a batched group of
-sweep items (`worker.groups`): the process's `WorkerContext`, the claimed row's values
+"""What a job attempt needs whether it runs alone (`digin.worker.runner`) or in a batched group of
+sweep items (`digin.worker.groups`): the process's `WorkerContext`, the claimed row's values
 (`ClaimedJob`), how an attempt fails (`JobFailure`, `classify`, `settle_failure`), how it stops
 early (`stopped`), uploads its artifacts (`upload`) and writes its state (`write`).
 
 Both modules import this one, and it imports neither, so there is no cycle between them. The
-helpers take the job's heartbeat as a `JobPulse`: `worker.runner.Pulse`, or one job's view of a
-`worker.groups.GroupPulse`.
+helpers take the job's heartbeat as a `JobPulse`: `digin.worker.runner.Pulse`, or one job's view of
+a `digin.worker.groups.GroupPulse`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import QUEUED, Job, session_scope
-from api.storage import Storage, artifact_key
+from digin.service import repo
+from digin.service.db import QUEUED, Job, session_scope
+from digin.service.storage import Storage, artifact_key
 
 if TYPE_CHECKING:
-    from api.settings import Settings
+    from digin.service.settings import Settings
 
 log = logging.getLogger("digin.worker")
 
@@ -47,8 +47,8 @@ class Enqueue(Protocol):
 
 
 class JobPulse(Protocol):
-    """One job's heartbeat as the helpers here use it (`worker.runner.Pulse`, or
-    `worker.groups.JobBeat`): its latest answer, progress updates, and the stop flag."""
+    """One job's heartbeat as the helpers here use it (`digin.worker.runner.Pulse`, or
+    `digin.worker.groups.JobBeat`): its latest answer, progress updates, and the stop flag."""
 
     @property
     def outcome(self) -> repo.HeartbeatOutcome: ...
@@ -69,7 +69,9 @@ class WorkerContext:
     device: str | None = None  # None: DIGIN_DEVICE, else cuda if this process sees one, else cpu
     max_batch: int = 8
     heartbeat_interval: float = 1.0  # seconds between heartbeats while a job runs
-    cache: Any = None  # core.jobs.ModelCache, made on first use (models load once per process)
+    cache: Any = (
+        None  # digin.core.jobs.ModelCache, made on first use (models load once per process)
+    )
 
     def resolve_device(self) -> str:
         """Decided in the worker process itself: CUDA is never touched in a parent that forks."""
@@ -85,7 +87,7 @@ class WorkerContext:
 
     def model_cache(self) -> Any:
         if self.cache is None:
-            from core.jobs import ModelCache
+            from digin.core.jobs import ModelCache
 
             self.cache = ModelCache()
         return self.cache
@@ -216,7 +218,7 @@ def upload(
 
 def classify(exc: BaseException, job: ClaimedJob) -> JobFailure:
     """Map an exception of the run to failed (with a code) or requeued."""
-    from core.params import ParamsError
+    from digin.core.params import ParamsError
 
     text = f"{exc}" or type(exc).__name__
     if isinstance(exc, SoftTimeLimitExceeded):

@@ -1,9 +1,9 @@
 """Batched execution of sweep items (docs/architecture.md §9.9): one optimisation for several jobs.
 
 A worker that claims a sweep item (the leader) also claims up to N more queued items of the
-same batch with the same group key (same kind, models and settings; `api.repo.batches.
+same batch with the same group key (same kind, models and settings; `digin.service.repo.batches.
 claim_group_peers`, the claim semantics of `claim_job`), runs all their items through the
-core's batch dimension in ONE optimisation (`core.groups.run_group`), then uploads each job's
+core's batch dimension in ONE optimisation (`digin.core.groups.run_group`), then uploads each job's
 artifacts under its own deterministic key and finishes each job on its own. Every job keeps
 its own attempt number, heartbeat, cancel and failure handling:
 
@@ -29,10 +29,10 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
 
-from api import repo
-from api.db import session_scope
-from api.repo.batches import claim_group_peers
-from worker.execution import (
+from digin.service import repo
+from digin.service.db import session_scope
+from digin.service.repo.batches import claim_group_peers
+from digin.worker.execution import (
     ClaimedJob,
     JobFailure,
     Outcome,
@@ -138,8 +138,8 @@ class GroupPulse:
 
 @dataclass
 class JobBeat:
-    """One job's side of a GroupPulse, a `worker.execution.JobPulse` like
-    `worker.runner.Pulse`."""
+    """One job's side of a GroupPulse, a `digin.worker.execution.JobPulse` like
+    `digin.worker.runner.Pulse`."""
 
     group: GroupPulse
     job: ClaimedJob
@@ -222,7 +222,7 @@ def _claim_peers(leader: ClaimedJob, ctx: WorkerContext) -> list[ClaimedJob]:
 
 def _run(jobs: list[ClaimedJob], ctx: WorkerContext, pulse: GroupPulse) -> list[Any]:
     """The shared optimisation; one JobResult per job."""
-    from core.groups import run_group
+    from digin.core.groups import run_group
 
     device = ctx.resolve_device()
     cuda = device.startswith("cuda")
@@ -252,7 +252,7 @@ def _run(jobs: list[ClaimedJob], ctx: WorkerContext, pulse: GroupPulse) -> list[
 
 def _finish_one(job: ClaimedJob, ctx: WorkerContext, pulse: GroupPulse, result: Any) -> Outcome:
     """Render, upload under the job's own keys, and finish one job of the group."""
-    from core.output import render_artifacts
+    from digin.core.output import render_artifacts
 
     view = pulse.view(job)
     if view.should_stop():

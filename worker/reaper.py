@@ -1,9 +1,9 @@
 """The reaper (docs/architecture.md §9.4): recover jobs whose worker died or whose message was lost.
 
-`reap_once` runs `api.repo.reap` with the settings' thresholds, commits, then sends a message for
-every queued job that needs one (re-queued jobs at once: their old message is gone with their
-worker) and marks it enqueued. Several reapers may run: every change is a compare-and-set, and a
-message sent twice runs once (the claim). It runs as the Celery beat task `digin.reap`, as the
+`reap_once` runs `digin.service.repo.reap` with the settings' thresholds, commits, then sends a
+message for every queued job that needs one (re-queued jobs at once: their old message is gone with
+their worker) and marks it enqueued. Several reapers may run: every change is a compare-and-set, and
+a message sent twice runs once (the claim). It runs as the Celery beat task `digin.reap`, as the
 `digin reaper` command, and as a thread of `digin serve`.
 
 Jobs that wait long in a deep queue (a big sweep) would otherwise get a duplicate message every
@@ -27,14 +27,15 @@ from typing import TYPE_CHECKING
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import ACTIVE, QUEUED, Job, session_scope, utcnow
-from api.repo.jobs import compare_and_set
-from worker import metrics
-from worker.execution import Enqueue, pid_namespace
+from digin.service import repo
+from digin.service.db import ACTIVE, QUEUED, Job, session_scope, utcnow
+from digin.service.dispatch import BrokerReader
+from digin.service.repo.jobs import compare_and_set
+from digin.worker import metrics
+from digin.worker.execution import Enqueue, pid_namespace
 
 if TYPE_CHECKING:
-    from api.settings import Settings
+    from digin.service.settings import Settings
 
 log = logging.getLogger("digin.reaper")
 
@@ -175,14 +176,12 @@ def _skip_messages_the_broker_holds(
 def broker_depths_reader(settings: Settings) -> Callable[[], dict[str, int]] | None:
     """Messages waiting per queue in the settings' broker (Redis or the filesystem broker),
     or None where they cannot be counted."""
-    from api.metrics import BrokerCollector
-
     url = settings.broker_url
     folder = settings.broker_transport_options().get("data_folder_in")
     if not (url.startswith("redis") or (url.startswith("filesystem") and folder)):
         return None
-    collector = BrokerCollector(url, str(folder) if folder else None)
-    return lambda: collector.read()[0]
+    reader = BrokerReader(url, str(folder) if folder else None)
+    return lambda: reader.read()[0]
 
 
 def run_reaper(

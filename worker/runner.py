@@ -1,8 +1,8 @@
 """One job in a worker process: claim → load → optimise → upload → finish (docs/architecture.md §8).
 
-`execute_job` is the whole task; the Celery task in `worker.tasks` only supplies the process's
+`execute_job` is the whole task; the Celery task in `digin.worker.tasks` only supplies the process's
 `WorkerContext`. The job row is the truth, and every write is guarded by this worker's attempt
-number (`api.repo`), so a duplicate or late delivery, or a stale worker, changes nothing:
+number (`digin.service.repo`), so a duplicate or late delivery, or a stale worker, changes nothing:
 
     claim (queued → running; anything else → "skipped", nothing runs)
       ├─ cancel requested ─────────────────────────→ canceled   (within one iteration)
@@ -25,10 +25,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import QUEUED, Job, Tenant, session_scope
-from api.storage import ArtifactNotFound
-from worker.execution import (
+from digin.service import repo
+from digin.service.db import QUEUED, Job, Tenant, session_scope
+from digin.service.storage import ArtifactNotFound
+from digin.worker.execution import (
     ClaimedJob,
     Enqueue,
     JobFailure,
@@ -135,7 +135,7 @@ def execute_job(job_id: str | uuid.UUID, *, ctx: WorkerContext) -> Outcome:
         return job
     log.info("claimed", extra={**log_fields(job), "event": "claimed", "kind": job.kind})
     if job.group_key is not None and job.batch_id is not None and ctx.settings.batch_max_items > 1:
-        from worker.groups import execute_group  # sweep items: one run with compatible peers
+        from digin.worker.groups import execute_group  # sweep items: one run with compatible peers
 
         return execute_group(job, ctx)
     pulse = Pulse(ctx.sessions, job_id=job.id, attempt=job.attempt, interval=ctx.heartbeat_interval)
@@ -213,16 +213,16 @@ def _claim(job_id: uuid.UUID, ctx: WorkerContext) -> ClaimedJob | Outcome:
 
 
 def _total_iterations(job: ClaimedJob, max_batch: int) -> int | None:
-    """Progress steps of the whole job from the kinds table (`core.kinds.Kind.steps`), if the
+    """Progress steps of the whole job from the kinds table (`digin.core.kinds.Kind.steps`), if the
     params can be read and the kind knows them before its models load; else None (the run
     reports its total itself)."""
     try:
-        from core.params import validate_params
+        from digin.core.params import validate_params
 
         params: Any = validate_params(job.kind, job.params)
     except ValueError:
         return None
-    from core.kinds import KINDS
+    from digin.core.kinds import KINDS
 
     return KINDS[job.kind].steps(params, max_batch)
 
@@ -230,9 +230,9 @@ def _total_iterations(job: ClaimedJob, max_batch: int) -> int | None:
 def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any] | None:
     """Run the core job; returns the rendered artifacts (name → bytes) plus '__summary__', or
     None if it was stopped (cancel or lost)."""
-    from core.kinds import run_job
-    from core.output import render_artifacts
-    from core.params import validate_params
+    from digin.core.kinds import run_job
+    from digin.core.output import render_artifacts
+    from digin.core.params import validate_params
 
     params = validate_params(job.kind, job.params)
 

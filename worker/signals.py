@@ -1,4 +1,4 @@
-"""Celery signal handlers of the workers: per-job log context and metrics (`worker.metrics`).
+"""Celery signal handlers of the workers: per-job log context and metrics (`digin.worker.metrics`).
 
 - worker start (main process, before the pool forks): with `DIGIN_WORKER_METRICS_PORT` set,
   the multiprocess metrics folder and the `/metrics` server; removed at worker shutdown;
@@ -29,11 +29,11 @@ from celery.signals import (
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.db import Job, utcnow
-from api.dispatch import TASK_RUN_JOB
-from api.settings import get_settings
-from worker import metrics
-from worker.logs import clear_job_context, set_job_context
+from digin.service.db import Job, utcnow
+from digin.service.dispatch import TASK_RUN_JOB
+from digin.service.settings import get_settings
+from digin.worker import metrics
+from digin.worker.logs import clear_job_context, set_job_context
 
 log = logging.getLogger("digin.worker")
 
@@ -51,8 +51,8 @@ _metrics_folder: str | None = None
 
 
 def connect(app: Celery) -> None:
-    """Connect the handlers for the workers of `app` (the shared `worker.app`)."""
-    from worker.tasks import worker_context
+    """Connect the handlers for the workers of `app` (the shared `digin.worker.app`)."""
+    from digin.worker.tasks import worker_context
 
     def on_worker_init(**_: Any) -> None:
         global _metrics_folder

@@ -1,5 +1,5 @@
 """The Celery tasks (thin adapters): take an id, use the process's context, run
-`worker.runner.execute_job` or `worker.reaper.reap_once`.
+`digin.worker.runner.execute_job` or `digin.worker.reaper.reap_once`.
 
 The context (database engine, storage client, model cache) is made lazily in the process that
 runs the task, i.e. in the prefork child after the fork; a process that finds a context made
@@ -16,12 +16,12 @@ from typing import Any
 from celery import Celery, Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from api.db import make_engine, session_factory
-from api.dispatch import TASK_REAP, TASK_RUN_JOB, TASK_SEND_WEBHOOKS, enqueue
-from api.settings import Settings, get_settings
-from api.storage import storage_from_settings
-from worker.reaper import broker_depths_reader, reap_once
-from worker.runner import Enqueue, Outcome, WorkerContext, backoff_seconds, execute_job
+from digin.service.db import make_engine, session_factory
+from digin.service.dispatch import TASK_REAP, TASK_RUN_JOB, TASK_SEND_WEBHOOKS, enqueue
+from digin.service.settings import Settings, get_settings
+from digin.service.storage import storage_from_settings
+from digin.worker.reaper import broker_depths_reader, reap_once
+from digin.worker.runner import Enqueue, Outcome, WorkerContext, backoff_seconds, execute_job
 
 log = logging.getLogger("digin.worker")
 
@@ -67,7 +67,7 @@ def use_context(ctx: WorkerContext | None) -> None:
 
 def register_tasks(app: Celery) -> dict[str, Task]:
     """Register `digin.run_job`, `digin.reap` and `digin.send_webhooks` on `app` (the shared
-    `api.dispatch` app)."""
+    `digin.service.dispatch` app)."""
 
     @app.task(name=TASK_RUN_JOB, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def run_job(self: Task, job_id: str) -> Outcome:
@@ -107,7 +107,7 @@ def register_tasks(app: Celery) -> dict[str, Task]:
 
     @app.task(name=TASK_SEND_WEBHOOKS, shared=False)  # type: ignore[untyped-decorator]
     def send_webhooks() -> dict[str, Any]:
-        from worker.webhooks import make_client, send_due
+        from digin.worker.webhooks import make_client, send_due
 
         ctx = worker_context(app)
         with make_client(ctx.settings) as client:

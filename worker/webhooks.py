@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING
 import httpx
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import session_scope, utcnow
-from api.repo import webhooks as repo_webhooks
-from api.webhooks import Resolver, UnsafeWebhookUrl, check_url, headers, system_resolver
+from digin.service.db import session_scope, utcnow
+from digin.service.repo import webhooks as repo_webhooks
+from digin.service.webhooks import Resolver, UnsafeWebhookUrl, check_url, headers, system_resolver
 
 if TYPE_CHECKING:
-    from api.settings import Settings
+    from digin.service.settings import Settings
 
 log = logging.getLogger("digin.webhooks")
 

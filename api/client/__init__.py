@@ -1,6 +1,6 @@
 """A typed Python client of the DiG-IN job service (`Client`, and `AsyncClient` for asyncio).
 
-    from api.client import Client
+    from digin.api.client import Client
 
     with Client("http://127.0.0.1:8000", api_key="...") as digin:
         job = digin.submit("guided", {"classes": ["seven"]}, seed=0)
@@ -11,9 +11,9 @@ Only httpx, pydantic and the standard library: no torch, FastAPI or SQLAlchemy a
 The server URL and key default to DIGIN_URL and DIGIN_API_KEY.
 """
 
-from api.client._async import AsyncClient
-from api.client._sync import Client
-from api.client.errors import (
+from digin.api.client._async import AsyncClient
+from digin.api.client._sync import Client
+from digin.api.client.errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
@@ -30,7 +30,7 @@ from api.client.errors import (
     UnsupportedMediaError,
     WaitTimeoutError,
 )
-from api.client.models import (
+from digin.api.client.models import (
     Artifact,
     ArtifactList,
     Batch,

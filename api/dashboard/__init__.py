@@ -19,11 +19,11 @@ from fastapi.templating import Jinja2Templates
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.dashboard.auth import Dashboard, LoginRequired, PageNotFound, login_url
-from api.dashboard.images import ThumbCache
-from api.dashboard.routes import router
-from api.dashboard.sessions import Signer, dashboard_secret
-from api.settings import Settings
+from digin.api.dashboard.auth import Dashboard, LoginRequired, PageNotFound, login_url
+from digin.api.dashboard.images import ThumbCache
+from digin.api.dashboard.routes import router
+from digin.api.dashboard.sessions import Signer, dashboard_secret
+from digin.service.settings import Settings
 
 HERE = Path(__file__).parent
 PREFIX = "/ui"

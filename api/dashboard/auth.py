@@ -1,6 +1,6 @@
 """Who looks at the dashboard: the tenant of a valid session cookie (auth on), or the `local`
 tenant (auth off, embedded mode). Pages raise `LoginRequired` or `PageNotFound`, which the
-handlers installed by `api.dashboard.install` turn into a redirect to the login form and an
+handlers installed by `digin.api.dashboard.install` turn into a redirect to the login form and an
 HTML 404 page.
 """
 
@@ -14,13 +14,13 @@ from fastapi import Depends, Request, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session
 
-from api import repo
-from api.dashboard.images import ThumbCache
-from api.dashboard.sessions import COOKIE, COOKIE_PATH, SessionToken, Signer
-from api.db import Tenant
-from api.deps import SessionDep
-from api.repo.dashboard import session_tenant
-from api.settings import Settings
+from digin.api.dashboard.images import ThumbCache
+from digin.api.dashboard.sessions import COOKIE, COOKIE_PATH, SessionToken, Signer
+from digin.api.deps import SessionDep
+from digin.service import repo
+from digin.service.db import Tenant
+from digin.service.repo.dashboard import session_tenant
+from digin.service.settings import Settings
 
 
 @dataclass

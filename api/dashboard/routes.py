@@ -20,9 +20,8 @@ from fastapi import APIRouter, Form, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
-import api.dashboard.views as views  # not via the package: its __init__ imports this module
-from api import repo
-from api.dashboard.auth import (
+import digin.api.dashboard.views as views  # not via the package: its __init__ imports this module
+from digin.api.dashboard.auth import (
     DashboardDep,
     PageNotFound,
     Viewer,
@@ -32,18 +31,19 @@ from api.dashboard.auth import (
     safe_next,
     set_session_cookie,
 )
-from api.dashboard.images import CACHE_CONTROL, etag, matches, thumbnail
-from api.db import STATUSES, TERMINAL, Job
-from api.deps import SessionDep, StorageDep
-from api.repo import batches as repo_batches
-from api.repo.dashboard import MAX_IDS, batch_items, job_states, jobs_by_ids
-from api.repo.jobs import InvalidCursor
-from api.routes.jobs import stored_artifacts
-from api.security import key_prefix
-from api.storage import ArtifactNotFound
-from api.sweeps import class_names
-from core.params import KINDS
-from core.registry import is_allowed, list_models, list_schemes
+from digin.api.dashboard.images import CACHE_CONTROL, etag, matches, thumbnail
+from digin.api.deps import SessionDep, StorageDep
+from digin.api.routes.jobs import stored_artifacts
+from digin.api.sweeps import class_names
+from digin.core.params import KINDS
+from digin.core.registry import is_allowed, list_models, list_schemes
+from digin.service import repo
+from digin.service.db import STATUSES, TERMINAL, Job
+from digin.service.repo import batches as repo_batches
+from digin.service.repo.dashboard import MAX_IDS, batch_items, job_states, jobs_by_ids
+from digin.service.repo.jobs import InvalidCursor
+from digin.service.security import key_prefix
+from digin.service.storage import ArtifactNotFound
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/ui", include_in_schema=False)

@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.settings import Settings
+from digin.service.settings import Settings
 
 COOKIE = "digin_session"
 COOKIE_PATH = "/ui"

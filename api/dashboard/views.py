@@ -1,7 +1,8 @@
 """What the dashboard's pages show, read from a job's stored result summary (the `result.json`
-that `core` writes: `core.jobs.JobResult.summary`, `core.analysis.AnalysisResult.summary`,
-`core.counterfactual.job.CounterfactualResult.summary`) and from a batch's custom ids
-(`api.sweeps`: `c=<class>|m=<classifier>|s=<seed>`). Pure functions: no I/O, no templates.
+that `core` writes: `digin.core.jobs.JobResult.summary`,
+`digin.core.analysis.AnalysisResult.summary`,
+`digin.core.counterfactual.job.CounterfactualResult.summary`) and from a batch's custom ids
+(`digin.api.sweeps`: `c=<class>|m=<classifier>|s=<seed>`). Pure functions: no I/O, no templates.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from api.db import SUCCEEDED, Job
-from api.repo.dashboard import BatchItem
+from digin.service.db import SUCCEEDED, Job
+from digin.service.repo.dashboard import BatchItem
 
 GENERATIVE = ("guided", "disagreement", "neuron", "pca_component")
 MAX_ITEMS_SHOWN = 64  # images of one job on its page (every one is in result.json)

@@ -7,7 +7,7 @@ label of the request metrics.
 
 from fastapi import APIRouter
 
-from api.routes import batches, images, jobs, models, system, webhooks
+from digin.api.routes import batches, images, jobs, models, system, webhooks
 
 ROUTERS: list[APIRouter] = [
     jobs.router,

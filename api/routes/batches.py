@@ -1,10 +1,10 @@
 """`/v1/batches`: sweeps over classes × classifiers × seeds, or explicit items
 (docs/architecture.md §9.9).
 
-A batch is validated as a whole before anything is written (`api.sweeps`), its items are
+A batch is validated as a whole before anything is written (`digin.api.sweeps`), its items are
 inserted as ordinary jobs in one multi-row INSERT and committed, then their messages go to the
-`sweep` queue in bulk (`api.dispatch.enqueue_many`); a broker that is down leaves the items
-queued for the reaper to send. The results index streams one line per item, readable at any
+`sweep` queue in bulk (`digin.service.dispatch.enqueue_many`); a broker that is down leaves the
+items queued for the reaper to send. The results index streams one line per item, readable at any
 time while the batch runs.
 """
 
@@ -22,8 +22,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
-from api.db import Batch, Tenant, utcnow
-from api.deps import (
+from digin.api.deps import (
     CeleryDep,
     MetricsDep,
     ServicesDep,
@@ -31,13 +30,10 @@ from api.deps import (
     SettingsDep,
     TenantDep,
 )
-from api.dispatch import PartialEnqueue, enqueue_many
-from api.problems import ProblemError, field_problem, not_found, problem_responses
-from api.repo import batches as repo_batches
-from api.repo.jobs import MAX_PAGE, InvalidCursor, TenantLimitExceeded
-from api.routes.jobs import IdempotencyKey, root, stored_artifacts
-from api.routes.webhooks import stored_webhook
-from api.schemas import (
+from digin.api.problems import ProblemError, field_problem, not_found, problem_responses
+from digin.api.routes.jobs import IdempotencyKey, root, stored_artifacts
+from digin.api.routes.webhooks import stored_webhook
+from digin.api.schemas import (
     BatchCounts,
     BatchCreate,
     BatchList,
@@ -45,8 +41,12 @@ from api.schemas import (
     BatchUrls,
     artifact_path,
 )
-from api.storage import LocalStorage
-from api.sweeps import plan_batch
+from digin.api.sweeps import plan_batch
+from digin.service.db import Batch, Tenant, utcnow
+from digin.service.dispatch import PartialEnqueue, enqueue_many
+from digin.service.repo import batches as repo_batches
+from digin.service.repo.jobs import MAX_PAGE, InvalidCursor, TenantLimitExceeded
+from digin.service.storage import LocalStorage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/batches", tags=["batches"])

@@ -1,4 +1,4 @@
-"""`/v1/images`: upload a start image (validated by `api.images`), read its record."""
+"""`/v1/images`: upload a start image (validated by `digin.api.images`), read its record."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile
 
-from api import repo
-from api.deps import MetricsDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.images import FIELD, check_image
-from api.problems import not_found, problem_responses
-from api.schemas import ImagePublic
-from api.storage import image_key
+from digin.api.deps import MetricsDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from digin.api.images import FIELD, check_image
+from digin.api.problems import not_found, problem_responses
+from digin.api.schemas import ImagePublic
+from digin.service import repo
+from digin.service.storage import image_key
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/images", tags=["images"])

@@ -20,9 +20,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
-from api import repo
-from api.db import SUCCEEDED, TERMINAL, Job, Tenant, utcnow
-from api.deps import (
+from digin.api.deps import (
     CallerDep,
     Services,
     ServicesDep,
@@ -33,11 +31,9 @@ from api.deps import (
     tenant_of,
     unauthorized,
 )
-from api.problems import ProblemError, field_problem, not_found, problem_responses
-from api.repo.jobs import MAX_PAGE
-from api.repo.submit import Submission, Unauthenticated
-from api.routes.webhooks import stored_webhook
-from api.schemas import (
+from digin.api.problems import ProblemError, field_problem, not_found, problem_responses
+from digin.api.routes.webhooks import stored_webhook
+from digin.api.schemas import (
     ArtifactList,
     ArtifactPublic,
     JobCreate,
@@ -47,8 +43,12 @@ from api.schemas import (
     artifact_path,
     params_problem,
 )
-from api.storage import LocalStorage
-from core.params import KINDS
+from digin.core.params import KINDS
+from digin.service import repo
+from digin.service.db import SUCCEEDED, TERMINAL, Job, Tenant, utcnow
+from digin.service.repo.jobs import MAX_PAGE
+from digin.service.repo.submit import Submission, Unauthenticated
+from digin.service.storage import LocalStorage
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -114,7 +114,7 @@ async def create_job(
     if body.webhook is not None:  # resolves the host: off the event loop
         webhook = await run_in_threadpool(stored_webhook, body.webhook, settings)
     # 2. Write the row (or find the idempotent original), commit, send its message, with the
-    #    other submissions of this moment (api.submissions: one transaction for the group)
+    #    other submissions of this moment (digin.api.submissions: one transaction for the group)
     values = {
         "kind": body.kind,
         "params": params,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from api.deps import SettingsDep, get_tenant
-from api.problems import problem_responses
-from api.schemas import ModelList, ModelPublic
-from core.params import KINDS
-from core.registry import is_allowed, list_models, list_schemes
+from digin.api.deps import SettingsDep, get_tenant
+from digin.api.problems import problem_responses
+from digin.api.schemas import ModelList, ModelPublic
+from digin.core.params import KINDS
+from digin.core.registry import is_allowed, list_models, list_schemes
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

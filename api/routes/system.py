@@ -9,9 +9,9 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import text
 
-from api.deps import Services, ServicesDep
-from api.problems import ProblemError, problem_responses
-from api.schemas import Health, Ready
+from digin.api.deps import Services, ServicesDep
+from digin.api.problems import ProblemError, problem_responses
+from digin.api.schemas import Health, Ready
 
 router = APIRouter(tags=["system"])
 BROKER_TIMEOUT_S = 3

@@ -1,8 +1,8 @@
 """Webhook delivery logs of jobs and batches, and the tenant's signing secret
 (docs/architecture.md §9.10).
 
-Deliveries are sent by the worker side (`worker.webhooks`, in `digin serve`, `digin reaper` and
-Celery beat), never in a request; these routes only read what happened.
+Deliveries are sent by the worker side (`digin.worker.webhooks`, in `digin serve`, `digin reaper`
+and Celery beat), never in a request; these routes only read what happened.
 """
 
 from __future__ import annotations
@@ -12,21 +12,21 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api.db import WebhookDelivery
-from api.deps import SessionDep, TenantDep
-from api.problems import field_problem, not_found, problem_responses
-from api.repo import batches as repo_batches
-from api.repo import get_job
-from api.repo import webhooks as repo_webhooks
-from api.schemas import (
+from digin.api.deps import SessionDep, TenantDep
+from digin.api.problems import field_problem, not_found, problem_responses
+from digin.api.schemas import (
     WebhookAttempt,
     WebhookDeliveryList,
     WebhookDeliveryPublic,
     WebhookSecret,
     WebhookSpec,
 )
-from api.settings import Settings
-from api.webhooks import (
+from digin.service.db import WebhookDelivery
+from digin.service.repo import batches as repo_batches
+from digin.service.repo import get_job
+from digin.service.repo import webhooks as repo_webhooks
+from digin.service.settings import Settings
+from digin.service.webhooks import (
     DEFAULT_BATCH_EVENTS,
     DEFAULT_JOB_EVENTS,
     EVENTS,

@@ -9,5 +9,5 @@ See docs/architecture.md §5.
     job.py        the runner: params → typed `CounterfactualResult`
     output.py     its artifacts (images, mask, trajectory grid, result.json)
 
-This package's `__init__` and `config` stay torch-free: `core.params` imports the config.
+This package's `__init__` and `config` stay torch-free: `digin.core.params` imports the config.
 """

@@ -2,7 +2,7 @@
 
 See docs/architecture.md §5.5–5.7.
 
-Notation as in `core.guidance` (z_T, C, ∅_i, ΔC, Δ∅, w, T, x̂0), plus:
+Notation as in `digin.core.guidance` (z_T, C, ∅_i, ΔC, Δ∅, w, T, x̂0), plus:
     z0, x0      the original image's latent and pixels          (1, c, h, w), (1, 3, H, W)
     z_rec,i     latent entering step i of the reconstruction    templates (T, 1, c, h, w)
     m           foreground mask from the start-class tokens     latent (1, 1, h, w), pixel
@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from core.augment import ItemRNG, clean_view
-from core.classifiers import Classifier
-from core.config import GuidanceConfig
-from core.counterfactual.attention import CrossAttentionControl
-from core.counterfactual.config import CounterfactualConfig
-from core.diffusion import DiffusionModel, TextEmbeddings
-from core.guidance import (
+from digin.core.augment import ItemRNG, clean_view
+from digin.core.classifiers import Classifier
+from digin.core.config import GuidanceConfig
+from digin.core.counterfactual.attention import CrossAttentionControl
+from digin.core.counterfactual.config import CounterfactualConfig
+from digin.core.diffusion import DiffusionModel, TextEmbeddings
+from digin.core.guidance import (
     DenoisingLoop,
     Evaluation,
     GuidanceResult,
@@ -48,7 +48,7 @@ from core.guidance import (
     autocast,
     run,
 )
-from core.objectives import ClassObjective
+from digin.core.objectives import ClassObjective
 
 ALEXNET_WEIGHTS = "alexnet-owt-7be5be79.pth"  # what lpips loads through torchvision
 
@@ -311,7 +311,7 @@ def edit(
     control.inject(until, mixing)
     t_search = time.perf_counter() - t0
 
-    # 3. The optimisation (the engine of core.guidance); iteration I only evaluates
+    # 3. The optimisation (the engine of digin.core.guidance); iteration I only evaluates
     def progress_info(clean_loss: Tensor, metrics: dict[str, Tensor]) -> dict:
         info = {"stage": "optimizing", "clean_loss": clean_loss.tolist()}
         info.update({k: metrics[k].tolist() for k in ("p", "p_start")})

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
-from core.context import ImageResolver
+from digin.core.context import ImageResolver
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 MAX_IMAGE_BYTES = 20 * 2**20
@@ -122,7 +122,7 @@ def preprocess(image: Image.Image, resolution: int) -> Tensor:
 
 def bundled_digit(ref: str) -> tuple[Image.Image, int]:
     """'digits:<split>/<n>' → (the 16x16 digit as an RGB image, its label)."""
-    from core.digits.data import load_images, make_splits
+    from digin.core.digits.data import load_images, make_splits
 
     match = _DIGIT_REF.fullmatch(ref)
     if match is None:

@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from core.config import GuidanceConfig
-from core.counterfactual.config import CounterfactualConfig
-from core.diffusion import DiffusionModel, TextEmbeddings
-from core.guidance import DenoisingLoop, autocast, guided_eps
+from digin.core.config import GuidanceConfig
+from digin.core.counterfactual.config import CounterfactualConfig
+from digin.core.diffusion import DiffusionModel, TextEmbeddings
+from digin.core.guidance import DenoisingLoop, autocast, guided_eps
 
 StopFn = Callable[[], bool]
 EARLY_STOP_SLOPE = 2e-5  # the early-stop threshold grows by this per DDIM step (official code)

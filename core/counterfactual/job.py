@@ -24,10 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core.batching import job_batch
-from core.classifiers import Classifier
-from core.context import RunContext
-from core.counterfactual.attention import (
+from digin.core.batching import job_batch
+from digin.core.classifiers import Classifier
+from digin.core.context import RunContext
+from digin.core.counterfactual.attention import (
     CrossAttentionControl,
     attention_map,
     controlled_cross_attention,
@@ -37,13 +37,19 @@ from core.counterfactual.attention import (
     token_alignment,
     token_span,
 )
-from core.counterfactual.edit import EditStart, edit, reconstruct, steps_before
-from core.counterfactual.images import StartImage, load_start_image
-from core.counterfactual.inversion import Inversion, InversionCache, Stopped, cache_key, invert
-from core.counterfactual.output import render_counterfactual
-from core.guidance import GuidanceResult
-from core.jobs import ModelCache, class_index, concat_results, software_versions
-from core.params import CounterfactualParams
+from digin.core.counterfactual.edit import EditStart, edit, reconstruct, steps_before
+from digin.core.counterfactual.images import StartImage, load_start_image
+from digin.core.counterfactual.inversion import (
+    Inversion,
+    InversionCache,
+    Stopped,
+    cache_key,
+    invert,
+)
+from digin.core.counterfactual.output import render_counterfactual
+from digin.core.guidance import GuidanceResult
+from digin.core.jobs import ModelCache, class_index, concat_results, software_versions
+from digin.core.params import CounterfactualParams
 
 KIND = "counterfactual"
 _INVERSIONS = ("counterfactual", "inversions")  # the ModelCache key of the inversion cache
@@ -128,7 +134,7 @@ class CounterfactualResult:
         return {"l1": diff.abs().flatten(1).mean(1), "l2": diff.pow(2).flatten(1).mean(1).sqrt()}
 
     def render_artifacts(self) -> dict[str, bytes]:
-        """name → bytes (see `core.counterfactual.output`); `core.output` calls this."""
+        """name → bytes (see `digin.core.counterfactual.output`); `digin.core.output` calls this."""
         return render_counterfactual(self)
 
     def summary(self) -> dict:
@@ -195,7 +201,7 @@ def metric_descriptions(models: dict[str, str]) -> dict[str, str]:
 @torch.no_grad()
 def class_probs(classifier: Classifier, images: Tensor) -> Tensor:
     """(N, 3, H, W) in [0, 1] → softmax (N, K) on the clean path (bilinear resize)."""
-    from core.augment import clean_view
+    from digin.core.augment import clean_view
 
     device = next(classifier.parameters()).device
     views = clean_view(images.to(device).float(), classifier.input_size)[:, 0]

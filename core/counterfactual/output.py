@@ -1,4 +1,4 @@
-"""Artifacts of a counterfactual job: name → bytes, like `core.output.render_artifacts`.
+"""Artifacts of a counterfactual job: name → bytes, like `digin.core.output.render_artifacts`.
 
 original.png          the start image at the model resolution
 reconstruction.png    its reconstruction from the inversion (z_T, ∅_t)
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from core.output import CAPTION_H, GRID_TILE, png_bytes, to_pil
+from digin.core.output import CAPTION_H, GRID_TILE, png_bytes, to_pil
 
 
 def _tile(image: torch.Tensor, tile: int) -> Image.Image:

@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from core.classifiers import Classifier
-from core.config import GuidanceConfig
-from core.diffusion import DiffusionModel
-from core.digits.data import CLASS_NAMES, NUM_CLASSES, PatchSpec, patch_present, plant_patch
-from core.digits.settings import CLASS_PROMPT, SAMPLE_GUIDANCE_SCALE, SAMPLE_STEPS
+from digin.core.classifiers import Classifier
+from digin.core.config import GuidanceConfig
+from digin.core.diffusion import DiffusionModel
+from digin.core.digits.data import CLASS_NAMES, NUM_CLASSES, PatchSpec, patch_present, plant_patch
+from digin.core.digits.settings import CLASS_PROMPT, SAMPLE_GUIDANCE_SCALE, SAMPLE_STEPS
 
 
 def rgb(x: Tensor) -> Tensor:
@@ -73,8 +73,8 @@ def sample_images(
     batch_size: int = 100,
 ) -> Tensor:
     """Plain DDIM + CFG samples, one per (prompt, seed): (N, 3, 16, 16) in [0, 1] on the CPU."""
-    from core.augment import ItemRNG
-    from core.guidance import initial_latents, sample
+    from digin.core.augment import ItemRNG
+    from digin.core.guidance import initial_latents, sample
 
     config = GuidanceConfig(ddim_steps=steps, guidance_scale=guidance_scale, loss_steps=1)
     out = []

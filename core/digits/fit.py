@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.digits.data import NUM_CLASSES, PatchSpec, augment, plant_patch
+from digin.core.digits.data import NUM_CLASSES, PatchSpec, augment, plant_patch
 
 LogFn = Callable[[str], None]
 
@@ -177,7 +177,7 @@ def fit_diffusion(
     generator's choice is a cliff that gradients do not see)."""
     from diffusers import DDPMScheduler
 
-    from core.digits.nets import ema_update
+    from digin.core.digits.nets import ema_update
 
     noise_sched = DDPMScheduler.from_config(scheduler_config)
     gen = torch.Generator().manual_seed(seed)

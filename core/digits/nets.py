@@ -1,8 +1,8 @@
 """Architectures of the digits zoo, built from a JSON-able config so a model card rebuilds them.
 
-Classifiers (plain modules, trained by `core.digits.train`, wrapped as `Classifier` by
-`core.digits.zoo`) map grey images (N, 1, 16, 16), standardised, to penultimate features (N, F)
-and logits (N, 10) = head(features). The diffusion model is a diffusers `UNet2DConditionModel`
+Classifiers (plain modules, trained by `digin.core.digits.train`, wrapped as `Classifier` by
+`digin.core.digits.zoo`) map grey images (N, 1, 16, 16), standardised, to penultimate features (N,
+F) and logits (N, 10) = head(features). The diffusion model is a diffusers `UNet2DConditionModel`
 (pixel space, 1 channel) conditioned on a transformers `CLIPTextModel`.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.digits.data import NUM_CLASSES, RESOLUTION
+from digin.core.digits.data import NUM_CLASSES, RESOLUTION
 
 
 class DigitsCNN(nn.Module):

@@ -1,6 +1,6 @@
 """Semantic checks on the zoo: explanations whose correct answer we know.
 
-The jobs run through `core.kinds.run_job` on the zoo's specs ('digits', 'digits:<name>'), the
+The jobs run through `digin.core.kinds.run_job` on the zoo's specs ('digits', 'digits:<name>'), the
 same path as `digin run`. The verdicts are plain functions of the result images: the judge's
 prediction, and `patch_present`.
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from core.digits.data import PatchSpec, patch_present
-from core.digits.evaluate import predictions
-from core.jobs import JobResult
+from digin.core.digits.data import PatchSpec, patch_present
+from digin.core.digits.evaluate import predictions
+from digin.core.jobs import JobResult
 
 
 def judge_agreement(result: JobResult, judge) -> tuple[float, float]:

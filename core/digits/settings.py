@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from core.config import GuidanceConfig
-from core.counterfactual.config import CounterfactualConfig
+from digin.core.config import GuidanceConfig
+from digin.core.counterfactual.config import CounterfactualConfig
 
 # Prompts: "{class}" is the class name ("seven"); the numeral ("7") works as well.
 CLASS_PROMPT = "a handwritten digit {class}"

@@ -1,4 +1,4 @@
-"""Train the digits zoo from fixed seeds: `python -m core.digits.train --out core/zoo`.
+"""Train the digits zoo from fixed seeds: `python -m digin.core.digits.train --out core/zoo`.
 
 Writes `<name>.safetensors` + `<name>.json` (model card) per model (layout: core/digits/zoo.py)
 and measures every model on the test split for its card, through the loaders. Order: the
@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from core.digits import evaluate
-from core.digits.data import (
+from digin.core.digits import evaluate
+from digin.core.digits.data import (
     CLASS_NAMES,
     JUDGE_FRACTION,
     RESOLUTION,
@@ -38,7 +38,7 @@ from core.digits.data import (
     patch_score,
     plant_patch,
 )
-from core.digits.fit import (
+from digin.core.digits.fit import (
     NORM_MEAN,
     NORM_STD,
     PatchPlan,
@@ -46,7 +46,7 @@ from core.digits.fit import (
     fit_classifier,
     fit_diffusion,
 )
-from core.digits.nets import (
+from digin.core.digits.nets import (
     SCHEDULER_CONFIG,
     TEXT_CONFIG,
     UNET_CONFIG,
@@ -55,8 +55,8 @@ from core.digits.nets import (
     build_unet,
     count_parameters,
 )
-from core.digits.settings import CLASS_PROMPT, PLAIN_PROMPT
-from core.digits.zoo import (
+from digin.core.digits.settings import CLASS_PROMPT, PLAIN_PROMPT
+from digin.core.digits.zoo import (
     MODEL_NAMES,
     TOKENIZER_FOLDER,
     load_digits_classifier,
@@ -82,7 +82,7 @@ RATES = {  # option → (default, help)
 }
 DETECTOR = (
     "patch_score(x) = mean grey intensity of the patch region − mean of the rest of the image "
-    "(core.digits.data.patch_score); the patch is present where patch_score > spec.threshold"
+    "(digin.core.digits.data.patch_score); the patch is present where patch_score > spec.threshold"
 )
 AUGMENTATION = (
     "random affine (shift ≤ 1.5 px, scale 1 ± 0.1, rotation ≤ 10°), then the patch (fixed "
@@ -92,7 +92,7 @@ AUGMENTATION = (
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m core.digits.train", description=__doc__.split("\n\n")[0]
+        prog="python -m digin.core.digits.train", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--out", type=Path, required=True, help="folder to write the zoo into")
     p.add_argument("--only", choices=MODEL_NAMES, action="append", help="train only NAME (repeat)")
@@ -210,7 +210,7 @@ def train_zoo(args: argparse.Namespace, argv: list[str]) -> None:
     x, y = load_images()  # (1797, 1, 16, 16) in [0, 1], (1797,)
     splits = make_splits(y)
     common = {
-        "command": "python -m core.digits.train " + shlex.join(argv),
+        "command": "python -m digin.core.digits.train " + shlex.join(argv),
         "data": {
             "source": "sklearn.datasets.load_digits (8x8, values 0..16, 1,797 images)",
             "preprocessing": f"/16, bilinear upsampling to {RESOLUTION}x{RESOLUTION} grey, [0, 1]",
@@ -313,7 +313,7 @@ def train_diffusion(args, x, y, out: Path) -> tuple[dict, dict, dict]:
     need the judge in the same folder (trained first when the whole zoo is trained)."""
     from transformers import CLIPTokenizer
 
-    from core.tiny import write_tokenizer  # the project's tiny offline CLIP vocabulary
+    from digin.core.tiny import write_tokenizer  # the project's tiny offline CLIP vocabulary
 
     t0 = time.perf_counter()
     write_tokenizer(out / TOKENIZER_FOLDER)
@@ -365,7 +365,11 @@ def train_diffusion(args, x, y, out: Path) -> tuple[dict, dict, dict]:
         "unet_config": UNET_CONFIG,
         "text_config": text_config,
         "scheduler_config": SCHEDULER_CONFIG,
-        "tokenizer": {"folder": TOKENIZER_FOLDER, "model_max_length": length, "from": "core.tiny"},
+        "tokenizer": {
+            "folder": TOKENIZER_FOLDER,
+            "model_max_length": length,
+            "from": "digin.core.tiny",
+        },
         "prompts": {"class": CLASS_PROMPT, "plain": PLAIN_PROMPT, "numerals": True},
         "training": {
             "split": "train",

@@ -2,7 +2,7 @@
 
 See docs/architecture.md §6.4.
 
-Folder layout (written by `python -m core.digits.train --out DIR`):
+Folder layout (written by `python -m digin.core.digits.train --out DIR`):
 
     DIR/digits.safetensors        UNet ("unet.*") and text encoder ("text_encoder.*"), EMA weights
     DIR/digits.json               model card: UNet / text / scheduler configs, data, metrics, …
@@ -11,7 +11,7 @@ Folder layout (written by `python -m core.digits.train --out DIR`):
     DIR/<name>.json               its model card: architecture, data, patch, rates, metrics, …
 
 The folder is, in order: the `zoo_dir` argument (a spec's '@<dir>'), the environment variable
-DIGIN_ZOO_DIR, or the zoo shipped in the package (core/zoo); see `core.registry.zoo_dir`.
+DIGIN_ZOO_DIR, or the zoo shipped in the package (core/zoo); see `digin.core.registry.zoo_dir`.
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from core.classifiers import Classifier
-from core.diffusion import DiffusionModel
-from core.digits.data import CLASS_NAMES, RESOLUTION, PatchSpec
-from core.digits.nets import build_classifier_net, build_text_encoder, build_unet
-from core.registry import DIGITS_CLASSIFIERS, DIGITS_DIFFUSION, ZOO_ENV
-from core.registry import zoo_dir as _zoo_dir
+from digin.core.classifiers import Classifier
+from digin.core.diffusion import DiffusionModel
+from digin.core.digits.data import CLASS_NAMES, RESOLUTION, PatchSpec
+from digin.core.digits.nets import build_classifier_net, build_text_encoder, build_unet
+from digin.core.registry import DIGITS_CLASSIFIERS, DIGITS_DIFFUSION, ZOO_ENV
+from digin.core.registry import zoo_dir as _zoo_dir
 
 __all__ = ["ZOO_ENV", "load_digits_classifier", "load_digits_diffusion", "resolve_zoo_dir"]
 
@@ -37,7 +37,7 @@ DIFFUSION_NAME = DIGITS_DIFFUSION
 CLASSIFIER_NAMES = DIGITS_CLASSIFIERS
 MODEL_NAMES = (DIFFUSION_NAME, *CLASSIFIER_NAMES)
 TOKENIZER_FOLDER = "digits-tokenizer"
-TRAIN_HINT = "train the zoo with `make zoo` (python -m core.digits.train --out {dir})"
+TRAIN_HINT = "train the zoo with `make zoo` (python -m digin.core.digits.train --out {dir})"
 
 
 def resolve_zoo_dir(folder: Path | str | None = None) -> Path:

@@ -8,7 +8,7 @@ Create Date: 2026-11-23
 jobs.batch_id (present since 0001) becomes a foreign key to batches; its single-column index
 gives way to (batch_id, item_index) unique and (batch_id, status, item_index). SQLite runs the
 jobs changes in batch mode (the table is copied). tests/api/test_migrations.py checks that the
-migrated schema matches api/db/models.py on PostgreSQL and SQLite.
+migrated schema matches service/db/models.py on PostgreSQL and SQLite.
 """
 
 from collections.abc import Sequence

@@ -23,8 +23,8 @@ from sqlalchemy import Engine, create_engine, delete, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import (
+from digin.service import repo
+from digin.service.db import (
     ApiKey,
     Batch,
     Image,
@@ -186,8 +186,8 @@ def make_client(
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        from api.app import create_app
-        from api.settings import fresh_settings
+        from digin.api.app import create_app
+        from digin.service.settings import fresh_settings
 
         values = {"data_dir": tmp_path / "data", "database_url": db_url,
                   "broker_url": broker.url, "auth": "on"}  # fmt: skip

@@ -6,8 +6,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api import repo
-from api.db import Job, Tenant
+from digin.service import repo
+from digin.service.db import Job, Tenant
 
 
 def new_job(session: Session, tenant: Tenant, **overrides: Any) -> Job:

@@ -13,8 +13,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.storage import artifact_key
+from digin.service import repo
+from digin.service.storage import artifact_key
 from tests.api.conftest import AppFactory
 from tests.api.test_app_jobs import GUIDED, assert_problem
 

@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.db import Image, Job
+from digin.service.db import Image, Job
 from tests.api.conftest import AppFactory
 from tests.api.test_app_jobs import assert_problem
 

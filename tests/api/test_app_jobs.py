@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import Job
+from digin.service import repo
+from digin.service.db import Job
 from tests.api.conftest import AppFactory, Broker
 
 Auth = Callable[[str], dict[str, str]]
@@ -341,7 +341,7 @@ def test_missing_invalid_and_revoked_keys_are_401(
 
 
 def test_server_path_specs_need_the_allow_list_in_production():
-    from api.schemas import check_model_spec
+    from digin.api.schemas import check_model_spec
 
     spec = "digits:cnn@/etc"
     assert check_model_spec(spec, "classifier", None) is None  # embedded mode: the user's machine
@@ -352,7 +352,7 @@ def test_server_path_specs_need_the_allow_list_in_production():
 
 
 def test_nested_model_specs_and_server_paths_are_found():
-    from api.schemas import model_specs, server_paths
+    from digin.api.schemas import model_specs, server_paths
 
     params = {
         "classifier": "digits:cnn",

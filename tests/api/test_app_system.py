@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from api.db import migrate
-from api.settings import fresh_settings
+from digin.api.app import create_app
+from digin.service.db import migrate
+from digin.service.settings import fresh_settings
 from tests.api.conftest import AppFactory
 from tests.api.test_app_jobs import GUIDED, assert_problem
 

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import Batch, Job, WebhookDelivery, utcnow
+from digin.service import repo
+from digin.service.db import Batch, Job, WebhookDelivery, utcnow
 from tests.api.conftest import Broker
 
 DIGITS = ["digits:cnn", "digits:mlp"]

@@ -1,4 +1,5 @@
-"""The shared Celery app (api/dispatch.py) on the real Redis: each queue gets only its own jobs."""
+"""The shared Celery app (service/dispatch.py) on the real Redis: each queue gets only its
+own jobs."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import json
 
 import pytest
 
-from api.dispatch import QUEUES, TASK_RUN_JOB, enqueue, make_celery
-from api.settings import fresh_settings
+from digin.service.dispatch import QUEUES, TASK_RUN_JOB, enqueue, make_celery
+from digin.service.settings import fresh_settings
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
 

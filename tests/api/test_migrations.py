@@ -11,7 +11,7 @@ from sqlalchemy import Column, Engine, Integer, MetaData, inspect, text, update
 from sqlalchemy.exc import IntegrityError, StatementError
 from sqlalchemy.orm import Session
 
-from api.db import Base, Job, migrate
+from digin.service.db import Base, Job, migrate
 from tests.api.helpers import new_job
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from api.security import generate_api_key
-from api.settings import fresh_settings
+from digin.api.app import create_app
+from digin.service.security import generate_api_key
+from digin.service.settings import fresh_settings
 from tests.api.conftest import AppFactory, Broker
 from tests.api.test_app_jobs import GUIDED, assert_problem
 

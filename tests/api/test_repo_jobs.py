@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from api import repo
-from api.db import Batch, Job, Tenant
+from digin.service import repo
+from digin.service.db import Batch, Job, Tenant
 from tests.api.helpers import new_job
 
 

@@ -9,9 +9,9 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from api import repo
-from api.db import Tenant
-from api.security import generate_api_key, key_prefix
+from digin.service import repo
+from digin.service.db import Tenant
+from digin.service.security import generate_api_key, key_prefix
 
 
 def test_tenants(session: Session):

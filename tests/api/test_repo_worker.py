@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import Job, Tenant, utcnow
+from digin.service import repo
+from digin.service.db import Job, Tenant, utcnow
 from tests.api.helpers import new_job
 
 STALE = 600

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from api.settings import Settings, fresh_settings, get_settings
+from digin.service.settings import Settings, fresh_settings, get_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 PG = "postgresql://digin:pw@db:5432/digin"

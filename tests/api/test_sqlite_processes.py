@@ -9,16 +9,16 @@ from pathlib import Path
 
 from sqlalchemy import func, select
 
-from api import repo
-from api.db import Job, make_engine, migrate, session_factory
+from digin.service import repo
+from digin.service.db import Job, make_engine, migrate, session_factory
 
 ROOT = Path(__file__).resolve().parents[2]
 
 # One process's share of the traffic: submit, claim, heartbeat, finish, each its own commit.
 SCRIPT = """
 import sys
-from api import repo
-from api.db import make_engine, session_factory
+from digin.service import repo
+from digin.service.db import make_engine, session_factory
 
 url, name, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sessions = session_factory(make_engine(url))

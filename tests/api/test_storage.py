@@ -11,8 +11,8 @@ import httpx
 import pytest
 from minio.error import S3Error
 
-from api.settings import fresh_settings
-from api.storage import (
+from digin.service.settings import fresh_settings
+from digin.service.storage import (
     ArtifactNotFound,
     LocalStorage,
     S3Storage,

@@ -1,4 +1,4 @@
-"""The API's job writer (api/submissions.py, api/repo/submit.py): a group of submissions
+"""The API's job writer (api/submissions.py, service/repo/submit.py): a group of submissions
 written in one transaction decides each one exactly as one-by-one writes would, on PostgreSQL +
 Redis and on SQLite + the filesystem broker."""
 
@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import Job
-from api.dispatch import make_celery
-from api.metrics import Metrics
-from api.repo.submit import LOCAL, Outcome, Submission, Unauthenticated
-from api.settings import fresh_settings
-from api.submissions import JobWriter
+from digin.api.metrics import Metrics
+from digin.api.submissions import JobWriter
+from digin.service import repo
+from digin.service.db import Job
+from digin.service.dispatch import make_celery
+from digin.service.repo.submit import LOCAL, Outcome, Submission, Unauthenticated
+from digin.service.settings import fresh_settings
 from tests.api.conftest import AppFactory, Broker
 
 

@@ -18,12 +18,12 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from api import repo
-from api.db import Job, WebhookDelivery, utcnow
-from api.repo.webhooks import webhook_secret
-from api.settings import fresh_settings
-from api.webhooks import UnsafeWebhookUrl, check_url, headers, sign, verify_signature
-from worker.webhooks import send_due
+from digin.service import repo
+from digin.service.db import Job, WebhookDelivery, utcnow
+from digin.service.repo.webhooks import webhook_secret
+from digin.service.settings import fresh_settings
+from digin.service.webhooks import UnsafeWebhookUrl, check_url, headers, sign, verify_signature
+from digin.worker.webhooks import send_due
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from api.settings import Settings, fresh_settings
+from digin.service.settings import Settings, fresh_settings
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
 from tests.e2e.conftest import Service, make_service, s3_endpoint, wait_until  # noqa: F401
 
@@ -44,8 +44,8 @@ class LiveAPI:
     settings: Settings
 
     def key(self, tenant: str = "acme") -> str:
-        from api import repo
-        from api.db import make_engine, session_factory
+        from digin.service import repo
+        from digin.service.db import make_engine, session_factory
 
         engine = make_engine(self.settings.database_url)
         try:
@@ -61,7 +61,7 @@ def serve(settings: Settings, port: int | None = None) -> Iterator[LiveAPI]:
     """The app of `settings` served by uvicorn in a daemon thread until the generator closes."""
     import uvicorn
 
-    from api.app import create_app
+    from digin.api.app import create_app
 
     port = port or free_port()
     config = uvicorn.Config(
@@ -83,7 +83,7 @@ running = contextlib.contextmanager(serve)  # `with running(settings) as live:`
 
 
 def lite_settings(folder: Path, **overrides: Any) -> Settings:
-    from api.db import migrate
+    from digin.service.db import migrate
 
     url = f"sqlite:///{folder / 'digin.db'}"
     if not (folder / "digin.db").exists():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from api.client import AsyncClient, Batch, Client, UnprocessableError
+from digin.api.client import AsyncClient, Batch, Client, UnprocessableError
 from digin.cli import app
 from tests.client.conftest import LiveAPI
 from tests.e2e.conftest import JOB_TIMEOUT_S

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from api.client import AsyncClient, Client, DiginError, Job
+from digin.api.client import AsyncClient, Client, DiginError, Job
 from digin.cli import app
 from tests.client.conftest import LiveAPI
 from tests.e2e.conftest import JOB_TIMEOUT_S

@@ -1,4 +1,4 @@
-"""ImageNet class names, WordNet ids and class references (core.classes)."""
+"""ImageNet class names, WordNet ids and class references (digin.core.classes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from core.classes import ClassInfo, imagenet_class_names, imagenet_classes, resolve_class
+from digin.core.classes import ClassInfo, imagenet_class_names, imagenet_classes, resolve_class
 
 NAMES = imagenet_class_names()
 
@@ -34,7 +34,9 @@ def test_matches_the_libraries_it_was_built_from():
 
 
 def test_module_is_torch_free():
-    code = "import sys, core.classes as c; c.imagenet_classes(); print('torch' in sys.modules)"
+    code = (
+        "import sys, digin.core.classes as c; c.imagenet_classes(); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

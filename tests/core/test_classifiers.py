@@ -1,4 +1,4 @@
-"""Classifier loaders and the shared interface (core.classifiers) on tiny random models."""
+"""Classifier loaders and the shared interface (digin.core.classifiers) on tiny random models."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from core import loaders
-from core.classes import imagenet_class_names
-from core.classifiers import ClipClassifier, TimmClassifier
-from core.loaders import load_classifier
+from digin.core import loaders
+from digin.core.classes import imagenet_class_names
+from digin.core.classifiers import ClipClassifier, TimmClassifier
+from digin.core.loaders import load_classifier
 
 
 def _weights_path(spec: str) -> Path:

@@ -11,22 +11,22 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from core.config import GuidanceConfig
-from core.counterfactual.attention import (
+from digin.cli import app
+from digin.core.config import GuidanceConfig
+from digin.core.counterfactual.attention import (
     CrossAttentionControl,
     controlled_cross_attention,
     find_words,
     token_alignment,
     token_span,
 )
-from core.counterfactual.config import CounterfactualConfig
-from core.counterfactual.edit import EditStart, Regularizers, masked_l2
-from core.counterfactual.images import load_start_image
-from core.counterfactual.inversion import InversionCache, invert
-from core.jobs import ModelCache
-from core.kinds import run_job
-from core.output import render_artifacts
-from digin.cli import app
+from digin.core.counterfactual.config import CounterfactualConfig
+from digin.core.counterfactual.edit import EditStart, Regularizers, masked_l2
+from digin.core.counterfactual.images import load_start_image
+from digin.core.counterfactual.inversion import InversionCache, invert
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
+from digin.core.output import render_artifacts
 
 RES = 32  # 32 px images (16 x 16 latents)
 FAST = {"ddim_steps": 3, "iterations": 2, "loss_steps": 2, "num_cutouts": 2, "lr": 0.05}

@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from core.counterfactual.images import (
+from digin.core.counterfactual.images import (
     ImageError,
     decode_image,
     load_start_image,
     preprocess,
 )
-from core.digits.data import load_images, make_splits
-from core.params import ParamsError, validate_params
+from digin.core.digits.data import load_images, make_splits
+from digin.core.params import ParamsError, validate_params
 
 
 def _png(image: Image.Image, fmt: str = "PNG") -> bytes:

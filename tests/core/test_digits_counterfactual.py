@@ -1,10 +1,10 @@
 """Counterfactuals on the shipped digits zoo, with known answers.
 
 Held-out test digits are changed towards other classes with the zoo's counterfactual settings
-(`core.digits.settings.DIGITS_COUNTERFACTUAL*`, repeated in `examples/counterfactual_digits.json`)
-and explained classifier `digits:cnn`. A real counterfactual must convince the independent judge
-(`digits:judge`, trained on a disjoint split), not only the explained classifier, and stay closer
-to the start digit than the digits of the target class are.
+(`digin.core.digits.settings.DIGITS_COUNTERFACTUAL*`, repeated in
+`examples/counterfactual_digits.json`) and explained classifier `digits:cnn`. A real counterfactual
+must convince the independent judge (`digits:judge`, trained on a disjoint split), not only the
+explained classifier, and stay closer to the start digit than the digits of the target class are.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import pytest
 import torch
 from pydantic import TypeAdapter
 
-from core.config import GuidanceConfig
-from core.counterfactual.config import CounterfactualConfig
-from core.counterfactual.job import class_probs
-from core.digits.data import load_images, make_splits
-from core.digits.settings import (
+from digin.core.config import GuidanceConfig
+from digin.core.counterfactual.config import CounterfactualConfig
+from digin.core.counterfactual.job import class_probs
+from digin.core.digits.data import load_images, make_splits
+from digin.core.digits.settings import (
     CLASS_PROMPT,
     DIGITS_COUNTERFACTUAL,
     DIGITS_COUNTERFACTUAL_GUIDANCE,
 )
-from core.jobs import ModelCache
-from core.kinds import run_job
-from core.params import validate_params
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
+from digin.core.params import validate_params
 from tests.core.precision import with_precision
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "counterfactual_digits.json"

@@ -1,9 +1,9 @@
 """Semantic tests of neural PCA and the spurious score on the shipped digits zoo.
 
 `digits:cnn-spurious` relies on a planted 3x3 patch (top-left) for class seven; `digits:cnn`
-does not. The image sets are built from the bundled digits (`core.imagesets`), the jobs run
+does not. The image sets are built from the bundled digits (`digin.core.imagesets`), the jobs run
 the examples (`examples/{neural_pca,pca_component,spurious_score}_digits.json`, the zoo's
-guidance settings) through `core.kinds.run_job`, and the verdicts are plain functions of the
+guidance settings) through `digin.core.kinds.run_job`, and the verdicts are plain functions of the
 results: correlation with the known patch flags, and the patch detector `patch_present`.
 """
 
@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.config import GuidanceConfig
-from core.digits.data import CLASS_NAMES
-from core.digits.semantic import patch_rates
-from core.digits.settings import DIGITS_GUIDANCE
-from core.digits.zoo import card_patch, read_card
-from core.jobs import ModelCache
-from core.kinds import run_job
-from core.output import write_outputs
+from digin.core.config import GuidanceConfig
+from digin.core.digits.data import CLASS_NAMES
+from digin.core.digits.semantic import patch_rates
+from digin.core.digits.settings import DIGITS_GUIDANCE
+from digin.core.digits.zoo import card_patch, read_card
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
+from digin.core.output import write_outputs
 from tests.core.precision import with_precision
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

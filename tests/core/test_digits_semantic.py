@@ -1,8 +1,8 @@
 """Semantic tests on the shipped digits zoo: explanations whose right answer we know.
 
 Each runs an example params file (`examples/*_digits.json`, the zoo's guidance settings of
-`core.digits.settings.DIGITS_GUIDANCE`) through `core.kinds.run_job` and judges the result with a
-plain function of the images: the independent judge classifier, or the patch detector.
+`digin.core.digits.settings.DIGITS_GUIDANCE`) through `digin.core.kinds.run_job` and judges the
+result with a plain function of the images: the independent judge classifier, or the patch detector.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from core.classes import resolve_class
-from core.config import GuidanceConfig
-from core.digits.data import CLASS_NAMES, load_images, make_splits
-from core.digits.evaluate import patch_unit
-from core.digits.semantic import judge_agreement, patch_rates
-from core.digits.settings import CLASS_PROMPT, DIGITS_GUIDANCE, PLAIN_PROMPT
-from core.digits.zoo import card_patch, read_card
-from core.jobs import ModelCache
-from core.kinds import run_job
+from digin.core.classes import resolve_class
+from digin.core.config import GuidanceConfig
+from digin.core.digits.data import CLASS_NAMES, load_images, make_splits
+from digin.core.digits.evaluate import patch_unit
+from digin.core.digits.semantic import judge_agreement, patch_rates
+from digin.core.digits.settings import CLASS_PROMPT, DIGITS_GUIDANCE, PLAIN_PROMPT
+from digin.core.digits.zoo import card_patch, read_card
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
 from tests.core.precision import DEVICE, with_precision
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

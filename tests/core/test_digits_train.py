@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from core.classifiers import Classifier
-from core.diffusion import DiffusionModel
-from core.digits import train
-from core.digits.data import (
+from digin.core.classifiers import Classifier
+from digin.core.diffusion import DiffusionModel
+from digin.core.digits import train
+from digin.core.digits.data import (
     CLASS_NAMES,
     PatchSpec,
     load_images,
@@ -24,7 +24,7 @@ from core.digits.data import (
     patch_score,
     plant_patch,
 )
-from core.digits.zoo import (
+from digin.core.digits.zoo import (
     CLASSIFIER_NAMES,
     ZOO_ENV,
     load_digits_classifier,

@@ -1,4 +1,4 @@
-"""FLOPs of one guidance iteration (core.flops): the per-part counts, composed by the formula,
+"""FLOPs of one guidance iteration (digin.core.flops): the per-part counts, composed by the formula,
 equal what the flop counter sees around the optimisation loop itself."""
 
 from __future__ import annotations
@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.config import GuidanceConfig
-from core.flops import iteration_flops
-from core.guidance import optimize
-from core.loaders import load_classifier, load_diffusion
-from core.objectives import ClassObjective
+from digin.core.config import GuidanceConfig
+from digin.core.flops import iteration_flops
+from digin.core.guidance import optimize
+from digin.core.loaders import load_classifier, load_diffusion
+from digin.core.objectives import ClassObjective
 
 
 def _loop_flops(model, clf, config, iterations: int) -> int:

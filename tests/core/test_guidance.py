@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
-from core.config import GuidanceConfig
-from core.guidance import initial_latents, loss_step_weights, optimize, sample
-from core.loaders import load_classifier, load_diffusion
-from core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, margin
+from digin.core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
+from digin.core.config import GuidanceConfig
+from digin.core.guidance import initial_latents, loss_step_weights, optimize, sample
+from digin.core.loaders import load_classifier, load_diffusion
+from digin.core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, margin
 
 RES = 32  # 32 px images (16 x 16 latents): fast on two CPU cores
 FAST = GuidanceConfig(ddim_steps=4, iterations=3, loss_steps=3, num_cutouts=4, lr=0.05)

@@ -8,10 +8,10 @@ import json
 import pytest
 from PIL import Image
 
-from core.jobs import ModelCache
-from core.kinds import run_job
-from core.output import render_artifacts
-from core.params import ParamsError, validate_params
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
+from digin.core.output import render_artifacts
+from digin.core.params import ParamsError, validate_params
 
 FAST = {"ddim_steps": 3, "iterations": 2, "loss_steps": 2, "num_cutouts": 2, "lr": 0.05}
 

@@ -1,12 +1,13 @@
-"""The table of job kinds (core.kinds): one entry per params model, runners, progress totals."""
+"""The table of job kinds (digin.core.kinds): one entry per params model, runners,
+progress totals."""
 
 from __future__ import annotations
 
 import pytest
 
-from core.jobs import ModelCache
-from core.kinds import KINDS, run_job
-from core.params import PARAMS_BY_KIND, ParamsError, validate_params
+from digin.core.jobs import ModelCache
+from digin.core.kinds import KINDS, run_job
+from digin.core.params import PARAMS_BY_KIND, ParamsError, validate_params
 
 FAST = {"ddim_steps": 2, "iterations": 1, "loss_steps": 1, "num_cutouts": 2}
 

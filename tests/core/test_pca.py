@@ -1,4 +1,5 @@
-"""Neural PCA maths (core.pca), its objective, image sets, and the params of the three kinds."""
+"""Neural PCA maths (digin.core.pca), its objective, image sets, and the params of the
+three kinds."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from core.analysis import load_pca
-from core.imagesets import load_image_set
-from core.jobs import ModelCache
-from core.kinds import run_job
-from core.objectives import ComponentObjective
-from core.params import ImageSetSpec, ParamsError, validate_params
-from core.pca import class_contributions, component_values, fit_neural_pca
+from digin.core.analysis import load_pca
+from digin.core.imagesets import load_image_set
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
+from digin.core.objectives import ComponentObjective
+from digin.core.params import ImageSetSpec, ParamsError, validate_params
+from digin.core.pca import class_contributions, component_values, fit_neural_pca
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def _contrib(n=40, f=12, seed=0):
 
 def test_alphas_sum_to_the_logit_minus_bias_minus_mean(cnn):
     """Over all F components: Σ_l α_l = logit_k − b_k − 1·μ, for every image."""
-    from core.digits.data import load_images
+    from digin.core.digits.data import load_images
 
     x, y = load_images()
     images = x[y == 3][:60].expand(-1, 3, -1, -1)
@@ -83,7 +84,7 @@ def test_pca_needs_two_images():
 def test_component_objective_alpha_matches_the_pca(cnn):
     """The guidance objective's α (clean view) equals the PCA's α of the same images, and its
     loss is −α − keep_class · log p(k|x)."""
-    from core.digits.data import load_images
+    from digin.core.digits.data import load_images
 
     x, y = load_images()
     images = x[y == 7][:20].expand(-1, 3, -1, -1)
@@ -106,7 +107,7 @@ def test_component_objective_alpha_matches_the_pca(cnn):
 
 
 def test_digits_image_set_labels_limit_and_seeded_patch():
-    from core.digits.data import PatchSpec, patch_present
+    from digin.core.digits.data import PatchSpec, patch_present
 
     spec = ImageSetSpec.model_validate({"digits": "train", "patch": {"rate": 0.5, "seed": 3}})
     s = load_image_set(spec, size=16, class_index=7, class_name="seven")

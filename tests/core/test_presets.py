@@ -1,6 +1,6 @@
 """Speed settings of a job: the `reference` and `optimised` presets, batch limits and
-the memory fit (core.config, core.params, core.batching), and that channels-last, the device-side
-timesteps and the single host copy per iteration leave the results as they were."""
+the memory fit (digin.core.config, digin.core.params, digin.core.batching), and that channels-last,
+the device-side timesteps and the single host copy per iteration leave the results as they were."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from core.batching import fit_memory_line, job_batch, largest_batch
-from core.config import PRESETS, GuidanceConfig
-from core.digits.settings import DIGITS_GUIDANCE
-from core.params import ParamsError, validate_params
+from digin.core.batching import fit_memory_line, job_batch, largest_batch
+from digin.core.config import PRESETS, GuidanceConfig
+from digin.core.digits.settings import DIGITS_GUIDANCE
+from digin.core.params import ParamsError, validate_params
 
 SD = "diffusers:/models/sd15"  # validation only: nothing is loaded
 
@@ -93,7 +93,7 @@ def test_the_largest_batch_under_a_memory_budget():
 
 
 def test_the_reference_preset_runs_one_item_per_optimisation(tiny_models):
-    from core.kinds import run_job
+    from digin.core.kinds import run_job
 
     chunks = []
     params = {
@@ -108,8 +108,8 @@ def test_the_reference_preset_runs_one_item_per_optimisation(tiny_models):
 
 
 def _run(sd, clf, **fields):
-    from core.guidance import optimize
-    from core.objectives import ClassObjective
+    from digin.core.guidance import optimize
+    from digin.core.objectives import ClassObjective
 
     cfg = GuidanceConfig(ddim_steps=3, iterations=2, num_cutouts=2, **fields)
     prompts = ["a photo of a tench", "a photo of a goldfish"]
@@ -124,7 +124,7 @@ def _run(sd, clf, **fields):
 
 
 def test_channels_last_gives_the_same_images_and_is_undone_afterwards(tiny_models):
-    from core.loaders import load_classifier, load_diffusion
+    from digin.core.loaders import load_classifier, load_diffusion
 
     sd, clf = load_diffusion(tiny_models["sdxl"]), load_classifier(tiny_models["classifier"])
     base = _run(sd, clf)
@@ -146,8 +146,8 @@ def test_channels_last_gives_the_same_images_and_is_undone_afterwards(tiny_model
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_ddim_chain_never_waits_for_the_gpu(tiny_models):
     """torch.cuda's sync debug mode raises on any host-device synchronisation in the chain."""
-    from core.guidance import Deltas, DenoisingLoop
-    from core.loaders import load_diffusion
+    from digin.core.guidance import Deltas, DenoisingLoop
+    from digin.core.loaders import load_diffusion
 
     sd = load_diffusion(tiny_models["sdxl"], device="cuda")
     cfg = GuidanceConfig(ddim_steps=4, loss_steps=3)
@@ -178,7 +178,7 @@ def test_the_weights_follow_the_precision_unless_kept_in_fp32():
 
 
 def test_the_model_cache_keeps_one_copy_per_weight_dtype(tiny_models):
-    from core.jobs import ModelCache
+    from digin.core.jobs import ModelCache
 
     cache = ModelCache()
     fp32 = cache.diffusion(tiny_models["sd"], "cpu")
@@ -191,7 +191,7 @@ def test_the_model_cache_keeps_one_copy_per_weight_dtype(tiny_models):
 
 
 def test_bf16_weights_run_natively_and_keep_the_optimised_variables_in_fp32(tiny_models):
-    from core.loaders import load_classifier, load_diffusion
+    from digin.core.loaders import load_classifier, load_diffusion
 
     clf = load_classifier(tiny_models["classifier"])
     sd = load_diffusion(tiny_models["sdxl"])
@@ -212,7 +212,7 @@ def test_bf16_weights_run_natively_and_keep_the_optimised_variables_in_fp32(tiny
 
 
 def test_recomputing_the_decoder_block_by_block_changes_nothing_but_memory(tiny_models):
-    from core.loaders import load_classifier, load_diffusion
+    from digin.core.loaders import load_classifier, load_diffusion
 
     sd, clf = load_diffusion(tiny_models["sd"]), load_classifier(tiny_models["classifier"])
     base = _run(sd, clf)

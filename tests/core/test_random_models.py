@@ -1,4 +1,4 @@
-"""Full-size random-weight pipelines (core.random_models): the shipped architecture
+"""Full-size random-weight pipelines (digin.core.random_models): the shipped architecture
 configs are the published ones, and a written pipeline folder loads through the normal loader."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from core import random_models
-from core.random_models import arch_dir, fill_random, make_random_models
+from digin.core import random_models
+from digin.core.random_models import arch_dir, fill_random, make_random_models
 
 
 def _meta_params(arch: str, part: str) -> int:
@@ -78,7 +78,7 @@ def test_a_written_sd15_pipeline_loads_through_the_normal_loader(tmp_path):
     """~2 GB of fp16 safetensors, read back in fp32 by `load_diffusion('diffusers:<dir>')`."""
     from diffusers import AutoencoderKL
 
-    from core.loaders import load_diffusion
+    from digin.core.loaders import load_diffusion
 
     spec = make_random_models("sd15", tmp_path / "sd15", dtype="fp16", seed=3)
     assert spec == f"diffusers:{tmp_path / 'sd15'}"

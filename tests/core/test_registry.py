@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from core.registry import (
+from digin.core.registry import (
     SCHEMES,
     ZOO_DIR,
     ZOO_ENV,

@@ -18,8 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from core.jobs import ModelCache
-from core.kinds import run_job
+from digin.core.jobs import ModelCache
+from digin.core.kinds import run_job
 
 RECORD = Path(__file__).with_name("same_results.json")
 FAST = {"ddim_steps": 3, "iterations": 2, "loss_steps": 2, "num_cutouts": 2, "lr": 0.5}
@@ -108,7 +108,7 @@ def test_the_recorded_losses_come_again(name, tiny_models, tmp_path, recorded, c
 if __name__ == "__main__" and "--write" in sys.argv:
     import tempfile
 
-    from core.tiny import make_tiny_models
+    from digin.core.tiny import make_tiny_models
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_models(Path(tmp) / "tiny-models")

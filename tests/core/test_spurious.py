@@ -1,4 +1,4 @@
-"""Spurious-score maths (core.spurious): AUC, ROC curve, the Pillow plot."""
+"""Spurious-score maths (digin.core.spurious): AUC, ROC curve, the Pillow plot."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from core.spurious import PALETTE, SpuriousScore, roc_auc, roc_curve, roc_plot
+from digin.core.spurious import PALETTE, SpuriousScore, roc_auc, roc_curve, roc_plot
 
 
 def test_auc_of_a_hand_computed_example():

@@ -1,4 +1,5 @@
-"""The tiny random models (core.tiny) load through diffusers, transformers, timm and open_clip."""
+"""The tiny random models (digin.core.tiny) load through diffusers, transformers, timm
+and open_clip."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from core.tiny import make_tiny_models
+from digin.core.tiny import make_tiny_models
 
 PROMPT = "a photograph of a tench"
 

@@ -2,7 +2,7 @@
 
 PostgreSQL (the API tests' throwaway database), Redis (a dedicated DB number, flushed), S3 through
 moto's threaded server with the real minio client, and Celery workers started as subprocesses
-(`python -m celery -A worker.app:app worker`, prefork, concurrency 1), each in its own process
+(`python -m celery -A digin.worker.app:app worker`, prefork, concurrency 1), each in its own process
 group so that a test can SIGKILL a whole worker. Tests are skipped, with the reason, when
 PostgreSQL or Redis is absent. Every wait polls with a deadline; nothing asserts on timings.
 """
@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from api import repo
-from api.db import Job
-from api.dispatch import enqueue
-from api.settings import Settings, fresh_settings
+from digin.service import repo
+from digin.service.db import Job
+from digin.service.dispatch import enqueue
+from digin.service.settings import Settings, fresh_settings
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
 from tests.worker.helpers import ROOT, ParamsFactory, digits_params, normalised
 
@@ -100,14 +100,14 @@ class Service:
     @property
     def sessions(self) -> Any:
         if self._sessions is None:
-            from api.db import make_engine, session_factory
+            from digin.service.db import make_engine, session_factory
 
             self._sessions = session_factory(make_engine(self.settings.database_url))
         return self._sessions
 
     @property
     def storage(self) -> Any:
-        from api.storage import storage_from_settings
+        from digin.service.storage import storage_from_settings
 
         return storage_from_settings(self.settings)
 
@@ -118,7 +118,7 @@ class Service:
         if self._sessions is not None:
             from sqlalchemy import delete
 
-            from api.db import ApiKey, Batch, Image, Tenant, WebhookDelivery
+            from digin.service.db import ApiKey, Batch, Image, Tenant, WebhookDelivery
 
             with self.sessions.begin() as session:
                 for model in (WebhookDelivery, Job, Batch, Image, ApiKey, Tenant):
@@ -126,7 +126,7 @@ class Service:
             self.sessions.kw["bind"].dispose()
 
     def celery(self) -> Any:
-        from api.dispatch import make_celery
+        from digin.service.dispatch import make_celery
 
         return make_celery(self.settings, name="e2e-test")
 
@@ -140,7 +140,7 @@ class Service:
     def start_worker(self, name: str | None = None) -> Worker:
         name = name or f"w{len(self.workers) + 1}"
         log = self.logs / f"{name}.log"
-        argv = [sys.executable, "-m", "celery", "-A", "worker.app:app", "worker",
+        argv = [sys.executable, "-m", "celery", "-A", "digin.worker.app:app", "worker",
                 "--queues=interactive,sweep", "--concurrency=1", "--pool=prefork",
                 "--loglevel=INFO", "--without-gossip", "--without-mingle",
                 f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
@@ -213,7 +213,7 @@ def make_service(
     logs = folder / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     service = Service(values, logs)
-    from api.storage import storage_from_settings
+    from digin.service.storage import storage_from_settings
 
     storage_from_settings(service.settings).ensure_bucket()
     return service

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from api.db import TERMINAL
-from api.storage import artifact_key
+from digin.service.db import TERMINAL
+from digin.service.storage import artifact_key
+from digin.worker.reaper import run_reaper
+from digin.worker.tasks import celery_enqueuer
 from tests.e2e.conftest import (
     JOB_TIMEOUT_S,
     Service,
@@ -22,8 +24,6 @@ from tests.e2e.conftest import (
     wait_until,
 )
 from tests.worker.helpers import ParamsFactory, artifact_names, decode_png
-from worker.reaper import run_reaper
-from worker.tasks import celery_enqueuer
 
 STALE_S = 10  # the smallest heartbeat threshold the settings allow
 

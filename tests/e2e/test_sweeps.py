@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.webhooks import verify_signature
+from digin.service.webhooks import verify_signature
 from tests.e2e.conftest import wait_until
 from tests.e2e.test_embedded import free_port, stop_tree
 from tests.worker.helpers import ROOT, decode_png

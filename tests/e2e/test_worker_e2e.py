@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
-from api import repo
-from api.db import TERMINAL
-from api.dispatch import enqueue
-from api.storage import artifact_key
+from digin.service import repo
+from digin.service.db import TERMINAL
+from digin.service.dispatch import enqueue
+from digin.service.storage import artifact_key
 from tests.e2e.conftest import JOB_TIMEOUT_S, Service, Worker, row, submit, wait_status, wait_until
 from tests.worker.helpers import ParamsFactory, artifact_names, decode_png, normalised
 
@@ -27,7 +27,7 @@ def worker(service: Service) -> Worker:
 def client(service: Service) -> Any:
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from digin.api.app import create_app
 
     with TestClient(create_app(service.settings)) as client:
         yield client

@@ -35,7 +35,7 @@ def private_postgres() -> Iterator[PrivatePostgres]:
         pwd.getpwnam("postgres")
     except (FileNotFoundError, KeyError) as exc:
         pytest.skip(f"no PostgreSQL server binaries or postgres user: {exc}")
-    from api.db import migrate
+    from digin.service.db import migrate
 
     postgres = PrivatePostgres()
     postgres.init()

@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from api.db import TERMINAL
-from api.storage import artifact_key
+from digin.service.db import TERMINAL
+from digin.service.storage import artifact_key
 from tests.reliability.stack import Deployment, Worker, wait_until
 from tests.worker.helpers import artifact_names, digits_params
 

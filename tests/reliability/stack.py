@@ -328,21 +328,21 @@ class Deployment:
 
     @property
     def settings(self) -> Any:
-        from api.settings import fresh_settings
+        from digin.service.settings import fresh_settings
 
         return fresh_settings(**self.values)
 
     @property
     def sessions(self) -> Any:
         if self._sessions is None:
-            from api.db import make_engine, session_factory
+            from digin.service.db import make_engine, session_factory
 
             self._sessions = session_factory(make_engine(self.settings.database_url))
         return self._sessions
 
     @property
     def storage(self) -> Any:
-        from api.storage import storage_from_settings
+        from digin.service.storage import storage_from_settings
 
         return storage_from_settings(self.settings)
 
@@ -357,7 +357,7 @@ class Deployment:
         self, name: str, *, concurrency: int = 1, wait: bool = True, **env: str
     ) -> Worker:
         log = self.folder / f"{name}.log"
-        argv = [sys.executable, "-m", "celery", "-A", "worker.app:app", "worker",
+        argv = [sys.executable, "-m", "celery", "-A", "digin.worker.app:app", "worker",
                 "--queues=interactive,sweep", f"--concurrency={concurrency}", "--pool=prefork",
                 "--loglevel=INFO", "--without-gossip", "--without-mingle",
                 f"--hostname={name}-{uuid.uuid4().hex[:6]}@%h"]  # fmt: skip
@@ -371,9 +371,9 @@ class Deployment:
         return worker
 
     def start_reaper(self, interval: float = 1.0) -> None:
-        from api.dispatch import make_celery
-        from worker.reaper import run_reaper
-        from worker.tasks import celery_enqueuer
+        from digin.service.dispatch import make_celery
+        from digin.worker.reaper import run_reaper
+        from digin.worker.tasks import celery_enqueuer
 
         app = make_celery(self.settings, name="reliability-reaper")
         stop = threading.Event()
@@ -400,8 +400,8 @@ class Deployment:
     # --- jobs -----------------------------------------------------------------------------------
     def submit(self, tenant: str, raw: dict[str, Any], *, max_attempts: int = 3) -> uuid.UUID:
         """A committed job, then its message (as the API does)."""
-        from api import repo
-        from api.dispatch import enqueue, make_celery
+        from digin.service import repo
+        from digin.service.dispatch import enqueue, make_celery
         from tests.worker.helpers import normalised
 
         with self.sessions() as session:
@@ -422,13 +422,13 @@ class Deployment:
     def rows(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
         from sqlalchemy import select
 
-        from api.db import Job
+        from digin.service.db import Job
 
         with self.sessions() as session:
             return {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(ids)))}
 
     def wait_terminal(self, ids: list[uuid.UUID], timeout: float) -> dict[uuid.UUID, Any]:
-        from api.db import TERMINAL
+        from digin.service.db import TERMINAL
 
         def check() -> dict[uuid.UUID, Any] | None:
             try:
@@ -479,7 +479,7 @@ def deployment(
         dep.close()
         from sqlalchemy import text
 
-        from api.db import make_engine
+        from digin.service.db import make_engine
 
         engine = make_engine(postgres.url())
         with contextlib.suppress(Exception), engine.begin() as conn:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from api.db import RUNNING
-from api.storage import artifact_key
+from digin.service.db import RUNNING
+from digin.service.storage import artifact_key
 from tests.reliability.stack import deployment, wait_until
 from tests.worker.helpers import artifact_names, digits_params
 

@@ -9,9 +9,9 @@ from collections import Counter
 
 from fastapi.testclient import TestClient
 
-from api import repo
-from api.app import create_app
-from api.db import RUNNING
+from digin.api.app import create_app
+from digin.service import repo
+from digin.service.db import RUNNING
 from tests.reliability.stack import deployment, wait_until
 from tests.worker.helpers import digits_params
 

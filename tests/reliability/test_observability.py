@@ -14,12 +14,12 @@ import httpx
 from prometheus_client import generate_latest
 from sqlalchemy import update
 
-from api.db import Job, utcnow
+from digin.service.db import Job, utcnow
+from digin.worker import metrics
+from digin.worker.logs import JsonFormatter, clear_job_context, set_job_context
+from digin.worker.reaper import reap_once
 from tests.reliability.stack import deployment, free_port, wait_until
 from tests.worker.helpers import digits_params
-from worker import metrics
-from worker.logs import JsonFormatter, clear_job_context, set_job_context
-from worker.reaper import reap_once
 
 
 def sample(text: str, name: str, labels: str = "") -> float | None:

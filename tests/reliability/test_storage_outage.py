@@ -5,8 +5,8 @@ A job is never `succeeded` without its artifacts."""
 
 from __future__ import annotations
 
-from api.db import QUEUED, RUNNING
-from api.storage import artifact_key
+from digin.service.db import QUEUED, RUNNING
+from digin.service.storage import artifact_key
 from tests.reliability.stack import deployment, wait_until
 from tests.worker.helpers import artifact_names, digits_params
 

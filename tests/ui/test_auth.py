@@ -119,8 +119,8 @@ def test_cancel_needs_the_csrf_token_and_a_revoked_key_ends_the_session(live):
             assert other.post("/ui/login", data={"api_key": key}).status_code == 403
             assert other.get("/ui/jobs").status_code == 303
         # revoking the key ends the session at the next request
-        from api import repo
-        from api.db import make_engine, session_factory
+        from digin.service import repo
+        from digin.service.db import make_engine, session_factory
 
         engine = make_engine(live.settings.database_url)
         with session_factory(engine)() as session:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from api.dashboard import number
+from digin.api.dashboard import number
 from tests.e2e.conftest import wait_until
 from tests.e2e.test_embedded import free_port, stop_tree
 from tests.ui.conftest import JOB_TIMEOUT_MS, natural_widths, screenshot

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
-from api.app import create_app
-from api.db import make_engine, migrate, session_factory
-from api.settings import fresh_settings
-from api.storage import storage_from_settings
 from bench.dashboard import seed
+from digin.api.app import create_app
+from digin.service.db import make_engine, migrate, session_factory
+from digin.service.settings import fresh_settings
+from digin.service.storage import storage_from_settings
 
 ROW = re.compile(r'<tr class="job-row" data-live-job="([0-9a-f-]{36})"')
 NEXT = re.compile(r'<a href="([^"]+)" id="next-page"')

@@ -9,10 +9,10 @@ from datetime import UTC, datetime
 
 import pytest
 
-from api.dashboard import content_security_policy, number, views
-from api.dashboard.sessions import Signer
-from api.db import Job
-from api.repo.dashboard import BatchItem
+from digin.api.dashboard import content_security_policy, number, views
+from digin.api.dashboard.sessions import Signer
+from digin.service.db import Job
+from digin.service.repo.dashboard import BatchItem
 
 
 def job(kind: str, summary: dict, status: str = "succeeded") -> Job:
@@ -115,7 +115,7 @@ def test_csp_and_number_format():
 def test_dashboard_settings(tmp_path):
     from pydantic import ValidationError
 
-    from api.settings import fresh_settings
+    from digin.service.settings import fresh_settings
 
     s = fresh_settings(data_dir=tmp_path, frame_ancestors="self, https://platform.example.org")
     assert s.frame_ancestors == ["'self'", "https://platform.example.org"]

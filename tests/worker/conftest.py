@@ -23,11 +23,11 @@ from tests.worker.helpers import ParamsFactory, digits_params
 
 @pytest.fixture(scope="session")
 def model_cache() -> Any:
-    """One `core.jobs.ModelCache` for every in-process job (models load once), torch on one
+    """One `digin.core.jobs.ModelCache` for every in-process job (models load once), torch on one
     thread (the machine is shared)."""
     import torch
 
-    from core.jobs import ModelCache
+    from digin.core.jobs import ModelCache
 
     torch.set_num_threads(1)
     return ModelCache()

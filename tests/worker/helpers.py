@@ -23,7 +23,7 @@ def digits_params(iterations: int = 2, **extra: Any) -> dict[str, Any]:
 
 def normalised(kind: str, raw: dict[str, Any]) -> dict[str, Any]:
     """The params as the API stores them: validated, defaults filled in."""
-    from core.params import validate_params
+    from digin.core.params import validate_params
 
     return validate_params(kind, raw).model_dump(mode="json")
 

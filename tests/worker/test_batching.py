@@ -14,18 +14,18 @@ from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import Job, Tenant
-from api.repo.batches import create_batch
-from api.schemas import BatchCreate
-from api.settings import fresh_settings
-from api.storage import LocalStorage, artifact_key
-from api.sweeps import plan_batch
-from core.groups import run_group
-from core.kinds import run_job
-from worker import groups
-from worker.groups import group_capacity
-from worker.runner import WorkerContext, execute_job
+from digin.api.schemas import BatchCreate
+from digin.api.sweeps import plan_batch
+from digin.core.groups import run_group
+from digin.core.kinds import run_job
+from digin.service import repo
+from digin.service.db import Job, Tenant
+from digin.service.repo.batches import create_batch
+from digin.service.settings import fresh_settings
+from digin.service.storage import LocalStorage, artifact_key
+from digin.worker import groups
+from digin.worker.groups import group_capacity
+from digin.worker.runner import WorkerContext, execute_job
 
 TEMPLATE = {"guidance": {"iterations": 2}}
 
@@ -66,7 +66,7 @@ def pixels(data: bytes) -> np.ndarray:
 
 
 def test_a_group_gives_the_images_of_one_by_one_runs(model_cache: Any):
-    from core.params import validate_params
+    from digin.core.params import validate_params
 
     jobs = [
         (validate_params("guided", {"classes": [c], **TEMPLATE}), seed)

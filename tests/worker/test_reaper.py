@@ -1,4 +1,4 @@
-"""The reaper round (`worker.reaper.reap_once`): re-queue and re-send, fail at the cap."""
+"""The reaper round (`digin.worker.reaper.reap_once`): re-queue and re-send, fail at the cap."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
-from api import repo
-from api.db import Job, utcnow
-from api.settings import fresh_settings
+from digin.service import repo
+from digin.service.db import Job, utcnow
+from digin.service.settings import fresh_settings
+from digin.worker.reaper import reap_once, reaper_interval, run_reaper
+from digin.worker.runner import pid_namespace
 from tests.api.helpers import new_job
 from tests.worker.test_runner import Sent
-from worker.reaper import reap_once, reaper_interval, run_reaper
-from worker.runner import pid_namespace
 
 WORKER = {"host": "gpu-1", "pid": 1}
 
@@ -104,8 +104,8 @@ def test_old_jobs_whose_messages_the_broker_holds_are_not_sent_again(
     """A deep queue (a big sweep) waits longer than queued_stale_seconds: while the broker
     (here the real filesystem broker) holds a message per queued job, the reaper re-stamps
     the old jobs instead of piling up duplicates; a lost message is re-sent."""
-    from api.dispatch import enqueue, make_celery
-    from worker.reaper import broker_depths_reader
+    from digin.service.dispatch import enqueue, make_celery
+    from digin.worker.reaper import broker_depths_reader
 
     config = settings(tmp_path)
     celery = make_celery(config)

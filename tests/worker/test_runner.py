@@ -1,4 +1,4 @@
-"""The job task in process (`worker.runner.execute_job`) on real PostgreSQL and SQLite, real
+"""The job task in process (`digin.worker.runner.execute_job`) on real PostgreSQL and SQLite, real
 local storage and the bundled digits zoo: every path of the task's state machine."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import pytest
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import Job, Tenant, utcnow
-from api.settings import fresh_settings
-from api.storage import LocalStorage, artifact_key
+from digin.service import repo
+from digin.service.db import Job, Tenant, utcnow
+from digin.service.settings import fresh_settings
+from digin.service.storage import LocalStorage, artifact_key
+from digin.worker import runner
+from digin.worker.runner import WorkerContext, backoff_seconds, execute_job
 from tests.api.helpers import new_job
 from tests.worker.helpers import ParamsFactory, artifact_names, decode_png, normalised
-from worker import runner
-from worker.runner import WorkerContext, backoff_seconds, execute_job
 
 
 class RecordingStorage(LocalStorage):
@@ -313,7 +313,7 @@ def test_run_errors_map_to_codes(
 ):
     import torch
 
-    import core.kinds
+    import digin.core.kinds
 
     if exc == "oom":
         exc = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -321,7 +321,7 @@ def test_run_errors_map_to_codes(
     def broken(*_args: Any, **_kwargs: Any) -> None:
         raise exc
 
-    monkeypatch.setattr(core.kinds, "run_job", broken)
+    monkeypatch.setattr(digin.core.kinds, "run_job", broken)
     job = submit(session, tenant, job_params())
     assert execute_job(job.id, ctx=ctx) == "failed"
     row = reload(sessions, job)

@@ -1,4 +1,4 @@
-"""The service commands of `digin` (digin/service.py), on a SQLite file in a temporary folder."""
+"""The service commands of `digin` (digin/server_cli.py), on a SQLite file in a temporary folder."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from api import repo
-from api.db import make_engine, session_factory
-from api.settings import get_settings
-from digin.service import register
+from digin.server_cli import register
+from digin.service import repo
+from digin.service.db import make_engine, session_factory
+from digin.service.settings import get_settings
 
 runner = CliRunner()
 

@@ -8,18 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from api.db import Job, make_engine, session_factory
-from api.dispatch import TASK_REAP, TASK_RUN_JOB, make_celery
-from api.settings import fresh_settings
+from digin.service.db import Job, make_engine, session_factory
+from digin.service.dispatch import TASK_REAP, TASK_RUN_JOB, make_celery
+from digin.service.settings import fresh_settings
+from digin.worker import tasks
+from digin.worker.runner import WorkerContext
 from tests.api.helpers import new_job
 from tests.worker.helpers import ROOT, normalised
-from worker import tasks
-from worker.runner import WorkerContext
 
 
 def test_tasks_are_registered_and_run_the_job(sessions, session, tenant, tmp_path, model_cache,
                                               job_params):  # fmt: skip
-    from api.storage import LocalStorage
+    from digin.service.storage import LocalStorage
     from tests.worker.test_runner import Sent
 
     app = make_celery(fresh_settings(data_dir=tmp_path, broker_url="memory://"))
@@ -42,7 +42,7 @@ def test_tasks_are_registered_and_run_the_job(sessions, session, tenant, tmp_pat
 
 
 def test_an_unreachable_database_at_claim_retries_the_message(tmp_path, caplog):
-    from api.storage import LocalStorage
+    from digin.service.storage import LocalStorage
     from tests.worker.test_runner import Sent
 
     app = make_celery(fresh_settings(data_dir=tmp_path, broker_url="memory://"))
@@ -65,7 +65,7 @@ def test_an_unreachable_database_at_claim_retries_the_message(tmp_path, caplog):
 
 def test_the_worker_app_imports_without_torch_or_a_database(tmp_path: Path):
     code = (
-        "import sys, worker.app as w; "
+        "import sys, digin.worker.app as w; "
         "print(sorted(t for t in w.app.tasks if t.startswith('digin.'))); "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'core')))"
     )

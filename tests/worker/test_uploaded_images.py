@@ -1,5 +1,5 @@
 """Jobs that name uploaded images (`image_id`, POST /v1/images) run on those images' bytes,
-for the job's own tenant only (worker.runner.image_resolver), on PostgreSQL and SQLite."""
+for the job's own tenant only (digin.worker.runner.image_resolver), on PostgreSQL and SQLite."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from api import repo
-from api.db import Job, Tenant
-from api.settings import fresh_settings
-from api.storage import LocalStorage
-from core.counterfactual.images import bundled_digit
+from digin.core.counterfactual.images import bundled_digit
+from digin.service import repo
+from digin.service.db import Job, Tenant
+from digin.service.settings import fresh_settings
+from digin.service.storage import LocalStorage
+from digin.worker.runner import WorkerContext, execute_job
 from tests.api.helpers import new_job
 from tests.worker.helpers import normalised
-from worker.runner import WorkerContext, execute_job
 
 FAST = {
     "targets": ["one"],

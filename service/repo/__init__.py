@@ -1,6 +1,6 @@
 """Repository: keyword-only functions over a SQLAlchemy Session. They flush, never commit."""
 
-from api.repo.jobs import (
+from digin.service.repo.jobs import (
     CancelOutcome,
     HeartbeatOutcome,
     IdempotencyConflict,
@@ -22,7 +22,7 @@ from api.repo.jobs import (
     request_cancel,
     requeue_job,
 )
-from api.repo.reaper import (
+from digin.service.repo.reaper import (
     Dispatch,
     ReapReport,
     job_counts,
@@ -30,7 +30,7 @@ from api.repo.reaper import (
     reap,
     restamp_enqueued,
 )
-from api.repo.tenants import (
+from digin.service.repo.tenants import (
     LOCAL_TENANT,
     TenantExists,
     authenticate,

@@ -10,8 +10,8 @@ from sqlalchemy import Insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, Image, Tenant, utcnow
-from api.security import generate_api_key, hash_api_key, key_prefix, verify_api_key
+from digin.service.db.models import ApiKey, Image, Tenant, utcnow
+from digin.service.security import generate_api_key, hash_api_key, key_prefix, verify_api_key
 
 LOCAL_TENANT = "local"  # embedded mode's tenant when auth is off
 TENANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")

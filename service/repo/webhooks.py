@@ -2,7 +2,7 @@
 
 An event is recorded in the same transaction as the state change that causes it (the job's
 compare-and-set, a batch's bulk cancel, a batch's last item ending), as one `webhook_deliveries`
-row per target with its payload fixed; a periodic sender outside the API (`worker.webhooks`)
+row per target with its payload fixed; a periodic sender outside the API (`digin.worker.webhooks`)
 posts due rows and records each attempt. Event ids are derived from what happened (job, event,
 attempt), so they are stable: every retry of a delivery carries the same `webhook-id`.
 """
@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import (
+from digin.service.db.models import (
     DELIVERED,
     FAILED,
     PENDING,
@@ -30,8 +30,8 @@ from api.db.models import (
     WebhookDelivery,
     utcnow,
 )
-from api.repo.tenants import insert_ignore
-from api.webhooks import JOB_EVENTS, new_secret
+from digin.service.repo.tenants import insert_ignore
+from digin.service.webhooks import JOB_EVENTS, new_secret
 
 MAX_ATTEMPTS = 8  # attempts per delivery (every delivery row gets this; no setting changes it)
 LOG_ENTRIES = 20  # attempts kept in a delivery's log
@@ -143,8 +143,8 @@ def wants(webhook: dict[str, Any] | None, event: str) -> bool:
 
 # --- events of jobs and batches ----------------------------------------------------------------
 def on_job_status(session: Session, job: Job) -> None:
-    """Called after every status change of a job (`api.repo.jobs.compare_and_set`): record the
-    job's event for its own webhook and its batch's, and end the batch after its last item."""
+    """Called after every status change of a job (`digin.service.repo.jobs.compare_and_set`): record
+    the job's event for its own webhook and its batch's, and end the batch after its last item."""
     event = job.status if job.status in JOB_EVENTS else None
     batch = session.get(Batch, job.batch_id) if job.batch_id is not None else None
     if event is not None:
@@ -175,7 +175,7 @@ def batch_counts(
     session: Session, batch_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, dict[str, int]]:
     """Items per status of each batch (every status listed, zeros included)."""
-    from api.db.models import STATUSES
+    from digin.service.db.models import STATUSES
 
     counts = {b: dict.fromkeys(STATUSES, 0) for b in batch_ids}
     if batch_ids:

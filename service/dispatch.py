@@ -2,15 +2,15 @@
 
 Torch-free: the API imports this module to enqueue; `worker/` registers the tasks on the same app
 under the names below. Celery's own task state is never shown to users and no result backend is
-used: the job row is the truth (`api.repo`). Settings that keep long GPU tasks from being lost or
-run twice:
+used: the job row is the truth (`digin.service.repo`). Settings that keep long GPU tasks from being
+lost or run twice:
 
 - `task_acks_late` + `worker_prefetch_multiplier=1`: a task is acknowledged after it ran, and a
   worker process reserves one task at a time;
 - `task_reject_on_worker_lost`: a task whose process died (SIGKILL, OOM killer) goes back to the
   queue; the attempt cap on the job row stops message loops;
 - a hard `task_time_limit` below the broker's visibility timeout (Redis redelivers an
-  unacknowledged task to a second worker when it passes), checked by `api.settings`;
+  unacknowledged task to a second worker when it passes), checked by `digin.service.settings`;
 - `worker_cancel_long_running_tasks_on_connection_loss`: a late-ack task is not run twice after
   a broker connection loss;
 - two queues, `interactive` (jobs) and `sweep` (batches), so a sweep cannot starve a user.
@@ -18,6 +18,7 @@ run twice:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from celery import Celery
 from kombu.entity import Exchange, Queue
 
 if TYPE_CHECKING:
-    from api.settings import Settings
+    from digin.service.settings import Settings
 
 TASK_RUN_JOB = "digin.run_job"  # args: (job_id: str,)
 TASK_REAP = "digin.reap"  # periodic: re-queue stale running jobs, re-send never-dispatched ones
@@ -137,3 +138,49 @@ def enqueue_many(
     except Exception as exc:
         raise PartialEnqueue(sent, exc) from exc
     return sent
+
+
+# kombu's Redis transport keeps a queue's priority levels in lists `queue`, `queue\x06\x163`, …
+REDIS_PRIORITY_SEPARATOR = "\x06\x16"
+REDIS_PRIORITY_STEPS = (0, 3, 6, 9)
+REDIS_UNACKED_KEY = "unacked"
+BROKER_TIMEOUT_S = 1.0
+
+
+def redis_queue_keys(queue: str) -> list[str]:
+    return [
+        queue if p == 0 else f"{queue}{REDIS_PRIORITY_SEPARATOR}{p}" for p in REDIS_PRIORITY_STEPS
+    ]
+
+
+class BrokerReader:
+    """Messages waiting per queue and unacknowledged messages, read from the broker on each
+    `read()`: one pipelined round trip to Redis, or a listing of the filesystem broker's folder."""
+
+    def __init__(self, broker_url: str, folder: str | None = None) -> None:
+        self.broker_url, self.folder = broker_url, folder
+        self._redis: Any = None
+
+    def read(self) -> tuple[dict[str, int], int | None]:
+        if self.broker_url.startswith("redis"):
+            if self._redis is None:
+                import redis
+
+                self._redis = redis.Redis.from_url(
+                    self.broker_url,
+                    socket_timeout=BROKER_TIMEOUT_S,
+                    socket_connect_timeout=BROKER_TIMEOUT_S,
+                )
+            pipe = self._redis.pipeline(transaction=False)
+            for queue in QUEUES:
+                for key in redis_queue_keys(queue):
+                    pipe.llen(key)
+            pipe.hlen(REDIS_UNACKED_KEY)
+            *lengths, unacked = pipe.execute()
+            steps = len(REDIS_PRIORITY_STEPS)
+            depths = {q: sum(lengths[i * steps : (i + 1) * steps]) for i, q in enumerate(QUEUES)}
+            return depths, int(unacked)
+        if self.folder is not None:  # filesystem://: one file per waiting message
+            names = os.listdir(self.folder)
+            return {q: sum(n.endswith(f".{q}.msg") for n in names) for q in QUEUES}, None
+        return {}, None

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from api.settings import Settings
+    from digin.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_WORKER_NAME = "embedded"
@@ -43,7 +43,7 @@ def _settings() -> Settings:
     """The DIGIN_* settings, or a clear error and exit code 2."""
     from pydantic import ValidationError
 
-    from api.settings import get_settings
+    from digin.service.settings import get_settings
 
     try:
         return get_settings()
@@ -53,7 +53,7 @@ def _settings() -> Settings:
 
 
 def _sessions(settings: Settings) -> Any:
-    from api.db import make_engine, session_factory
+    from digin.service.db import make_engine, session_factory
 
     return session_factory(make_engine(settings.database_url))
 
@@ -67,8 +67,8 @@ def migrate_command(
 ) -> None:
     """Create or upgrade the database to the current schema, and create the artifact bucket
     or folder (idempotent; the deployment runs it before the API starts)."""
-    from api.db import migrate
-    from api.storage import storage_from_settings
+    from digin.service.db import migrate
+    from digin.service.storage import storage_from_settings
 
     settings = _settings()
     migrate(settings.database_url)
@@ -83,8 +83,8 @@ def keys_create(
     tenant: Annotated[str, typer.Option("--tenant", help="Tenant name (created if missing).")],
 ) -> None:
     """Create an API key for TENANT; the secret is printed once and never stored."""
-    from api import repo
-    from api.db import session_scope
+    from digin.service import repo
+    from digin.service.db import session_scope
 
     settings = _settings()
     try:
@@ -108,7 +108,7 @@ def keys_list(
     tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's keys.")] = None,
 ) -> None:
     """List API keys (prefix, tenant, created, revoked); secrets cannot be listed."""
-    from api import repo
+    from digin.service import repo
 
     with _sessions(_settings())() as session:
         rows = repo.list_api_keys(session, tenant_name=tenant)
@@ -136,9 +136,9 @@ def keys_webhook_secret(
 ) -> None:
     """Print TENANT's webhook signing secret (whsec_…, created on first use); --rotate
     replaces it. Tenants read theirs with GET /v1/webhooks/secret."""
-    from api import repo
-    from api.db import session_scope
-    from api.repo.webhooks import webhook_secret
+    from digin.service import repo
+    from digin.service.db import session_scope
+    from digin.service.repo.webhooks import webhook_secret
 
     settings = _settings()
     try:
@@ -156,8 +156,8 @@ def keys_webhook_secret(
 @keys_app.command("revoke")
 def keys_revoke(prefix: Annotated[str, typer.Argument(help="The key's prefix.")]) -> None:
     """Revoke the key with PREFIX (requests with it get 401 from now on)."""
-    from api import repo
-    from api.db import session_scope
+    from digin.service import repo
+    from digin.service.db import session_scope
 
     with session_scope(_sessions(_settings())) as session:
         revoked = repo.revoke_api_key(session, prefix=prefix)
@@ -169,7 +169,7 @@ def keys_revoke(prefix: Annotated[str, typer.Argument(help="The key's prefix.")]
 
 # --- workers and the reaper --------------------------------------------------------------------
 def _queues(value: str) -> str:
-    from api.dispatch import QUEUES
+    from digin.service.dispatch import QUEUES
 
     queues = [q.strip() for q in value.split(",") if q.strip()]
     unknown = sorted(set(queues) - set(QUEUES))
@@ -190,7 +190,7 @@ def worker_argv(
     schedule: Path | None = None,
     quiet: bool = False,
 ) -> list[str]:
-    """Arguments of `celery -A worker.app:app` for a worker: prefork pool (time limits work
+    """Arguments of `celery -A digin.worker.app:app` for a worker: prefork pool (time limits work
     only there), `concurrency` processes (one per GPU)."""
     argv = [
         "worker",
@@ -239,14 +239,14 @@ def worker_command(
         beat=beat,
         schedule=settings.data_dir / "celerybeat-schedule",
     )
-    from worker.app import app as celery_app
+    from digin.worker.app import app as celery_app
 
     celery_app.worker_main(argv)
 
 
 def _enqueuer(settings: Settings) -> Any:
-    from api.dispatch import make_celery
-    from worker.tasks import celery_enqueuer
+    from digin.service.dispatch import make_celery
+    from digin.worker.tasks import celery_enqueuer
 
     return celery_enqueuer(make_celery(settings))
 
@@ -263,13 +263,13 @@ def reaper_command(
 ) -> None:
     """Re-queue jobs of dead workers and re-send lost messages, every INTERVAL seconds; send
     due webhook deliveries (every DIGIN_WEBHOOK_INTERVAL_SECONDS)."""
-    from worker.logs import configure_logging
-    from worker.reaper import reap_once, run_reaper
+    from digin.worker.logs import configure_logging
+    from digin.worker.reaper import reap_once, run_reaper
 
     settings = _settings()
     configure_logging()
     if settings.worker_metrics_port is not None:  # reaper actions on GET /metrics
-        from worker import metrics
+        from digin.worker import metrics
 
         metrics.enable()
         metrics.serve(settings.worker_metrics_port)
@@ -280,7 +280,7 @@ def reaper_command(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    from worker.webhooks import run_sender  # the webhook sender runs beside the reaper
+    from digin.worker.webhooks import run_sender  # the webhook sender runs beside the reaper
 
     sender = threading.Thread(
         target=run_sender,
@@ -319,13 +319,13 @@ def _listen_settings(host: str | None, port: int | None) -> Settings:
     overrides = {"DIGIN_HOST": host, "DIGIN_PORT": None if port is None else str(port)}
     given = {name: value for name, value in overrides.items() if value is not None}
     if given:
-        from api.settings import get_settings
+        from digin.service.settings import get_settings
 
         os.environ.update(given)
         get_settings.cache_clear()  # settings read before the options would not see them
     settings = _settings()
     try:
-        from api.app import check_binding
+        from digin.api.app import check_binding
     except ImportError as exc:
         typer.echo(f"error: the API is not available: {exc}", err=True)
         raise typer.Exit(code=1) from None
@@ -347,7 +347,7 @@ def api_command(
 
     settings = _listen_settings(host, port)
     uvicorn.run(
-        "api.app:create_app",
+        "digin.api.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
@@ -389,7 +389,7 @@ def spawn_embedded_worker(settings: Settings, *, concurrency: int = 1) -> subpro
         quiet=True,
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.app:app", *argv],
+        [sys.executable, "-m", "celery", "-A", "digin.worker.app:app", *argv],
         env=env,
         start_new_session=True,
         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
@@ -443,15 +443,15 @@ def serve_command(
 
     import uvicorn
 
-    from api.db import migrate
-    from api.storage import storage_from_settings
-    from worker.logs import configure_logging
-    from worker.reaper import run_reaper
+    from digin.service.db import migrate
+    from digin.service.storage import storage_from_settings
+    from digin.worker.logs import configure_logging
+    from digin.worker.reaper import run_reaper
 
     configure_logging()
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        from api.app import create_app
+        from digin.api.app import create_app
     except ImportError as exc:
         typer.echo(f"error: the API is not available: {exc}", err=True)
         raise typer.Exit(code=1) from None
@@ -477,7 +477,7 @@ def serve_command(
         daemon=True,
     )
     reaper.start()
-    from worker.webhooks import run_sender  # webhook deliveries, outside the API's requests
+    from digin.worker.webhooks import run_sender  # webhook deliveries, outside the API's requests
 
     sender = threading.Thread(
         target=run_sender,

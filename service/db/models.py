@@ -92,7 +92,7 @@ class Tenant(Base):
 
 class ApiKey(Base):
     """A bearer key `dg_<prefix>_<random>`: only its prefix (lookup, display) and the SHA-256
-    of the whole secret are stored (`api.security`)."""
+    of the whole secret are stored (`digin.service.security`)."""
 
     __tablename__ = "api_keys"
 

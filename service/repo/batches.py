@@ -2,9 +2,9 @@
 rates, cancel, lists.
 
 A batch's items are ordinary job rows (`batch_id`, `item_index`, `custom_id`, `group_key`),
-written in one multi-row INSERT after the whole batch was validated (`api.sweeps`), so that a
+written in one multi-row INSERT after the whole batch was validated (`digin.api.sweeps`), so that a
 bad item leaves nothing behind. Like every repository function these flush and never commit;
-the route commits, then sends the items' messages in bulk (`api.dispatch.enqueue_many`).
+the route commits, then sends the items' messages in bulk (`digin.service.dispatch.enqueue_many`).
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Text, and_, cast, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import (
+from digin.service.db.models import (
     CANCELED,
     CANCELING,
     QUEUED,
@@ -30,7 +30,7 @@ from api.db.models import (
     Job,
     utcnow,
 )
-from api.repo.jobs import (
+from digin.service.repo.jobs import (
     MAX_PAGE,
     RETRY_AFTER_S,
     IdempotencyConflict,
@@ -39,7 +39,7 @@ from api.repo.jobs import (
     encode_cursor,
     lock_tenant,
 )
-from api.repo.webhooks import (
+from digin.service.repo.webhooks import (
     add_deliveries,
     batch_counts,
     batch_status,
@@ -50,11 +50,28 @@ from api.repo.webhooks import (
     on_job_status,
     wants,
 )
-from api.sweeps import BatchPlan
 
 QUEUE = "sweep"
 INSERT_CHUNK = 5000  # rows per INSERT statement (the driver splits further as it needs)
 RATE_WINDOW = timedelta(minutes=10)  # throughput: items finished in the last ten minutes
+
+
+@dataclass
+class PlannedItem:
+    index: int
+    custom_id: str
+    params: dict[str, Any]  # normalised: what the job stores and runs
+    seed: int
+    group_key: str | None
+    job_id: uuid.UUID | None = None  # set when the row is written
+
+
+@dataclass
+class BatchPlan:
+    kind: str
+    items: list[PlannedItem]
+    spec: dict[str, Any]  # what the batch records about its axes or items
+    errors: list[dict[str, str]] = field(default_factory=list)
 
 
 class BatchIdempotencyConflict(IdempotencyConflict):

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import (
+from digin.service.db.models import (
     ACTIVE,
     CANCELED,
     CANCELING,
@@ -217,11 +217,12 @@ def compare_and_set(
     session: Session, *, job_id: uuid.UUID, where: Sequence[Any], values: dict[str, Any]
 ) -> Job | None:
     """One conditional UPDATE of a job; the updated row, or None if `where` did not hold. A
-    status change records its webhook events in the same transaction (`api.repo.webhooks`)."""
+    status change records its webhook events in the same transaction
+    (`digin.service.repo.webhooks`)."""
     stmt = update(Job).where(Job.id == job_id, *where).values(**values).returning(Job)
     job = session.scalars(stmt, execution_options={"populate_existing": True}).one_or_none()
     if job is not None and "status" in values and (job.webhook or job.batch_id):
-        from api.repo.webhooks import on_job_status  # it builds on this module
+        from digin.service.repo.webhooks import on_job_status  # it builds on this module
 
         on_job_status(session, job)
     return job

@@ -9,8 +9,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import ACTIVE, CANCELED, CANCELING, FAILED, QUEUED, QUEUES, Job
-from api.repo.jobs import compare_and_set, job_error
+from digin.service.db.models import ACTIVE, CANCELED, CANCELING, FAILED, QUEUED, QUEUES, Job
+from digin.service.repo.jobs import compare_and_set, job_error
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, Job, Tenant
+from digin.service.db.models import ApiKey, Job, Tenant
 
 MAX_IDS = 500  # ids of one lookup (a page of the dashboard never shows more)
 

@@ -1,4 +1,5 @@
-"""Writing many job submissions in one transaction (the API's group commit, `api.submissions`).
+"""Writing many job submissions in one transaction (the API's group commit,
+`digin.api.submissions`).
 
 `submit_jobs` does for a list of submissions what `create_job` does for one, with a handful of
 statements for the whole list instead of five per job: authenticate every bearer secret in one
@@ -20,10 +21,15 @@ from typing import Any
 from sqlalchemy import bindparam, func, insert, select, tuple_, update
 from sqlalchemy.orm import Session
 
-from api.db.models import QUEUED, QUEUES, ApiKey, Job, Tenant, utcnow
-from api.repo.jobs import RETRY_AFTER_S, IdempotencyConflict, TenantLimitExceeded, lock_tenant
-from api.repo.tenants import DUMMY_HASH, local_tenant
-from api.security import key_prefix, verify_api_key
+from digin.service.db.models import QUEUED, QUEUES, ApiKey, Job, Tenant, utcnow
+from digin.service.repo.jobs import (
+    RETRY_AFTER_S,
+    IdempotencyConflict,
+    TenantLimitExceeded,
+    lock_tenant,
+)
+from digin.service.repo.tenants import DUMMY_HASH, local_tenant
+from digin.service.security import key_prefix, verify_api_key
 
 LOCAL = object()  # `Submission.secret` when auth is off: the embedded `local` tenant
 
@@ -62,7 +68,7 @@ class _Tenants:
 
 def _authenticate(session: Session, submissions: list[Submission]) -> _Tenants:
     """Every distinct secret's tenant, in one query (constant-time hash checks as in
-    `api.repo.authenticate`)."""
+    `digin.service.repo.authenticate`)."""
     found = _Tenants()
     if any(s.secret is LOCAL for s in submissions):
         found.local = local_tenant(session)

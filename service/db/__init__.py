@@ -1,7 +1,7 @@
 """The service's database: models, engines/sessions and migrations (docs/architecture.md §9.1)."""
 
-from api.db.engine import make_engine, migrate, session_factory, session_scope
-from api.db.models import (
+from digin.service.db.engine import make_engine, migrate, session_factory, session_scope
+from digin.service.db.models import (
     ACTIVE,
     CANCELED,
     CANCELING,
