@@ -32,7 +32,8 @@ class ClassInfo:
 
 @cache
 def _imagenet() -> tuple[ClassInfo, ...]:
-    text = resources.files("core").joinpath("data", "imagenet_classes.json").read_text("utf-8")
+    data = resources.files("digin.core").joinpath("data")
+    text = data.joinpath("imagenet_classes.json").read_text("utf-8")
     rows = json.loads(text)
     return tuple(ClassInfo(r["index"], r["wnid"], r["name"], tuple(r["lemmas"])) for r in rows)
 

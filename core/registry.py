@@ -169,7 +169,8 @@ class SchemeInfo(BaseModel):
 
 @cache
 def _registry() -> dict[str, Any]:
-    text = resources.files("core").joinpath("data", "registry.json").read_text(encoding="utf-8")
+    data = resources.files("digin.core").joinpath("data")
+    text = data.joinpath("registry.json").read_text(encoding="utf-8")
     return json.loads(text)
 
 

@@ -261,3 +261,34 @@ def private_imports() -> list[str]:
 
 def test_no_module_imports_another_modules_private_names():
     assert private_imports() == []
+
+
+def test_the_project_loads_only_under_its_namespace():
+    """Importing every layer (from the repository root, as tests and scripts do) loads no
+    top-level `core`, `api`, `service` or `worker` module: a second copy under the old names
+    would hold its own module state."""
+    code = (
+        "import sys, digin.cli, digin.api.app, digin.worker.tasks, digin.service.repo, "
+        "digin.core.kinds; print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'core', 'api', 'service', 'worker'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_uninstalled_checkout_gives_the_same_names(tmp_path):
+    """Without the install (no site-packages, the checkout on the path), `digin.core` is core/
+    and `digin.service` is service/ all the same."""
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT)!r}); import digin.core, digin.service; "
+        "print(digin.core.__file__); print(digin.service.__file__)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split() == [
+        str(ROOT / "core" / "__init__.py"),
+        str(ROOT / "service" / "__init__.py"),
+    ]

@@ -3,8 +3,9 @@
 The repository keeps its top-level folders (core/, api/, service/, worker/) and installs them as
 `digin.core`, `digin.api`, ... through the build configuration's package mapping. mypy does not
 follow the import hook of an editable install, so this script lays out the same names as a tree
-of symbolic links under `.typecheck/` (ignored by git) and runs mypy on the package `digin`
-there: strict on the service packages, the pyproject's relaxed settings on `digin.core`.
+of symbolic links under `.typecheck/` (ignored by git) and runs mypy on the package `digin` there:
+strict on the service packages and the CLI, pyproject's relaxed settings on `digin.core`; then
+strict on the client distribution (client/digin_client), which installs under its own name.
 Errors name files under `.typecheck/digin/<folder>/`, which is the folder of the same name here.
 
     python tools/typecheck.py [extra mypy arguments]
@@ -29,26 +30,33 @@ def mapped_folders() -> dict[str, Path]:
     return {name: ROOT / folder for name, folder in config["package-dir"].items()}
 
 
-def build_tree() -> Path:
-    """`.typecheck/digin/`: links to the files of digin/ and to each mapped folder."""
-    shutil.rmtree(TREE, ignore_errors=True)
-    package = TREE / "digin"
+def build(dest: Path) -> Path:
+    """Replace `dest/digin` by links to the files of digin/ and to each mapped folder."""
+    package = dest / "digin"
+    if package.is_symlink() or package.is_file():
+        package.unlink()
+    shutil.rmtree(package, ignore_errors=True)
     package.mkdir(parents=True)
     for entry in (ROOT / "digin").iterdir():
         if entry.suffix == ".py":
             (package / entry.name).symlink_to(entry)
     for name, folder in mapped_folders().items():
-        parts = name.split(".")
-        assert parts[0] == "digin" and len(parts) == 2, f"unexpected mapping {name}"
-        (package / parts[1]).symlink_to(folder, target_is_directory=True)
+        parent, _, child = name.rpartition(".")
+        if parent != "digin":
+            raise ValueError(f"{name}: only folders mapped to digin.<name> are laid out")
+        (package / child).symlink_to(folder, target_is_directory=True)
     return package
 
 
 def main(argv: list[str]) -> int:
-    build_tree()
+    build(TREE)
     env = {**os.environ, "MYPYPATH": str(TREE)}
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")]
-    return subprocess.call([*cmd, "-p", "digin", *argv], cwd=ROOT, env=env)
+    status = subprocess.call([*cmd, "-p", "digin", *argv], cwd=ROOT, env=env)
+    client = ROOT / "client" / "digin_client"
+    if client.is_dir():
+        status |= subprocess.call([*cmd, "--strict", str(client), *argv], cwd=ROOT)
+    return status
 
 
 if __name__ == "__main__":
