@@ -432,21 +432,13 @@ def serve_command(
     server URLs set (production), run `digin migrate`, `digin api`, `digin worker` and
     `digin reaper` instead."""
     settings = _listen_settings(host, port)
-    if settings.mode != "embedded":
-        typer.echo(
-            f"error: `digin serve` runs the embedded mode only; these settings point at servers "
-            f"({'; '.join(settings.servers)}). In production run `digin migrate`, then "
-            "`digin api`, `digin worker` (one per GPU) and `digin reaper`.",
-            err=True,
-        )
-        raise typer.Exit(code=2)
+    _refuse_server_settings(settings)
 
     import uvicorn
 
     from digin.service.db import migrate
     from digin.service.storage import storage_from_settings
     from digin.worker.logs import configure_logging
-    from digin.worker.reaper import run_reaper
 
     configure_logging()
     logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -465,27 +457,7 @@ def serve_command(
     api = create_app(settings)
     worker = spawn_embedded_worker(settings, concurrency=concurrency)
     stop = threading.Event()
-    reaper = threading.Thread(
-        target=run_reaper,
-        kwargs={
-            "sessions": _sessions(settings),
-            "settings": settings,
-            "enqueue": _enqueuer(settings),
-            "stop": stop,
-        },
-        name="reaper",
-        daemon=True,
-    )
-    reaper.start()
-    from digin.worker.webhooks import run_sender  # webhook deliveries, outside the API's requests
-
-    sender = threading.Thread(
-        target=run_sender,
-        kwargs={"sessions": _sessions(settings), "settings": settings, "stop": stop},
-        name="webhooks",
-        daemon=True,
-    )
-    sender.start()
+    loops = _start_background_loops(settings, stop)
     typer.echo(
         f"digin serve: embedded mode, data in {settings.data_dir}, API on "
         f"http://{settings.host}:{settings.port} (worker pid {worker.pid}); Ctrl-C stops",
@@ -500,10 +472,52 @@ def serve_command(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         stop.set()
         stop_process_group(worker, grace=shutdown_grace)
-        reaper.join(timeout=10)
-        sender.join(timeout=15)
+        for thread, timeout in loops:
+            thread.join(timeout=timeout)
         signal.signal(signal.SIGTERM, previous)
         typer.echo("digin serve: stopped", err=True)
+
+
+def _refuse_server_settings(settings: Settings) -> None:
+    """`digin serve` is the embedded mode: settings that point at servers exit with code 2."""
+    if settings.mode != "embedded":
+        typer.echo(
+            f"error: `digin serve` runs the embedded mode only; these settings point at servers "
+            f"({'; '.join(settings.servers)}). In production run `digin migrate`, then "
+            "`digin api`, `digin worker` (one per GPU) and `digin reaper`.",
+            err=True,
+        )
+        raise typer.Exit(code=2)
+
+
+def _start_background_loops(
+    settings: Settings, stop: threading.Event
+) -> list[tuple[threading.Thread, float]]:
+    """The reaper and the webhook sender as daemon threads until `stop` is set; each with the
+    seconds its stop may take."""
+    from digin.worker.reaper import run_reaper
+    from digin.worker.webhooks import run_sender  # deliveries, outside the API's requests
+
+    reaper = threading.Thread(
+        target=run_reaper,
+        kwargs={
+            "sessions": _sessions(settings),
+            "settings": settings,
+            "enqueue": _enqueuer(settings),
+            "stop": stop,
+        },
+        name="reaper",
+        daemon=True,
+    )
+    sender = threading.Thread(
+        target=run_sender,
+        kwargs={"sessions": _sessions(settings), "settings": settings, "stop": stop},
+        name="webhooks",
+        daemon=True,
+    )
+    reaper.start()
+    sender.start()
+    return [(reaper, 10.0), (sender, 15.0)]
 
 
 def register(app: typer.Typer) -> None:
