@@ -18,8 +18,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -35,7 +35,21 @@ from digin.service.dispatch import BrokerReader
 log = logging.getLogger(__name__)
 
 UNMATCHED = "unmatched"  # requests no route matched (404s, refused bodies)
+T = TypeVar("T")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def scrape(name: str, doc: str, read: Callable[[], T], what: str) -> tuple[Metric, T | None]:
+    """`read()` for one scrape and the gauge `name` saying whether it worked (1 or 0); a failed
+    read is logged and gives None."""
+    up = GaugeMetricFamily(name, doc)
+    try:
+        value: T | None = read()
+    except Exception as exc:
+        log.warning("metrics: cannot read %s: %s", what, exc)
+        value = None
+    up.add_metric([], 0 if value is None else 1)
+    return up, value
 
 
 class JobCollector(Collector):
@@ -47,21 +61,21 @@ class JobCollector(Collector):
     def describe(self) -> Iterable[Metric]:
         return []  # nothing is read at registration
 
+    def read(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        with self.sessions() as session:
+            return repo.job_counts(session), repo.queue_depths(session)
+
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily(
-            "digin_jobs_scrape_ok", "1 if the job counts below could be read from the database"
+        up, read = scrape(
+            "digin_jobs_scrape_ok",
+            "1 if the job counts below could be read from the database",
+            self.read,
+            "job counts",
         )
-        try:
-            with self.sessions() as session:
-                counts = repo.job_counts(session)
-                depths = repo.queue_depths(session)
-        except Exception as exc:
-            log.warning("metrics: cannot read job counts: %s", exc)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
         yield up
+        if read is None:
+            return
+        counts, depths = read
         jobs = GaugeMetricFamily("digin_jobs", "Jobs by status and kind", labels=["status", "kind"])
         kinds = sorted(set(KINDS) | {kind for _, kind in counts})
         for status in STATUSES:
@@ -83,16 +97,13 @@ class BrokerCollector(BrokerReader, Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("digin_broker_scrape_ok", "1 if the broker could be read")
-        try:
-            depths, unacked = self.read()
-        except Exception as exc:
-            log.warning("metrics: cannot read the broker: %s", exc)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
+        up, read = scrape(
+            "digin_broker_scrape_ok", "1 if the broker could be read", self.read, "the broker"
+        )
         yield up
+        if read is None:
+            return
+        depths, unacked = read
         depth = GaugeMetricFamily(
             "digin_broker_queue_depth", "Messages waiting in the broker per queue", labels=["queue"]
         )

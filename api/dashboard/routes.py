@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Header, Query, Request, Response
@@ -223,15 +224,33 @@ def cancel_job(
     dashboard: DashboardDep,
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
+    def cancel(tenant_id: uuid.UUID) -> Any:
+        outcome = repo.request_cancel(session, tenant_id=tenant_id, job_id=parse_id(job_id, "job"))
+        return None if outcome is None else outcome[0]
+
+    return cancel_and_show(request, session, viewer, dashboard, csrf, cancel, "job", job_id)
+
+
+def cancel_and_show(
+    request: Request,
+    session: Session,
+    viewer: Viewer,
+    dashboard: Any,
+    csrf: str,
+    cancel: Callable[[uuid.UUID], Any],
+    what: str,
+    raw_id: str,
+) -> Response:
+    """A cancel form's POST: check the form's CSRF token, cancel the viewer's own job or batch
+    (`cancel` returns it, or None when the tenant has none of that id), commit, and show it."""
     if not dashboard.signer or not dashboard.signer.check_csrf(viewer.token, csrf):
         return forbidden(request, dashboard, viewer)
-    outcome = repo.request_cancel(
-        session, tenant_id=viewer.tenant.id, job_id=parse_id(job_id, "job")
-    )
-    if outcome is None:
-        raise PageNotFound(f"no job with id {job_id}")
+    found = cancel(viewer.tenant.id)
+    if found is None:
+        raise PageNotFound(f"no {what} with id {raw_id}")
     session.commit()
-    return RedirectResponse(f"/ui/jobs/{outcome[0].id}", status_code=303)
+    plural = {"job": "jobs", "batch": "batches"}[what]
+    return RedirectResponse(f"/ui/{plural}/{found.id}", status_code=303)
 
 
 def forbidden(request: Request, dashboard: Any, viewer: Viewer | None) -> Response:
@@ -402,15 +421,11 @@ def cancel_batch(
     dashboard: DashboardDep,
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
-    if not dashboard.signer or not dashboard.signer.check_csrf(viewer.token, csrf):
-        return forbidden(request, dashboard, viewer)
-    batch = repo_batches.cancel_batch(
-        session, tenant_id=viewer.tenant.id, batch_id=parse_id(batch_id, "batch")
-    )
-    if batch is None:
-        raise PageNotFound(f"no batch with id {batch_id}")
-    session.commit()
-    return RedirectResponse(f"/ui/batches/{batch.id}", status_code=303)
+    def cancel(tenant_id: uuid.UUID) -> Any:
+        batch_uuid = parse_id(batch_id, "batch")
+        return repo_batches.cancel_batch(session, tenant_id=tenant_id, batch_id=batch_uuid)
+
+    return cancel_and_show(request, session, viewer, dashboard, csrf, cancel, "batch", batch_id)
 
 
 # --- models ------------------------------------------------------------------------------------
