@@ -101,8 +101,10 @@ def resolve_viewer(request: Request, session: Session, dashboard: Dashboard) -> 
         return Viewer(tenant, token, signer.csrf(token), auth=False, new_cookie=new_cookie)
     if signer is None or token is None or token.key_prefix is None or token.tenant_id is None:
         raise LoginRequired()
-    found = session_tenant(session, prefix=token.key_prefix, tenant_id=token.tenant_id)
-    if found is None:  # the key was revoked since the login
+    found = session_tenant(
+        session, prefix=token.key_prefix, tenant_id=token.tenant_id, nonce=token.nonce
+    )
+    if found is None:  # the key was revoked since the login, or the session logged out
         raise LoginRequired()
     return Viewer(found, token, signer.csrf(token), auth=True)
 

@@ -15,6 +15,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Header, Query, Request, Response
@@ -41,7 +42,13 @@ from digin.core.registry import is_allowed, list_models, list_schemes
 from digin.service import repo
 from digin.service.db import STATUSES, TERMINAL, Job
 from digin.service.repo import batches as repo_batches
-from digin.service.repo.dashboard import MAX_IDS, batch_items, job_states, jobs_by_ids
+from digin.service.repo.dashboard import (
+    MAX_IDS,
+    batch_items,
+    end_session,
+    job_states,
+    jobs_by_ids,
+)
 from digin.service.repo.jobs import InvalidCursor
 from digin.service.security import key_prefix
 from digin.service.storage import ArtifactNotFound
@@ -515,12 +522,20 @@ def login(
 @router.post("/logout")
 def logout(
     request: Request,
+    session: SessionDep,
     dashboard: DashboardDep,
     csrf: Annotated[str, Form(max_length=200)] = "",
 ) -> Response:
+    """End the session on the server (a copy of its cookie stops working too), then drop the
+    cookie."""
     signer = dashboard.signer
-    if signer is None or not signer.check_csrf(read_session(request, dashboard), csrf):
+    token = read_session(request, dashboard)
+    if signer is None or not signer.check_csrf(token, csrf):
         return forbidden(request, dashboard, None)
+    if token is not None and token.key_prefix is not None:
+        expires_at = datetime.fromtimestamp(token.expires, UTC)
+        end_session(session, nonce=token.nonce, expires_at=expires_at)
+        session.commit()
     response = RedirectResponse("/ui/login", status_code=303)
     clear_session_cookie(response, request)
     return response

@@ -1,5 +1,5 @@
 """Database models (docs/architecture.md §9.1, §9.6, §9.9, §9.10): tenants, their API keys,
-jobs, uploaded images, batches (sweeps) and webhook deliveries.
+jobs, uploaded images, batches (sweeps), webhook deliveries and ended dashboard sessions.
 
 Portable between PostgreSQL and SQLite: `Uuid` keys (native uuid / CHAR(32)), JSON (JSONB on
 PostgreSQL), timestamps always timezone-aware UTC (`UTCDateTime`). Status and queue values are
@@ -229,3 +229,14 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class EndedSession(Base):
+    """A dashboard session ended by its logout before it expired (docs/architecture.md §9.11):
+    the session cookie is stateless and signed, so a copy of it stays valid until its expiry
+    unless its nonce is listed here. Rows are deleted once `expires_at` has passed."""
+
+    __tablename__ = "ended_sessions"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)

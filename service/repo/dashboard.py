@@ -1,18 +1,20 @@
 """Reads of the dashboard (docs/architecture.md §9.11) that the REST API has no use for: light
-rows for live progress and for a batch's outcome matrix, and the key behind a dashboard
-session. Every function is scoped to a tenant, like the rest of the repository.
+rows for live progress and for a batch's outcome matrix, the key behind a dashboard session,
+and the sessions ended by a logout. Every read is scoped to a tenant, like the rest of the
+repository.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from digin.service.db.models import ApiKey, Job, Tenant
+from digin.service.db.models import ApiKey, EndedSession, Job, Tenant, utcnow
 
 MAX_IDS = 500  # ids of one lookup (a page of the dashboard never shows more)
 
@@ -30,14 +32,32 @@ class BatchItem(NamedTuple):
     status: str
 
 
-def session_tenant(session: Session, *, prefix: str, tenant_id: uuid.UUID) -> Tenant | None:
-    """The tenant of the active (not revoked) key with this prefix, if it is `tenant_id`: a
-    dashboard session re-checks its key on every request, so revoking the key ends it."""
+def session_tenant(
+    session: Session, *, prefix: str, tenant_id: uuid.UUID, nonce: str
+) -> Tenant | None:
+    """The tenant of the active (not revoked) key with this prefix, if it is `tenant_id` and the
+    session `nonce` was not ended by a logout: a dashboard session re-checks both on every
+    request (one query), so revoking the key or logging out ends it, copies of its cookie too."""
+    ended = select(EndedSession.nonce).where(EndedSession.nonce == nonce).exists()
     return session.scalars(
         select(Tenant)
         .join(ApiKey, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.prefix == prefix, ApiKey.revoked_at.is_(None), Tenant.id == tenant_id)
+        .where(
+            ApiKey.prefix == prefix,
+            ApiKey.revoked_at.is_(None),
+            Tenant.id == tenant_id,
+            ~ended,
+        )
     ).one_or_none()
+
+
+def end_session(session: Session, *, nonce: str, expires_at: datetime) -> None:
+    """List a logged-out session's nonce until the cookie would have expired anyway, and drop
+    the entries whose cookies have expired since (flushes; the caller commits)."""
+    session.execute(delete(EndedSession).where(EndedSession.expires_at <= utcnow()))
+    if session.get(EndedSession, nonce) is None:
+        session.add(EndedSession(nonce=nonce, expires_at=expires_at))
+    session.flush()
 
 
 def _check(ids: Sequence[uuid.UUID]) -> None:

@@ -24,7 +24,7 @@ def schema_diff(engine: Engine, metadata: MetaData) -> list[object]:
 def test_migrated_schema_matches_the_models(engine: Engine):
     assert schema_diff(engine, Base.metadata) == []
     with engine.connect() as conn:
-        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == "0002"
+        assert conn.scalar(text("SELECT version_num FROM alembic_version")) == "0003"
 
 
 def test_the_comparison_sees_a_difference(engine: Engine):

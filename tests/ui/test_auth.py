@@ -132,6 +132,25 @@ def test_cancel_needs_the_csrf_token_and_a_revoked_key_ends_the_session(live):
         assert client.get(f"/ui/jobs/live?id={job['id']}").status_code == 401
 
 
+def test_logout_ends_the_session_on_the_server_for_copies_of_the_cookie_too(live):
+    key = live.key("ui-delta")
+    with httpx.Client(base_url=live.url, timeout=30) as client:
+        form = client.get("/ui/login").text
+        csrf = form.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        assert client.post("/ui/login", data={"api_key": key, "csrf": csrf}).status_code == 303
+        page = client.get("/ui/jobs")
+        assert page.status_code == 200
+        copied = dict(client.cookies)  # what a stolen or second-tab copy of the cookie holds
+        logout_csrf = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        with httpx.Client(base_url=live.url, timeout=30, cookies=copied) as other:
+            assert other.get("/ui/jobs").status_code == 200  # the copy works before the logout
+            response = client.post("/ui/logout", data={"csrf": logout_csrf})
+            assert response.status_code == 303 and response.headers["location"] == "/ui/login"
+            response = other.get("/ui/jobs")  # the same cookie, after the logout
+            assert response.status_code == 303
+            assert response.headers["location"].startswith("/ui/login")
+
+
 def test_frame_ancestors_allow_list_in_a_real_frame(browser, live, tmp_path: Path):
     response = httpx.get(f"{live.url}/ui/login", timeout=30)
     csp = response.headers["content-security-policy"]
