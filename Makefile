@@ -15,11 +15,14 @@ install:
 	python3.11 -m venv $(VENV) && . $(BIN)/activate && pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1 && pip install -c constraints.txt -e ./client -e '.[core,dev]'
 
 # Every dependency pinned (constraints.txt), resolved by pip-tools' pip-compile from both
-# pyproject files for CPython 3.11 on x86-64 Linux; rerun after changing a dependency.
+# pyproject files for CPython 3.11 on x86-64 Linux; rerun after changing a dependency. The
+# client is built first so that the resolver finds `digin-client` (which stays unpinned: it is
+# installed from ./client).
 constraints:
+	rm -rf build/client-wheel && $(BIN)/pip wheel --quiet --no-deps ./client -w build/client-wheel
 	$(BIN)/pip-compile --quiet --extra core --extra dev --strip-extras --no-emit-index-url \
-		--no-emit-find-links --no-header --unsafe-package digin-client -o constraints.txt \
-		pyproject.toml client/pyproject.toml
+		--no-emit-find-links --no-header --find-links build/client-wheel \
+		--unsafe-package digin-client -o constraints.txt pyproject.toml client/pyproject.toml
 
 tiny:
 	$(BIN)/digin make-tiny-models $(TINY)
