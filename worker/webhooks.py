@@ -3,11 +3,14 @@ request path.
 
 Runs as a thread of `digin serve` and `digin reaper`, and as the Celery beat task
 `digin.send_webhooks`. Each round leases up to `batch` due deliveries (so that several senders
-never post the same one at once), checks the target again (the host is resolved and must still
-be public; loopback only in embedded mode), signs the stored body with the tenant's secret and a
-fresh timestamp (the `webhook-id` stays the event id), posts it, and records the attempt: a 2xx
-is delivered; anything else is retried after DIGIN_WEBHOOK_BACKOFF_SECONDS × 2^(attempt-1)
+never post the same one at once), checks the target again (`vet_target`: the host is resolved
+once and every address must still be public; loopback only in embedded mode), signs the stored
+body with the tenant's secret and a fresh timestamp (the `webhook-id` stays the event id), posts
+it to one of the checked addresses (never resolving the name again; TLS verifies the
+certificate for the host name, sent as SNI and in the `Host` header), and records the attempt: a
+2xx is delivered; anything else is retried after DIGIN_WEBHOOK_BACKOFF_SECONDS × 2^(attempt-1)
 (at most an hour) until the delivery's attempts are used up; an unsafe target fails at once.
+One delivery's failure, whatever it is, is that delivery's attempt: the round goes on.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from digin.service.db import session_scope, utcnow
 from digin.service.repo import webhooks as repo_webhooks
-from digin.service.webhooks import Resolver, UnsafeWebhookUrl, check_url, headers, system_resolver
+from digin.service.webhooks import (
+    Resolver,
+    Target,
+    UnresolvedHost,
+    UnsafeWebhookUrl,
+    headers,
+    system_resolver,
+    vet_target,
+)
 
 if TYPE_CHECKING:
     from digin.service.settings import Settings
@@ -70,15 +81,23 @@ def send_due(
         retry_in: float | None = backoff(settings, attempts + 1)
         started = time.perf_counter()
         try:
-            check_url(url, allow_loopback=allow_loopback, resolve=resolve)
+            target = vet_target(url, allow_loopback=allow_loopback, resolve=resolve)
             body = payload.encode()
-            response = client.post(url, content=body, headers=headers(secret, ident, body))
+            response = post(
+                client, target, body, headers(secret, ident, body),
+                budget=settings.webhook_timeout_seconds,
+            )  # fmt: skip
             status_code = response.status_code
             if not 200 <= status_code < 300:
                 error = f"HTTP {status_code}: {response.text[:200]}"
+        except UnresolvedHost as exc:
+            error = f"{exc}"  # retried: DNS may answer next time
         except UnsafeWebhookUrl as exc:
             error, retry_in = f"refused: {exc}", None  # not retried: the target is unsafe
         except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # anything else is this delivery's failed attempt, not the round's
+            log.exception("webhook attempt raised", extra={"event_id": ident})
             error = f"{type(exc).__name__}: {exc}"
         duration_ms = (time.perf_counter() - started) * 1000
         with session_scope(sessions) as session:
@@ -98,6 +117,37 @@ def send_due(
         else:
             log.warning(f"webhook {status}: {error}", extra=fields)
     return report
+
+
+def post(
+    client: httpx.Client, target: Target, body: bytes, signed: dict[str, str], *, budget: float
+) -> httpx.Response:
+    """POST `body` to the vetted target: to its first address that accepts a connection (the
+    next one is tried only after a failed connect, while less than `budget` seconds have
+    passed), by IP, so the name is not resolved again; the `Host` header and, over https, the
+    TLS server name and certificate check name the target's host. Each request asks for
+    `connection: close`, so no connection is reused: not by a request for another host on the
+    same address (whose certificate it never checked), nor after the name has moved. No
+    redirects."""
+    extensions = {} if target.literal or target.scheme != "https" else {"sni_hostname": target.host}
+    sent = {**signed, "host": target.host_header, "connection": "close"}
+    started = time.monotonic()
+    failure: httpx.TransportError | None = None
+    for address in target.addresses:
+        if failure is not None and time.monotonic() - started >= budget:
+            break
+        url = httpx.URL(
+            scheme=target.scheme, host=address, port=target.port,
+            raw_path=target.request_target.encode("ascii"),
+        )  # fmt: skip
+        try:
+            return client.post(
+                url, content=body, headers=sent, extensions=extensions, follow_redirects=False
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent there
+            failure = exc
+    assert failure is not None  # a target has at least one address
+    raise failure
 
 
 def make_client(settings: Settings) -> httpx.Client:
