@@ -21,66 +21,100 @@ import copy
 import json
 import secrets
 from collections.abc import Iterator
-from functools import cache
+from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from digin.api.problems import ProblemError
-from digin.api.schemas import BatchCreate, ClassRange, JobCreate
+from digin.api.schemas import BatchCreate, ClassRange, JobCreate, model_specs
 from digin.core.classes import imagenet_class_names, resolve_class
 from digin.core.params import group_key
-from digin.core.registry import list_models, parse_spec, zoo_dir
+from digin.core.registry import ModelRoots, check_model_roots, list_models, parse_spec, zoo_dir
 from digin.service.repo.batches import BatchPlan, PlannedItem
 
-MAX_ERRORS = 20  # bad items reported in one problem
+MAX_ERRORS = 20  # bad items reported in one problem; planning stops there
 MAX_CLASSES_PER_ITEM = 1000
+MAX_CLASS_NAME = 200  # characters of a class name (the params' limit)
+MAX_SPEC_CHARS = 500  # characters of a model spec (the params' and BatchCreate's limit)
 # kinds whose `classes` only name classes (checked per item; the rest validated once)
 CLASS_ONLY_KINDS = ("guided", "disagreement", "spurious_score")
 CLASSIFIER_FIELD = {"disagreement": ("classifier1", "classifier2")}
+# The caches below are keyed by what clients send (specs, class references): bounded, so that
+# requests naming ever new classifiers or classes cannot grow the process. Sized to real use:
+# the classifiers of a deployment's sweeps (their class names held once each), and the (class,
+# classifier) pairs of a few 1000-class sweeps resubmitted together.
+CLASS_NAMES_CACHE = 128
+CLASS_ERRORS_CACHE = 4096
+Roots = tuple[str, ...] | None  # model roots as a cache key (None: any path)
 
 
 # --- the classes of a classifier ----------------------------------------------------------------
-@cache
+@lru_cache(maxsize=1)
 def _registry_classes() -> dict[str, int]:
     return {m.spec: m.num_classes for m in list_models() if m.num_classes}
 
 
-@cache
-def class_names(spec: str) -> tuple[str, ...] | None:
+def _roots_key(model_roots: ModelRoots | None) -> Roots:
+    return None if model_roots is None else tuple(str(Path(root)) for root in model_roots)
+
+
+def class_names(spec: str, model_roots: ModelRoots | None = None) -> tuple[str, ...] | None:
     """The classifier's class names where known without loading it (the digits zoo's model
-    cards, the registry's ImageNet classifiers), else None."""
-    parsed = parse_spec(spec)
+    cards, the registry's ImageNet classifiers), else None (also for a malformed spec, and for a
+    zoo folder outside `model_roots`, which is never read: see
+    `digin.core.registry.check_model_roots`)."""
+    if not isinstance(spec, str) or not 0 < len(spec) <= MAX_SPEC_CHARS:
+        return None
+    return _class_names(spec, _roots_key(model_roots))
+
+
+@lru_cache(maxsize=CLASS_NAMES_CACHE)
+def _class_names(spec: str, roots: Roots) -> tuple[str, ...] | None:
+    try:
+        parsed = parse_spec(spec)
+        if check_model_roots(parsed, roots) is not None:
+            return None
+    except ValueError:
+        return None
     if parsed.scheme == "digits" and parsed.kind == "classifier":
         card = zoo_dir(parsed.weights) / f"{parsed.arch}.json"
         try:
-            return tuple(json.loads(card.read_text())["class_names"])
-        except (OSError, ValueError, KeyError):
+            names = json.loads(card.read_text())["class_names"]
+        except (OSError, ValueError, KeyError, TypeError):
             return None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return None
+        return tuple(names)
     if _registry_classes().get(spec) == 1000:
         return tuple(imagenet_class_names())
     return None
 
 
-def class_count(spec: str) -> int | None:
-    names = class_names(spec)
+def class_count(spec: str, model_roots: ModelRoots | None = None) -> int | None:
+    names = class_names(spec, model_roots)
     return len(names) if names is not None else _registry_classes().get(spec)
 
 
-@cache
-def class_error(ref: Any, spec: str) -> str | None:
+def class_error(ref: Any, spec: str, model_roots: ModelRoots | None = None) -> str | None:
     """What is wrong with class reference `ref` for classifier `spec`, or None."""
     if isinstance(ref, bool) or not isinstance(ref, int | str):
-        return f"{ref!r} must be a class index (an integer ≥ 0) or a class name"
+        return f"{ref!r:.100} must be a class index (an integer ≥ 0) or a class name"
     if isinstance(ref, int) and ref < 0:
         return f"class index {ref} must be ≥ 0"
-    if isinstance(ref, str) and not 1 <= len(ref) <= 200:
-        return f"a class name has 1 to 200 characters, got {len(ref)}"
-    names = class_names(spec)
+    if isinstance(ref, str) and not 1 <= len(ref) <= MAX_CLASS_NAME:
+        return f"a class name has 1 to {MAX_CLASS_NAME} characters, got {len(ref)}"
+    return _class_error(ref, spec, _roots_key(model_roots))
+
+
+@lru_cache(maxsize=CLASS_ERRORS_CACHE, typed=True)  # typed: 1 and 1.0 are different references
+def _class_error(ref: int | str, spec: str, roots: Roots) -> str | None:
+    names = class_names(spec, roots)
     if names is not None:
         try:
             resolve_class(ref, names)
         except ValueError as exc:
             return f"{exc} ({spec})"
-    elif isinstance(ref, int) and (n := class_count(spec)) is not None and ref >= n:
+    elif isinstance(ref, int) and (n := class_count(spec, roots)) is not None and ref >= n:
         return f"class index {ref} is out of range: {spec} has {n} classes"
     return None
 
@@ -90,8 +124,15 @@ class _Validator:
     """Normalises item params, running the full validation once per distinct params-without-
     classes, and checks each item's classes."""
 
-    def __init__(self, kind: str, allow_list: list[str] | None, allow_paths: bool) -> None:
+    def __init__(
+        self,
+        kind: str,
+        allow_list: list[str] | None,
+        allow_paths: bool,
+        model_roots: ModelRoots | None = None,
+    ) -> None:
         self.kind, self.allow_list, self.allow_paths = kind, allow_list, allow_paths
+        self.model_roots = model_roots
         self._cache: dict[str, tuple[dict[str, Any], str | None] | list[dict[str, str]]] = {}
 
     def classifier_of(self, params: dict[str, Any]) -> str | None:
@@ -116,7 +157,12 @@ class _Validator:
             except ProblemError as exc:
                 self._cache[key] = list(exc.errors or [])
             else:
-                self._cache[key] = (params, group_key(self.kind, params))
+                outside = [
+                    {"field": field, "message": message}
+                    for field, spec, _ in model_specs(params)
+                    if (message := check_model_roots(spec, self.model_roots))
+                ]
+                self._cache[key] = outside or (params, group_key(self.kind, params))
         found = self._cache[key]
         if isinstance(found, list) or not cheap:
             if isinstance(found, list) and cheap:  # the template's errors, without class noise
@@ -130,7 +176,7 @@ class _Validator:
         spec = self.classifier_of(params) or ""
         errors = []
         for i, ref in enumerate(classes):
-            problem = class_error(ref, spec)
+            problem = class_error(ref, spec, self.model_roots)
             if problem is not None:
                 errors.append({"field": f"params.classes.{i}", "message": problem})
         if errors:
@@ -160,12 +206,23 @@ def _relabel(errors: list[dict[str, str]], prefix: str) -> list[dict[str, str]]:
 
 
 def plan_batch(
-    body: BatchCreate, *, allow_list: list[str] | None, allow_paths: bool, max_items: int
+    body: BatchCreate,
+    *,
+    allow_list: list[str] | None,
+    allow_paths: bool,
+    max_items: int,
+    model_roots: ModelRoots | None = None,
 ) -> BatchPlan:
     """Every item of the batch, validated; raises a 422 ProblemError naming the first bad items
-    (`items[17].params.guidance.iterations`, `classes[3]`, `classifiers[1]`) and writes
-    nothing. More than `max_items` items is an error too."""
-    validate = _Validator(body.kind, allow_list, allow_paths)
+    (`items[17].params.guidance.iterations`, `classes[3]`, `classifiers[1]`; planning stops at
+    MAX_ERRORS of them) and writes nothing. More than `max_items` items is an error too.
+
+    `model_roots`: the folders that specs naming local paths must lie in (the settings'
+    `model_path_roots`; `digin.core.registry.check_model_roots`); None, any path, except that
+    without `allow_paths` (production) None means no folder but the bundled digits zoo."""
+    if model_roots is None and not allow_paths:
+        model_roots = ()
+    validate = _Validator(body.kind, allow_list, allow_paths, model_roots)
     plan = BatchPlan(body.kind, [], {})
     expand = _explicit_items if body.items else _axis_items
     items = expand(body, validate, plan)
@@ -183,9 +240,12 @@ def plan_batch(
     if plan.errors:
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in plan.errors[:5])
         more = len(plan.errors) - 5
+        if len(plan.errors) >= MAX_ERRORS:  # planning stopped there: there may be more
+            detail += f"; and more (the first {MAX_ERRORS} are in errors)"
+        elif more > 0:
+            detail += f"; and {more} more"
         raise ProblemError(
-            422, "invalid-batch",
-            f"{detail}{f'; and {more} more' if more > 0 else ''}; nothing was created",
+            422, "invalid-batch", f"{detail}; nothing was created",
             errors=plan.errors[:MAX_ERRORS],
         )  # fmt: skip
     return plan
@@ -202,6 +262,8 @@ def _explicit_items(
         found = validate(raw)
         if isinstance(found, list):
             plan.errors += _relabel(found, f"items[{i}].params")
+            if len(plan.errors) >= MAX_ERRORS:
+                return
             continue
         params, gkey = found
         seed = item.seed if item.seed is not None else base_seed
@@ -245,7 +307,18 @@ def _axis_items(body: BatchCreate, validate: _Validator, plan: BatchPlan) -> Ite
     index = 0
     for overrides, field_name, label in models:
         base = {**template, **overrides}
+        if body.classes == "all":  # the entry's own errors (e.g. its spec) before its classes
+            probe = validate({**base, "classes": [0]})
+            if isinstance(probe, list):
+                errors = _axis_errors(probe, field_name, None, overrides)
+                if errors := [e for e in errors if e["field"] != "classes"]:
+                    plan.errors += errors
+                    if len(plan.errors) >= MAX_ERRORS:
+                        return
+                    continue
         classes = _classes_axis(body, base, validate, plan)
+        if len(plan.errors) >= MAX_ERRORS:
+            return
         if classes is None:
             continue
         for position, ref in classes:
@@ -254,6 +327,8 @@ def _axis_items(body: BatchCreate, validate: _Validator, plan: BatchPlan) -> Ite
             if isinstance(found, list):
                 errors = _axis_errors(found, field_name, position, overrides)
                 plan.errors += errors
+                if len(plan.errors) >= MAX_ERRORS:
+                    return
                 if any(not e["field"].startswith("classes") for e in errors):
                     break  # the same error for every class: report it once per model
                 continue
@@ -292,7 +367,7 @@ def _classes_axis(
         return list(enumerate(classes))
     if classes == "all":
         spec = validate.classifier_of(base) or _default_classifier(body.kind, base, validate)
-        n = class_count(spec) if spec else None
+        n = class_count(spec, validate.model_roots) if spec else None
         if n is None:
             message = (
                 f"'all' needs a classifier whose classes are known (the registry, GET /v1/models, "

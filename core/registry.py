@@ -13,16 +13,18 @@ model allow-list. Spec grammar, one scheme per loader:
                                              `@<dir>` reads another zoo folder
 
 The curated models live in ``core/data/registry.json``; any other well-formed spec is allowed too
-(unless the service's allow-list says otherwise).
+(unless the service's allow-list says otherwise). A service also confines the specs that name
+paths on its machines to its model roots (``check_model_roots``); ``digin run`` passes none.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,17 @@ ZOO_ENV = "DIGIN_ZOO_DIR"  # setting: another zoo folder for every digits spec w
 DIGITS_DIFFUSION = "digits"
 DIGITS_CLASSIFIERS = ("cnn", "mlp", "cnn-spurious", "judge")
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# A Hugging Face hub id as a diffusers spec names it: '<owner>/<name>', each part starting with a
+# letter or digit (so never '.', '..' or '~'); any other diffusers name is a local folder.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+TOKENIZER_FOLDER = "digits-tokenizer"  # the digits diffusion model's tokenizer, in its zoo folder
+ModelRoots = Sequence[str | os.PathLike[str]]
+# The one answer to a spec naming a path outside the model roots: the same whether the path
+# exists or not, and nothing read from it.
+PATH_OUTSIDE_ROOTS = (
+    "names a path on the server outside the model folders this service allows "
+    "(DIGIN_MODEL_ROOTS; the bundled digits zoo is always allowed)"
+)
 
 
 @dataclass(frozen=True)
@@ -167,7 +180,7 @@ class SchemeInfo(BaseModel):
     description: str
 
 
-@cache
+@lru_cache(maxsize=1)  # the file shipped in the package: read once
 def _registry() -> dict[str, Any]:
     data = resources.files("digin.core").joinpath("data")
     text = data.joinpath("registry.json").read_text(encoding="utf-8")
@@ -227,12 +240,76 @@ def weights_source(spec: str | ModelSpec) -> str | None:
 def names_server_path(spec: str | ModelSpec) -> bool:
     """Whether ``spec`` reads weights from a path on the machine that runs it (a local pipeline
     folder, weights file or zoo folder) rather than a hub, a URI or the bundled zoo. A service
-    in production refuses such specs from tenants unless the allow-list names them."""
+    in production refuses such specs from tenants unless the allow-list names them. Decided from
+    the spec alone (never from what exists on this machine)."""
+    return bool(local_paths(spec))
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether a diffusers name is a hub id ('<owner>/<name>') rather than a local folder."""
+    return _HUB_ID.fullmatch(name) is not None
+
+
+def local_paths(spec: str | ModelSpec) -> list[str]:
+    """The paths on this machine that ``spec`` reads, as the spec spells them (not resolved):
+    the zoo folder after 'digits…@' with the model's files in it, a timm weights file and its
+    sidecar JSON, an open_clip weights file and the `<arch>.json` beside it, a diffusers folder.
+    Empty for hub ids, URIs, pretrained tags and the server's own zoo (no '@'). Decided from the
+    spec alone: nothing on the file system is looked at."""
     parsed = parse_spec(spec) if isinstance(spec, str) else spec
     if parsed.scheme == "digits":
-        return parsed.weights is not None
-    source = weights_source(parsed)
-    return source is not None and not source.startswith("hf-hub:") and "://" not in source
+        if parsed.weights is None:
+            return []
+        folder = parsed.weights
+        files = [f"{parsed.arch}.safetensors", f"{parsed.arch}.json"]
+        if parsed.kind == "diffusion":
+            files.append(TOKENIZER_FOLDER)
+        return [folder, *(os.path.join(folder, name) for name in files)]
+    if parsed.scheme == "diffusers":
+        return [] if is_hub_id(parsed.name) else [parsed.name]
+    file = parsed.weights or ""
+    if "://" in file:
+        return []  # a remote object (s3://, https://), fetched by whoever runs the job
+    if parsed.scheme == "timm":
+        if parsed.weights is None:
+            return []
+        return [file, os.path.splitext(file)[0] + ".json"]  # the weights and their sidecar
+    # open_clip: a pretrained tag, or a local weights file (as the loader tells them apart)
+    if "/" in file or os.sep in file or file.endswith(_WEIGHT_FILE_SUFFIXES):
+        return [file, os.path.join(os.path.dirname(file), f"{parsed.arch}.json")]
+    return []
+
+
+def check_model_roots(spec: str | ModelSpec, roots: ModelRoots | None) -> str | None:
+    """Why ``spec`` may not be used under the model roots ``roots``, or None.
+
+    ``roots`` None: any path (local use, e.g. ``digin run``). Otherwise every path the spec reads
+    (``local_paths``) must lie inside one of the roots or the bundled zoo (core/zoo), both as
+    written ('..' collapsed, relative to the working folder) and with every symbolic link
+    resolved. A refusal is always ``PATH_OUTSIDE_ROOTS``: it says nothing about the file system
+    (whether the path exists, what it holds). A malformed spec raises ValueError (parse_spec).
+    """
+    if roots is None:
+        return None
+    if isinstance(roots, str | bytes):
+        raise TypeError("roots must be a sequence of folders, not one path")
+    paths = local_paths(spec)
+    if not paths:
+        return None
+    folders = [ZOO_DIR, *(Path(root) for root in roots)]
+    written = [os.path.abspath(os.path.expanduser(folder)) for folder in folders]
+    real = [os.path.realpath(folder) for folder in written]
+    for path in paths:
+        plain = os.path.abspath(os.path.expanduser(path))
+        if not (_inside(plain, written) and _inside(os.path.realpath(plain), real)):
+            return PATH_OUTSIDE_ROOTS
+    return None
+
+
+def _inside(path: str, folders: list[str]) -> bool:
+    """Whether absolute, normalised ``path`` is one of ``folders`` or lies below one."""
+    return any(path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+               for folder in folders)  # fmt: skip
 
 
 def is_available(spec: str | ModelSpec) -> bool:

@@ -10,6 +10,7 @@ mode, which requires auth and has no default secrets.
 from __future__ import annotations
 
 import json
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -87,6 +88,12 @@ class Settings(BaseSettings):
     )
     max_running_per_tenant: int = Field(8, ge=1)
     model_allow_list: Annotated[list[str] | None, NoDecode] = None
+    model_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        None,
+        description="folders a model spec's local path must lie in ('..' and symbolic links "
+        "resolved; the bundled digits zoo always may); unset: none in production, any path "
+        "embedded (see model_path_roots)",
+    )
 
     # --- workers and the reaper (docs/architecture.md §9.3, §9.4) ------------------------------
     max_attempts: int = Field(3, ge=1, le=20)
@@ -133,7 +140,9 @@ class Settings(BaseSettings):
         description="port of the Prometheus metrics of a worker or reaper process (unset: none)",
     )
 
-    @field_validator("image_formats", "model_allow_list", "frame_ancestors", mode="before")
+    @field_validator(
+        "image_formats", "model_allow_list", "model_roots", "frame_ancestors", mode="before"
+    )
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
@@ -148,6 +157,26 @@ class Settings(BaseSettings):
                 f"DIGIN_IMAGE_FORMATS: {unknown or 'empty'}; pick from {list(KNOWN_IMAGE_FORMATS)}"
             )
         return formats
+
+    @field_validator("model_roots")
+    @classmethod
+    def _model_roots(cls, value: list[Path] | None) -> list[Path] | None:
+        """Made absolute as written (not resolved: a spec is compared with the root as spelled
+        and, symbolic links resolved on both sides, with its real folder)."""
+        if value is None:
+            return None
+        roots = []
+        for root in value:
+            if not str(root).strip():
+                raise ValueError("DIGIN_MODEL_ROOTS: an empty folder name")
+            absolute = Path(os.path.abspath(root.expanduser()))
+            if absolute == Path(absolute.anchor):
+                raise ValueError(
+                    f"DIGIN_MODEL_ROOTS: {str(root)!r} is the file system's root, which would let "
+                    "specs name any file; list the folders that hold models"
+                )
+            roots.append(absolute)
+        return roots
 
     @field_validator("frame_ancestors")
     @classmethod
@@ -234,6 +263,15 @@ class Settings(BaseSettings):
     def mode(self) -> Mode:
         """'embedded' when database, broker and storage are all local, else 'production'."""
         return "production" if self.servers else "embedded"
+
+    @property
+    def model_path_roots(self) -> list[Path] | None:
+        """The folders that model specs naming local paths are confined to
+        (`digin.core.registry.check_model_roots`): DIGIN_MODEL_ROOTS; unset, none in production
+        (only the bundled digits zoo) and None in embedded mode (any path: the user's machine)."""
+        if self.model_roots is not None:
+            return list(self.model_roots)
+        return [] if self.mode == "production" else None
 
     @property
     def auth_enabled(self) -> bool:

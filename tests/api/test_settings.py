@@ -129,3 +129,31 @@ def test_env_example_documents_every_setting():
     text = (ROOT / ".env.example").read_text()
     documented = set(re.findall(r"^#? ?(DIGIN_[A-Z0-9_]+)=", text, flags=re.M))
     assert documented == {f"DIGIN_{name.upper()}" for name in Settings.model_fields}
+
+
+def test_model_roots_default_to_none_in_production_and_any_path_embedded():
+    assert fresh_settings().model_roots is None
+    assert fresh_settings().model_path_roots is None  # embedded: the user's own machine
+    assert fresh_settings(database_url=PG).model_path_roots == []  # only the bundled zoo
+
+
+def test_model_roots_from_the_environment_are_made_absolute_as_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "real", target_is_directory=True)
+    monkeypatch.setenv("DIGIN_MODEL_ROOTS", "/models, alias/./zoo/..")
+    s = fresh_settings(database_url=PG)
+    assert s.model_roots == [Path("/models"), tmp_path / "alias"]  # not resolved to real/
+    assert s.model_path_roots == s.model_roots
+    monkeypatch.setenv("DIGIN_MODEL_ROOTS", '["/srv/zoo"]')
+    assert fresh_settings().model_path_roots == [Path("/srv/zoo")]  # embedded too, when set
+    monkeypatch.setenv("DIGIN_MODEL_ROOTS", "[]")
+    assert fresh_settings().model_path_roots == []  # embedded: no folder but the bundled zoo
+
+
+@pytest.mark.parametrize("value", ["/", "/models,/", "//", "/models/.."])
+def test_the_file_system_root_is_no_model_root(monkeypatch: pytest.MonkeyPatch, value: str):
+    monkeypatch.setenv("DIGIN_MODEL_ROOTS", value)
+    with pytest.raises(ValidationError, match="DIGIN_MODEL_ROOTS: .* the file system's root"):
+        fresh_settings()
