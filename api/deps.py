@@ -3,6 +3,11 @@ the settings, a database session per request, the storage, the Celery app and th
 tenant (bearer API key, or the `local` tenant when auth is off in embedded mode). Dependencies
 that do no I/O are `async def`: FastAPI runs them inline, not through its thread pool.
 
+A route that writes what its JSON body holds takes `WritingTenantDep`: the key is checked first
+(a bad key is a 401 whatever the body), then every value of the body is checked storable
+(`digin.api.schemas.unstorable`: a 422 naming each field), and only then does FastAPI validate
+the body's model and the route resolve anything (model specs, uploads, webhook hosts).
+
 The app's long-lived objects live in one `Services` container on `app.state.services`, made by
 `digin.api.app.create_app` from the settings.
 """
@@ -15,18 +20,22 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from digin.api.metrics import Metrics
-from digin.api.problems import ProblemError
+from digin.api.problems import ProblemError, fields_problem
+from digin.api.schemas import unstorable
 from digin.api.submissions import JobWriter
 from digin.service import repo
 from digin.service.db import Tenant
-from digin.service.repo.submit import LOCAL
 from digin.service.settings import Settings
 from digin.service.storage import Storage
+
+LOCAL = object()  # the caller when auth is off (embedded mode): the `local` tenant
+INLINE_CHECK_BYTES = 64 * 1024  # bodies up to this size are checked on the event loop
 
 
 @dataclass
@@ -128,3 +137,38 @@ def get_tenant(session: SessionDep, caller: CallerDep) -> Tenant:
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+async def get_tenant_first(services: ServicesDep, caller: CallerDep) -> Tenant:
+    """The caller's tenant, checked in one trip to the thread pool with a session of its own
+    (before the request's body is validated: see `get_writing_tenant`)."""
+
+    def load() -> Tenant:
+        with services.sessions() as session:
+            return tenant_of(session, caller)
+
+    return await run_in_threadpool(load)
+
+
+async def get_writing_tenant(
+    request: Request, tenant: Annotated[Tenant, Depends(get_tenant_first)]
+) -> Tenant:
+    """The tenant of a request whose JSON body is written: the key checked first, then the
+    body's values (`unstorable`), before FastAPI validates the body's model."""
+    raw = await request.body()
+    if raw:
+        try:
+            body = await request.json()  # parsed once per request (FastAPI's body reads it)
+        except ValueError:  # not JSON: FastAPI answers it (a 422 naming `body`)
+            return tenant
+        # a large body (a batch's items) is walked off the event loop
+        if len(raw) > INLINE_CHECK_BYTES:
+            errors = await run_in_threadpool(unstorable, body)
+        else:
+            errors = unstorable(body)
+        if errors:
+            raise fields_problem(422, "validation", errors)
+    return tenant
+
+
+WritingTenantDep = Annotated[Tenant, Depends(get_writing_tenant)]

@@ -91,6 +91,12 @@ def field_problem(status: int, code: str, field: str, message: str, **kwargs: An
     )
 
 
+def fields_problem(status: int, code: str, errors: list[dict[str, str]]) -> ProblemError:
+    """A problem about several fields ({field, message} each); the detail lists them."""
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return ProblemError(status, code, detail, errors=errors)
+
+
 def not_found(what: str, ident: object) -> ProblemError:
     return ProblemError(404, "not-found", f"no {what} with id {ident}")
 
@@ -201,6 +207,9 @@ DATABASE_RETRY_AFTER_S = 5
 def database_unavailable(exc: BaseException) -> bool:
     """Is `exc` the database being away (refused or lost connection, server shutting down,
     SQLite locked) rather than a bug (e.g. a missing table)?"""
+    if type(exc).__module__.startswith("psycopg"):  # raised by the driver itself (COPY)
+        names = {cls.__name__ for cls in type(exc).__mro__}
+        return bool(names & {"OperationalError", "InterfaceError"})
     if not isinstance(exc, OperationalError | InterfaceError):
         return False
     if exc.connection_invalidated:

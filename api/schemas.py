@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
@@ -26,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from digin.api.problems import ProblemError
+from digin.api.problems import ProblemError, fields_problem
 from digin.core.params import KINDS, ParamsError, validate_params
 from digin.core.registry import ModelInfo, SchemeInfo, is_allowed, names_server_path, parse_spec
 from digin.service.db import STATUSES, Image, Job
@@ -61,15 +62,93 @@ MetadataValue = Annotated[
 ]
 
 
+# --- what a request body may hold ----------------------------------------------------------------
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL, and the UTF-16 surrogates
+MAX_UNSTORABLE_ERRORS = 20  # places named in one problem
+_STRICT_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False, check_circular=False)
+
+
+def unstorable(body: Any) -> list[dict[str, str]]:
+    """Each place in a parsed JSON body (or any JSON value) holding what the database cannot
+    store, as {field, message} with the field's JSON path (`params.classes.0`, `metadata.k`;
+    at most MAX_UNSTORABLE_ERRORS): a string or object key with a NUL character (PostgreSQL's
+    text and jsonb refuse it) or a lone UTF-16 surrogate (`"\\ud800"`: not Unicode text), and a
+    number that is not finite (NaN, Infinity, or one too large for a float, such as 1e999:
+    JSON has none of them, but Python's parser reads them). A body with none of them costs one
+    serialisation in C; else one pass over it names each place (no recursion)."""
+    try:  # the common case: nothing to refuse
+        text = _STRICT_JSON.encode(body)
+        if "\\u0000" not in text:  # (NUL is escaped; a lone surrogate fails to encode)
+            text.encode()
+            return []
+    except (ValueError, TypeError):  # UnicodeEncodeError is a ValueError
+        pass
+    errors: list[dict[str, str]] = []
+    # (value, its path as a chain (parent chain, key), or None at the top)
+    stack: list[tuple[Any, tuple[Any, str | int] | None]] = [(body, None)]
+    while stack and len(errors) < MAX_UNSTORABLE_ERRORS:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            if (found := _UNSTORABLE.search(value)) is not None:
+                errors.append({"field": _field(path), "message": _refusal(found.group())})
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                message = f"must be a finite number, got {value}"
+                errors.append({"field": _field(path), "message": message})
+        elif isinstance(value, dict):
+            items = list(value.items())
+            for key, _ in items:
+                if isinstance(key, str) and (found := _UNSTORABLE.search(key)) is not None:
+                    message = f'the key "{_escaped(key)}" {_refusal(found.group())}'
+                    errors.append({"field": _field((path, key)), "message": message})
+            stack.extend((item, (path, key)) for key, item in reversed(items))
+        elif isinstance(value, list):
+            stack.extend((value[i], (path, i)) for i in range(len(value) - 1, -1, -1))
+    return errors[:MAX_UNSTORABLE_ERRORS]
+
+
+def storable_text(value: str | None) -> str | None:
+    """A validator for a text field outside the body (a header): `unstorable`'s refusal."""
+    if value is not None and (found := _UNSTORABLE.search(value)) is not None:
+        raise ValueError(_refusal(found.group()))
+    return value
+
+
+def _refusal(char: str) -> str:
+    if char == "\x00":
+        return "must not contain the NUL character (\\u0000): it cannot be stored"
+    return f"must not contain a lone UTF-16 surrogate ({_escaped(char)}): it is not Unicode text"
+
+
+def _escaped(text: str) -> str:
+    """`text` with NUL, surrogates and other non-ASCII characters as JSON escapes."""
+    return json.dumps(text)[1:-1] if _UNSTORABLE.search(text) else text
+
+
+def _field(path: tuple[Any, str | int] | None) -> str:
+    """The dotted JSON path of a chain (parent chain, key); `body` for the body itself."""
+    parts: list[str] = []
+    while path is not None:
+        path, key = path
+        parts.append(_escaped(key) if isinstance(key, str) else str(key))
+    return ".".join(reversed(parts)) or "body"
+
+
+class RequestBody(BaseModel):
+    """Base of every request body model: unknown fields refused, and no NaN or infinity in a
+    float field. (The whole body was checked by `unstorable` before it gets here:
+    `digin.api.deps.get_writing_tenant`.)"""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
 # --- webhooks (docs/architecture.md §9.10) --------------------------------------------------------
 WebhookEvent = Literal["running", "succeeded", "failed", "canceled", "batch.completed"]
 
 
-class WebhookSpec(BaseModel):
+class WebhookSpec(RequestBody):
     """Where to POST events of a job or batch, and which (Standard Webhooks signatures with the
     tenant's secret: `GET /v1/webhooks/secret`)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     url: str = Field(
         min_length=1,
@@ -85,12 +164,11 @@ class WebhookSpec(BaseModel):
 
 
 # --- jobs -----------------------------------------------------------------------------------------
-class JobCreate(BaseModel):
+class JobCreate(RequestBody):
     """A new job (`POST /v1/jobs`). `params` are the kind's parameters (see `digin.core.params`),
     validated and stored with every default filled in."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={"example": {"kind": "guided", "params": {"classes": [3]}, "seed": 0}},
     )
 
@@ -186,8 +264,7 @@ class JobCreate(BaseModel):
 
 
 def params_problem(errors: list[dict[str, str]]) -> ProblemError:
-    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-    return ProblemError(422, "invalid-params", detail, errors=errors)
+    return fields_problem(422, "invalid-params", errors)
 
 
 def model_specs(params: dict[str, Any], prefix: str = "params") -> list[tuple[str, str, str]]:
@@ -443,10 +520,8 @@ MAX_BATCH_ITEMS_LISTED = 100_000  # explicit items of one request
 BatchStatus = Literal["running", "succeeded", "failed", "canceled", "completed"]
 
 
-class ClassRange(BaseModel):
+class ClassRange(RequestBody):
     """Classes `start` (inclusive) to `stop` (exclusive), as indices."""
-
-    model_config = ConfigDict(extra="forbid")
 
     start: int = Field(ge=0)
     stop: int = Field(gt=0)
@@ -462,10 +537,8 @@ class ClassRange(BaseModel):
         return stop
 
 
-class BatchItem(BaseModel):
+class BatchItem(RequestBody):
     """One explicit item: params over the template (nested fields merged) and its seed."""
-
-    model_config = ConfigDict(extra="forbid")
 
     custom_id: str = Field(min_length=1, max_length=200, description="unique in the batch")
     params: dict[str, Any] = Field(default_factory=dict)
@@ -484,12 +557,11 @@ def _duplicates(values: list[Any], name: str) -> None:
         seen[key] = i
 
 
-class BatchCreate(BaseModel):
+class BatchCreate(RequestBody):
     """A sweep (`POST /v1/batches`): either axes over `params_template` (classes × classifiers
     or classifier pairs × seeds, with `images_per_class`), or explicit `items`, not both."""
 
     model_config = ConfigDict(
-        extra="forbid",
         json_schema_extra={
             "example": {
                 "kind": "guided",

@@ -1,10 +1,11 @@
 """The API's job writer: group commit of `POST /v1/jobs` (docs/architecture.md §8.3).
 
-Each submission is validated in its request (no I/O), then handed to one writer thread per
-API process. The writer takes every submission waiting at that moment (up to `max_batch`) and
-for all of them together:
+Each submission's API key is checked and its body validated in its request (the key first:
+`digin.api.deps.WritingTenantDep`), then it is handed, with its tenant's id, to one writer
+thread per API process. The writer takes every submission waiting at that moment (up to
+`max_batch`) and for all of them together:
 
-1. authenticates, checks caps and idempotency keys and inserts the jobs in ONE transaction
+1. locks the tenants, checks caps and idempotency keys and inserts the jobs in ONE transaction
    (`digin.service.repo.submit.submit_jobs`), and commits;
 2. sends each created job's message (after the commit, as always: a worker that runs it finds
    the row), through one broker connection;
@@ -14,8 +15,12 @@ for all of them together:
 Under load the requests that arrive while a group is written form the next group, so the
 database work per job shrinks as the rate grows (a few statements per group instead of eight
 per job); an idle API writes groups of one with no added delay. A broker error leaves the
-job queued with no `enqueued_at` for the reaper to re-send, as before; a database error fails
-the whole group's requests (503), and nothing of the group is committed.
+job queued with no `enqueued_at` for the reaper to re-send, as before.
+
+A database error while a group is written commits nothing of it. If the database is away, the
+group's requests fail (503). Any other error (a row the database refuses) must not fail the
+other submissions, often other tenants': the writer then writes each submission of the group in
+a transaction of its own, in order, and only the one whose own write fails gets the error.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
 from digin.api.metrics import Metrics
+from digin.api.problems import database_unavailable
 from digin.service.db import Job, utcnow
 from digin.service.dispatch import enqueue
 from digin.service.repo.submit import Outcome, Submission, mark_sent, submit_jobs
@@ -122,22 +128,22 @@ class JobWriter:
 
     def _write(self, group: list[tuple[Submission, Future[Outcome]]]) -> None:
         """Write one group (its futures are running: set each exactly once)."""
-        submissions = [s for s, _ in group]
-        futures = [f for _, f in group]
         if self.on_group is not None:
             self.on_group(len(group))
         with self.sessions() as session:
             try:
-                outcomes = submit_jobs(session, submissions)
-                session.commit()
-            except BaseException as exc:  # nothing of the group was committed: all fail
-                session.rollback()
-                for future in futures:
-                    future.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                return
-            created = [o.job for o in outcomes if o.created and o.job is not None]
+                outcomes: list[Outcome | None] = list(self._commit(session, [s for s, _ in group]))
+            except Exception as exc:  # nothing of the group was committed
+                if len(group) == 1 or database_unavailable(exc):
+                    for _, future in group:
+                        future.set_exception(exc)
+                    return
+                log.warning(
+                    "a group of %d submissions failed (%s: %s); writing each on its own",
+                    len(group), type(exc).__name__, exc,
+                )  # fmt: skip
+                outcomes = self._one_by_one(session, group)
+            created = [o.job for o in outcomes if o is not None and o.created and o.job]
             sent = self._send(created)
             try:
                 mark_sent(session, sent)
@@ -149,8 +155,38 @@ class JobWriter:
                 times = dict(sent)
                 for job in created:
                     job.enqueued_at = times.get(job.id)
-        for future, outcome in zip(futures, outcomes, strict=True):
-            future.set_result(outcome)
+        for (_, future), outcome in zip(group, outcomes, strict=True):
+            if outcome is not None:
+                future.set_result(outcome)
+
+    @staticmethod
+    def _commit(session: Session, submissions: list[Submission]) -> list[Outcome]:
+        """Write and commit `submissions` in one transaction; rolled back if it fails."""
+        try:
+            outcomes = submit_jobs(session, submissions)
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        return outcomes
+
+    def _one_by_one(
+        self, session: Session, group: list[tuple[Submission, Future[Outcome]]]
+    ) -> list[Outcome | None]:
+        """After a group failed: each submission in a transaction of its own, in order (the
+        outcomes one-by-one writes give), so that the one whose row the database refuses fails
+        alone: its request gets the error (None in its place), every other is written."""
+        outcomes: list[Outcome | None] = []
+        for submission, future in group:
+            try:
+                (outcome,) = self._commit(session, [submission])
+            except Exception as exc:
+                log.warning("a submission failed on its own (%s: %s)", type(exc).__name__, exc)
+                future.set_exception(exc)
+                outcomes.append(None)
+            else:
+                outcomes.append(outcome)
+        return outcomes
 
     def _send(self, jobs: list[Job]) -> list[tuple[uuid.UUID, datetime]]:
         """Send the committed jobs' messages through one producer; (id, time) of those sent.

@@ -29,6 +29,7 @@ from digin.api.deps import (
     SessionDep,
     SettingsDep,
     TenantDep,
+    WritingTenantDep,
 )
 from digin.api.problems import ProblemError, field_problem, not_found, problem_responses
 from digin.api.routes.jobs import IdempotencyKey, root, stored_artifacts
@@ -100,14 +101,15 @@ def create_batch(
     request: Request,
     response: Response,
     session: SessionDep,
-    tenant: TenantDep,
+    tenant: WritingTenantDep,
     settings: SettingsDep,
     celery: CeleryDep,
     metrics: MetricsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> BatchPublic:
     embedded = settings.mode == "embedded"
-    # 1. Validate everything before writing anything: the webhook, then every item
+    # 1. Validate everything before writing anything (the key was checked first, then the
+    #    body's values: WritingTenantDep): the webhook, then every item
     webhook = stored_webhook(body.webhook, settings, batch=True)
     plan = plan_batch(
         body, allow_list=settings.model_allow_list, allow_paths=embedded,

@@ -18,6 +18,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, RedirectResponse
+from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 
 from digin.api.deps import (
@@ -28,6 +29,7 @@ from digin.api.deps import (
     SettingsDep,
     StorageDep,
     TenantDep,
+    WritingTenantDep,
     tenant_of,
     unauthorized,
 )
@@ -42,12 +44,13 @@ from digin.api.schemas import (
     JobStatus,
     artifact_path,
     params_problem,
+    storable_text,
 )
 from digin.core.params import KINDS
 from digin.service import repo
 from digin.service.db import SUCCEEDED, TERMINAL, Job, Tenant, utcnow
 from digin.service.repo.jobs import MAX_PAGE
-from digin.service.repo.submit import Submission, Unauthenticated
+from digin.service.repo.submit import Submission
 from digin.service.storage import LocalStorage
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ IdempotencyKey = Annotated[
         description="the same key with the same body returns the same job; with another "
         "body it is a 422",
     ),
+    AfterValidator(storable_text),
 ]
 
 StatusFilter = Annotated[
@@ -99,19 +103,21 @@ async def create_job(
     request: Request,
     response: Response,
     services: ServicesDep,
-    caller: CallerDep,
+    tenant: WritingTenantDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     settings = services.settings
-    # 1. Validate (no I/O): params normalised, models well-formed and allowed
+    # 1. Validate (the key was checked first, then the body's values: WritingTenantDep):
+    #    params normalised, models well-formed and allowed, uploads the tenant's, the webhook's
+    #    host public (resolved off the event loop)
     params = body.normalised_params(
         settings.model_allow_list, allow_paths=settings.mode == "embedded"
     )
     uploads = uploaded_image_ids(params)
     if uploads:  # images named by id must be this tenant's uploads
-        await run_in_threadpool(check_uploads, services, caller, uploads)
+        await run_in_threadpool(check_uploads, services, tenant, uploads)
     webhook = None
-    if body.webhook is not None:  # resolves the host: off the event loop
+    if body.webhook is not None:
         webhook = await run_in_threadpool(stored_webhook, body.webhook, settings)
     # 2. Write the row (or find the idempotent original), commit, send its message, with the
     #    other submissions of this moment (digin.api.submissions: one transaction for the group)
@@ -127,11 +133,12 @@ async def create_job(
         "meta": body.metadata,
         "webhook": webhook,
     }
-    submission = Submission(caller, values, max_queued=settings.max_queued_per_tenant)
-    outcome = await services.writer.submit(submission)
+    submission = Submission(tenant.id, values, max_queued=settings.max_queued_per_tenant)
+    try:
+        outcome = await services.writer.submit(submission)
+    except repo.UnknownTenant:  # the tenant went away since its key was checked
+        raise unauthorized("the API key is invalid or revoked", invalid=True) from None
     error = outcome.error
-    if isinstance(error, Unauthenticated):
-        raise unauthorized(str(error), invalid=True)
     if isinstance(error, repo.IdempotencyConflict):
         raise field_problem(422, "idempotency-key-reused", "Idempotency-Key", str(error))
     if isinstance(error, repo.TenantLimitExceeded):
@@ -165,10 +172,9 @@ def uploaded_image_ids(params: dict[str, Any], prefix: str = "params") -> list[t
     return found
 
 
-def check_uploads(services: Services, caller: str | object, uploads: list[tuple[str, str]]) -> None:
-    """A 422 naming each field whose image id is not one of the caller's uploads."""
+def check_uploads(services: Services, tenant: Tenant, uploads: list[tuple[str, str]]) -> None:
+    """A 422 naming each field whose image id is not one of the tenant's uploads."""
     with services.sessions() as session:
-        tenant = tenant_of(session, caller)
         errors = []
         for field, value in uploads:
             try:

@@ -9,7 +9,6 @@ from digin.service.repo.jobs import (
     UnknownTenant,
     claim_job,
     count_jobs,
-    create_job,
     fail_job,
     finish_job,
     get_job,
@@ -30,6 +29,7 @@ from digin.service.repo.reaper import (
     reap,
     restamp_enqueued,
 )
+from digin.service.repo.submit import create_job
 from digin.service.repo.tenants import (
     LOCAL_TENANT,
     TenantExists,

@@ -2,21 +2,21 @@
 rates, cancel, lists.
 
 A batch's items are ordinary job rows (`batch_id`, `item_index`, `custom_id`, `group_key`),
-written in one multi-row INSERT after the whole batch was validated (`digin.api.sweeps`), so that a
-bad item leaves nothing behind. Like every repository function these flush and never commit;
-the route commits, then sends the items' messages in bulk (`digin.service.dispatch.enqueue_many`).
+written in bulk (`digin.service.repo.submit`, the path of every new job) after the whole batch
+was validated (`digin.api.sweeps`), so that a bad item leaves nothing behind. Like every
+repository function these flush and never commit; the route commits, then sends the items'
+messages in bulk (`digin.service.dispatch.enqueue_many`).
 """
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, and_, cast, func, insert, or_, select, update
+from sqlalchemy import Text, cast, func, select, update
 from sqlalchemy.orm import Session
 
 from digin.service.db.models import (
@@ -30,14 +30,16 @@ from digin.service.db.models import (
     Job,
     utcnow,
 )
-from digin.service.repo.jobs import (
-    MAX_PAGE,
-    RETRY_AFTER_S,
-    IdempotencyConflict,
-    TenantLimitExceeded,
-    decode_cursor,
-    encode_cursor,
-    lock_tenant,
+from digin.service.repo.jobs import IdempotencyConflict, keyset_page, lock_tenant
+from digin.service.repo.submit import (
+    INSERT_CHUNK,
+    cap_error,
+    idempotency_error,
+    insert_jobs,
+    job_row,
+    lock_tenants,
+    queued_counts,
+    stored_by_key,
 )
 from digin.service.repo.webhooks import (
     add_deliveries,
@@ -52,7 +54,6 @@ from digin.service.repo.webhooks import (
 )
 
 QUEUE = "sweep"
-INSERT_CHUNK = 5000  # rows per INSERT statement (the driver splits further as it needs)
 RATE_WINDOW = timedelta(minutes=10)  # throughput: items finished in the last ten minutes
 
 
@@ -98,98 +99,51 @@ def create_batch(
     request_hash: str | None = None,
     max_queued_items: int | None = None,
 ) -> tuple[Batch, bool]:
-    """Insert the batch and one queued job per planned item (one multi-row INSERT); returns
-    (batch, created). An idempotency key seen before returns that batch (created False) or
-    raises BatchIdempotencyConflict; TenantLimitExceeded when the tenant's queued sweep items
-    would pass `max_queued_items`."""
-    lock_tenant(session, tenant_id=tenant_id)
+    """Insert the batch and one queued job per planned item (`insert_jobs`); returns (batch,
+    created). An idempotency key seen before returns that batch (created False) or raises
+    BatchIdempotencyConflict; TenantLimitExceeded when the tenant's queued sweep items would
+    pass `max_queued_items`. The same pieces as every new job (`digin.service.repo.submit`)."""
+    lock_tenants(session, [tenant_id])
     if idempotency_key is not None:
-        existing = session.scalars(
-            select(Batch).where(
-                Batch.tenant_id == tenant_id, Batch.idempotency_key == idempotency_key
+        key = (tenant_id, idempotency_key)
+        stored = stored_by_key(session, Batch, [key]).get(key)
+        if stored is not None:
+            conflict = idempotency_error(
+                stored, idempotency_key, request_hash, BatchIdempotencyConflict
             )
-        ).one_or_none()
-        if existing is not None:
-            if existing.request_hash != request_hash:
-                raise BatchIdempotencyConflict(idempotency_key, existing.id)
-            return existing, False
+            if conflict is not None:
+                raise conflict
+            return stored, False
     total = len(plan.items)
     if max_queued_items is not None:
-        queued = session.scalar(
-            select(func.count())
-            .select_from(Job)
-            .where(Job.tenant_id == tenant_id, Job.status == QUEUED, Job.queue == QUEUE)
-        )
-        if int(queued or 0) + total > max_queued_items:
-            raise TenantLimitExceeded(
-                "max_queued_sweep_items_per_tenant", max_queued_items, RETRY_AFTER_S
-            )
+        queued = queued_counts(session, [tenant_id])[tenant_id, QUEUE]
+        error = cap_error(queued, total, max_queued_items, "max_queued_sweep_items_per_tenant")
+        if error is not None:
+            raise error
     now = utcnow()
     batch = Batch(
-        id=uuid.uuid4(),
-        tenant_id=tenant_id,
-        kind=plan.kind,
-        params_template=params_template,
-        spec=plan.spec,
-        total=total,
-        priority=priority,
-        meta=metadata,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        webhook=webhook,
+        id=uuid.uuid4(), tenant_id=tenant_id, kind=plan.kind, params_template=params_template,
+        spec=plan.spec, total=total, priority=priority, meta=metadata,
+        idempotency_key=idempotency_key, request_hash=request_hash, webhook=webhook,
         created_at=now,
-    )
+    )  # fmt: skip
     session.add(batch)
     session.flush()
+    shared = {"kind": plan.kind, "priority": priority, "queue": QUEUE, "batch_id": batch.id,
+              "max_attempts": max_attempts,
+              # sent right after the commit; the route clears it for what it could not send
+              "enqueued_at": now}  # fmt: skip
     rows = []
     for item in plan.items:
-        item.job_id = uuid.uuid4()
-        rows.append(
-            {
-                "id": item.job_id,
-                "tenant_id": tenant_id,
-                "kind": plan.kind,
-                "status": QUEUED,
-                "params": item.params,
-                "seed": item.seed,
-                "priority": priority,
-                "queue": QUEUE,
-                "batch_id": batch.id,
-                "item_index": item.index,
-                "custom_id": item.custom_id,
-                "group_key": item.group_key,
-                "attempts": 0,
-                "max_attempts": max_attempts,
-                "cancel_requested": False,
-                "created_at": now,
-                # sent right after the commit; the route clears it for what it could not send
-                "enqueued_at": now,
-            }
-        )
+        row = job_row(
+            {**shared, "params": item.params, "seed": item.seed, "item_index": item.index,
+             "custom_id": item.custom_id, "group_key": item.group_key},
+            tenant_id=tenant_id, now=now,
+        )  # fmt: skip
+        item.job_id = row["id"]
+        rows.append(row)
     insert_jobs(session, rows)
     return batch, True
-
-
-def insert_jobs(session: Session, rows: list[dict[str, Any]]) -> None:
-    """Insert job rows in bulk: PostgreSQL's COPY (one stream, JSON serialised once per row),
-    else multi-row INSERTs of INSERT_CHUNK rows."""
-    if not rows:
-        return
-    table: Any = Job.__table__
-    if session.get_bind().dialect.name != "postgresql":
-        for start in range(0, len(rows), INSERT_CHUNK):
-            session.execute(insert(table), rows[start : start + INSERT_CHUNK])
-        return
-    columns = list(rows[0])
-    names = ", ".join(f'"{table.c[c].name}"' for c in columns)
-    dumps = json.JSONEncoder(separators=(",", ":")).encode
-    raw: Any = session.connection().connection.dbapi_connection  # psycopg's Connection
-    assert raw is not None
-    with raw.cursor() as cursor, cursor.copy(f"COPY jobs ({names}) FROM STDIN") as copy:
-        for row in rows:
-            copy.write_row(
-                [dumps(v) if isinstance(v, dict) else v for v in (row[c] for c in columns)]
-            )
 
 
 def get_batch(session: Session, *, tenant_id: uuid.UUID, batch_id: uuid.UUID) -> Batch | None:
@@ -203,19 +157,8 @@ def list_batches(
     session: Session, *, tenant_id: uuid.UUID, limit: int, cursor: str | None = None
 ) -> tuple[list[Batch], str | None]:
     """The tenant's batches, newest first, with a keyset cursor as for jobs."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise ValueError(f"limit: {limit} must be between 1 and {MAX_PAGE}")
     stmt = select(Batch).where(Batch.tenant_id == tenant_id)
-    if cursor is not None:
-        created, last_id = decode_cursor(cursor)
-        stmt = stmt.where(
-            or_(Batch.created_at < created, and_(Batch.created_at == created, Batch.id < last_id))
-        )
-    stmt = stmt.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit + 1)
-    batches = list(session.scalars(stmt))
-    if len(batches) > limit:
-        return batches[:limit], encode_cursor(batches[limit - 1])  # type: ignore[arg-type]
-    return batches, None
+    return keyset_page(session, stmt, Batch, limit=limit, cursor=cursor)
 
 
 def clear_unsent(session: Session, *, batch_id: uuid.UUID, from_index: int) -> int:

@@ -1,4 +1,5 @@
-"""Jobs: creating, reading and every state change of the lifecycle (docs/architecture.md §9.1).
+"""Jobs: reading and every state change of the lifecycle (docs/architecture.md §9.1); new jobs
+are written by `digin.service.repo.submit`.
 
 How the job lifecycle stays correct with several API processes and workers
 (docs/architecture.md §9.1, §8):
@@ -19,9 +20,9 @@ import json
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from digin.service.db.models import (
@@ -30,10 +31,10 @@ from digin.service.db.models import (
     CANCELING,
     FAILED,
     QUEUED,
-    QUEUES,
     RUNNING,
     STATUSES,
     SUCCEEDED,
+    Batch,
     Job,
     Tenant,
     utcnow,
@@ -70,75 +71,13 @@ class InvalidCursor(ValueError):
     pass
 
 
-# --- creating and reading jobs -----------------------------------------------------------------
+# --- locking and reading jobs -----------------------------------------------------------------
 def lock_tenant(session: Session, *, tenant_id: uuid.UUID) -> None:
     """Serialise the caller's transaction with others of the same tenant until it commits."""
     stmt = update(Tenant).where(Tenant.id == tenant_id).values(name=Tenant.name)
     stmt = stmt.returning(Tenant.id).execution_options(synchronize_session=False)
     if session.scalar(stmt) is None:
         raise UnknownTenant(f"no tenant with id {tenant_id}")
-
-
-def create_job(
-    session: Session,
-    *,
-    tenant_id: uuid.UUID,
-    kind: str,
-    params: dict[str, Any],
-    seed: int,
-    priority: int,
-    queue: str,
-    max_attempts: int,
-    idempotency_key: str | None = None,
-    request_hash: str | None = None,
-    metadata: dict[str, Any] | None = None,
-    batch_id: uuid.UUID | None = None,
-    max_queued: int | None = None,
-) -> tuple[Job, bool]:
-    """Insert a queued job; returns (job, created). The same idempotency key with the same
-    request hash returns the existing job (created False); with another hash it raises
-    IdempotencyConflict. Raises TenantLimitExceeded when the tenant has `max_queued` queued
-    jobs in `queue`."""
-    if queue not in QUEUES:
-        raise ValueError(f"queue: {queue!r} is not one of {list(QUEUES)}")
-    if max_attempts < 1:
-        raise ValueError(f"max_attempts: {max_attempts} must be at least 1")
-    if idempotency_key is not None and not (0 < len(idempotency_key) <= 255 and request_hash):
-        raise ValueError("idempotency_key: 1 to 255 characters, with the request_hash it guards")
-    lock_tenant(session, tenant_id=tenant_id)
-    if idempotency_key is not None:
-        existing = session.scalars(
-            select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
-        ).one_or_none()
-        if existing is not None:
-            if existing.request_hash != request_hash:
-                raise IdempotencyConflict(idempotency_key, existing.id)
-            return existing, False
-    if max_queued is not None:  # the tenant's queued jobs of this queue
-        stmt = select(func.count()).select_from(Job)
-        stmt = stmt.where(Job.tenant_id == tenant_id, Job.status == QUEUED, Job.queue == queue)
-        if int(session.scalar(stmt) or 0) >= max_queued:
-            raise TenantLimitExceeded("max_queued_per_tenant", max_queued, RETRY_AFTER_S)
-    job = Job(
-        tenant_id=tenant_id,
-        kind=kind,
-        status=QUEUED,
-        params=params,
-        seed=seed,
-        priority=priority,
-        queue=queue,
-        idempotency_key=idempotency_key,
-        request_hash=request_hash,
-        batch_id=batch_id,
-        meta=metadata,
-        attempts=0,
-        max_attempts=max_attempts,
-        cancel_requested=False,
-        created_at=utcnow(),
-    )
-    session.add(job)
-    session.flush()
-    return job, True
 
 
 def count_jobs(session: Session, *, tenant_id: uuid.UUID, statuses: Sequence[str]) -> int:
@@ -157,8 +96,8 @@ def get_job(session: Session, *, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job
     ).one_or_none()
 
 
-def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id.hex]).encode()
+def encode_cursor(row: Job | Batch) -> str:
+    raw = json.dumps([row.created_at.isoformat(), row.id.hex]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
@@ -187,8 +126,6 @@ def list_jobs(
     """The tenant's jobs, newest first, `limit` per page; returns (jobs, next_cursor or None).
     The opaque cursor is a keyset position (created_at, id): no duplicates or gaps as jobs are
     added, also among jobs created in the same microsecond."""
-    if not 1 <= limit <= MAX_PAGE:
-        raise ValueError(f"limit: {limit} must be between 1 and {MAX_PAGE}")
     stmt = select(Job).where(Job.tenant_id == tenant_id)
     if status is not None:
         statuses = [status] if isinstance(status, str) else list(status)
@@ -200,16 +137,34 @@ def list_jobs(
         stmt = stmt.where(Job.kind == kind)
     if batch_id is not None:
         stmt = stmt.where(Job.batch_id == batch_id)
+    return keyset_page(session, stmt, Job, limit=limit, cursor=cursor)
+
+
+Paged = TypeVar("Paged", Job, Batch)
+
+
+def keyset_page(
+    session: Session,
+    stmt: Select[Paged],
+    model: type[Paged],
+    *,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[Paged], str | None]:
+    """`limit` rows of `stmt` (jobs or batches), newest first, after the keyset position
+    `cursor` (created_at, id); returns (rows, the next page's cursor or None on the last)."""
+    if not 1 <= limit <= MAX_PAGE:
+        raise ValueError(f"limit: {limit} must be between 1 and {MAX_PAGE}")
     if cursor is not None:
         created, last_id = decode_cursor(cursor)
         stmt = stmt.where(
-            or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id))
+            or_(model.created_at < created, and_(model.created_at == created, model.id < last_id))
         )
-    stmt = stmt.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
-    jobs = list(session.scalars(stmt))
-    if len(jobs) > limit:
-        return jobs[:limit], encode_cursor(jobs[limit - 1])
-    return jobs, None
+    stmt = stmt.order_by(model.created_at.desc(), model.id.desc()).limit(limit + 1)
+    rows = list(session.scalars(stmt))
+    if len(rows) > limit:
+        return rows[:limit], encode_cursor(rows[limit - 1])
+    return rows, None
 
 
 # --- state changes -----------------------------------------------------------------------------
@@ -226,6 +181,13 @@ def compare_and_set(
 
         on_job_status(session, job)
     return job
+
+
+def _changed(
+    session: Session, *, job_id: uuid.UUID, where: Sequence[Any], values: dict[str, Any]
+) -> bool:
+    """`compare_and_set`: whether it changed the job."""
+    return compare_and_set(session, job_id=job_id, where=where, values=values) is not None
 
 
 CancelOutcome = Literal["canceled", "canceling", "unchanged"]
@@ -260,15 +222,8 @@ def request_cancel(
 
 def mark_enqueued(session: Session, *, job_id: uuid.UUID, now: datetime | None = None) -> bool:
     """Record that the job's message was sent (after the commit that created it)."""
-    return (
-        compare_and_set(
-            session,
-            job_id=job_id,
-            where=[Job.status == QUEUED],
-            values={"enqueued_at": now or utcnow()},
-        )
-        is not None
-    )
+    values = {"enqueued_at": now or utcnow()}
+    return _changed(session, job_id=job_id, where=[Job.status == QUEUED], values=values)
 
 
 def claim_job(
@@ -328,15 +283,8 @@ def finish_job(
     session: Session, *, job_id: uuid.UUID, attempt: int, result: dict[str, Any]
 ) -> bool:
     """running/canceling → succeeded with `result`; False if the attempt no longer holds it."""
-    return (
-        compare_and_set(
-            session,
-            job_id=job_id,
-            where=_held(attempt),
-            values={"status": SUCCEEDED, "result": result, "finished_at": utcnow()},
-        )
-        is not None
-    )
+    values = {"status": SUCCEEDED, "result": result, "finished_at": utcnow()}
+    return _changed(session, job_id=job_id, where=_held(attempt), values=values)
 
 
 def job_error(code: str, message: str, *, retryable: bool = False) -> dict[str, Any]:
@@ -350,15 +298,8 @@ def fail_job(session: Session, *, job_id: uuid.UUID, attempt: int, error: dict[s
     """running/canceling → failed with `error` (`job_error(...)`); False if not held."""
     code, message = str(error.get("code") or ""), str(error.get("message") or "")
     error = job_error(code, message, retryable=bool(error.get("retryable")))
-    return (
-        compare_and_set(
-            session,
-            job_id=job_id,
-            where=_held(attempt),
-            values={"status": FAILED, "error": error, "finished_at": utcnow()},
-        )
-        is not None
-    )
+    values = {"status": FAILED, "error": error, "finished_at": utcnow()}
+    return _changed(session, job_id=job_id, where=_held(attempt), values=values)
 
 
 def requeue_job(
@@ -382,12 +323,6 @@ def requeue_job(
 
 def mark_canceled(session: Session, *, job_id: uuid.UUID, attempt: int) -> bool:
     """canceling → canceled, once the worker has stopped; False if not held or not canceling."""
-    return (
-        compare_and_set(
-            session,
-            job_id=job_id,
-            where=[Job.status == CANCELING, Job.attempts == attempt],
-            values={"status": CANCELED, "finished_at": utcnow()},
-        )
-        is not None
-    )
+    where = [Job.status == CANCELING, Job.attempts == attempt]
+    values = {"status": CANCELED, "finished_at": utcnow()}
+    return _changed(session, job_id=job_id, where=where, values=values)
