@@ -1,4 +1,4 @@
-"""The client commands of ``digin``: talk to a running service over HTTP (`digin.api.client`).
+"""The client commands of ``digin``: talk to a running service over HTTP (`digin_client`).
 
     digin submit KIND [--params FILE|-] [--seed N] [--priority N] [--wait]
     digin status JOB        digin wait JOB        digin download JOB [--out DIR]
@@ -36,7 +36,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from digin.api.client import APIError, Batch, Client, DiginError, Job, WaitTimeoutError
+from digin_client import APIError, Batch, Client, DiginError, Job, WaitTimeoutError
 
 EXIT_UNSUCCESSFUL, EXIT_USAGE, EXIT_TIMEOUT, EXIT_REQUEST = 1, 2, 3, 4
 

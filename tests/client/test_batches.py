@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from digin.api.client import AsyncClient, Batch, Client, UnprocessableError
 from digin.cli import app
+from digin_client import AsyncClient, Batch, Client, UnprocessableError
 from tests.client.conftest import LiveAPI
 from tests.e2e.conftest import JOB_TIMEOUT_S
 from tests.worker.helpers import ROOT, digits_params

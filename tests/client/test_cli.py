@@ -108,7 +108,7 @@ def test_wait_timeout_and_download_of_an_unfinished_job(env: dict[str, str], tmp
     assert "artifacts exist once it has succeeded" in json.loads(result.stdout)["error"]["detail"]
 
     job_id = submit(env)["id"]
-    from digin.api.client import Client
+    from digin_client import Client
 
     with Client(env["DIGIN_URL"], env["DIGIN_API_KEY"]) as client:
         client.cancel(job_id)

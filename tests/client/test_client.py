@@ -14,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image as PILImage
 
-from digin.api.client import (
+from digin_client import (
     AsyncClient,
     AuthenticationError,
     Client,
@@ -24,7 +24,7 @@ from digin.api.client import (
     UnprocessableError,
     WaitTimeoutError,
 )
-from digin.api.client._ops import Policy, poll_delay
+from digin_client._ops import Policy, poll_delay
 from tests.client.conftest import LiveAPI, free_port, lite_settings, running
 from tests.worker.helpers import digits_params
 
@@ -243,7 +243,7 @@ def test_no_server_is_a_connection_error():
 
 
 def test_the_client_imports_no_server_code():
-    """In a fresh interpreter: `digin.api.client` loads httpx and pydantic, not torch, FastAPI,
+    """In a fresh interpreter: `digin_client` loads httpx and pydantic, not torch, FastAPI,
     Starlette, SQLAlchemy, Celery or the core."""
     import subprocess
     import sys
@@ -251,7 +251,7 @@ def test_the_client_imports_no_server_code():
     from tests.worker.helpers import ROOT
 
     code = (
-        "import sys, digin.api.client\n"
+        "import sys, digin_client\n"
         "heavy = {'torch', 'fastapi', 'starlette', 'sqlalchemy', 'celery', 'core', 'minio'}\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
     )

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from digin.api.client import AsyncClient, Client, DiginError, Job
 from digin.cli import app
+from digin_client import AsyncClient, Client, DiginError, Job
 from tests.client.conftest import LiveAPI
 from tests.e2e.conftest import JOB_TIMEOUT_S
 from tests.worker.helpers import artifact_names, decode_png, digits_params

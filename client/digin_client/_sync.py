@@ -1,6 +1,6 @@
 """The synchronous client: `Client`, over `httpx.Client`.
 
-Every method but the streaming ones runs an operation of `digin.api.client._ops` (shared with
+Every method but the streaming ones runs an operation of `digin_client._ops` (shared with
 `AsyncClient`); see that module for what each does on the wire.
 """
 
@@ -16,9 +16,9 @@ from typing import IO, Any, TypeVar
 
 import httpx
 
-import digin.api.client._ops as ops  # not via the package: its __init__ imports this module
-from digin.api.client.errors import DiginConnectionError, error_from_response
-from digin.api.client.models import (
+import digin_client._ops as ops  # not via the package: its __init__ imports this module
+from digin_client.errors import DiginConnectionError, error_from_response
+from digin_client.models import (
     ArtifactList,
     Batch,
     Image,

@@ -1,6 +1,6 @@
 """A typed Python client of the DiG-IN job service (`Client`, and `AsyncClient` for asyncio).
 
-    from digin.api.client import Client
+    from digin_client import Client
 
     with Client("http://127.0.0.1:8000", api_key="...") as digin:
         job = digin.submit("guided", {"classes": ["seven"]}, seed=0)
@@ -11,9 +11,9 @@ Only httpx, pydantic and the standard library: no torch, FastAPI or SQLAlchemy a
 The server URL and key default to DIGIN_URL and DIGIN_API_KEY.
 """
 
-from digin.api.client._async import AsyncClient
-from digin.api.client._sync import Client
-from digin.api.client.errors import (
+from digin_client._async import AsyncClient
+from digin_client._sync import Client
+from digin_client.errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
@@ -30,7 +30,7 @@ from digin.api.client.errors import (
     UnsupportedMediaError,
     WaitTimeoutError,
 )
-from digin.api.client.models import (
+from digin_client.models import (
     Artifact,
     ArtifactList,
     Batch,

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel
 
-from digin.api.client.errors import (
+from digin_client.errors import (
     APIError,
     DiginConnectionError,
     DiginError,
@@ -32,7 +32,7 @@ from digin.api.client.errors import (
     error_from_response,
     parse_retry_after,
 )
-from digin.api.client.models import (
+from digin_client.models import (
     Artifact,
     ArtifactList,
     Batch,

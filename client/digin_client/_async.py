@@ -2,7 +2,7 @@
 `Client` (same names, same arguments, awaited; `list`, `list_batches` and `iter_results` are
 async iterators).
 
-Every method but the streaming ones runs an operation of `digin.api.client._ops` (shared with
+Every method but the streaming ones runs an operation of `digin_client._ops` (shared with
 `Client`); see that module for what each does on the wire.
 """
 
@@ -18,9 +18,9 @@ from typing import IO, Any, TypeVar
 
 import httpx
 
-import digin.api.client._ops as ops  # not via the package: its __init__ imports this module
-from digin.api.client.errors import DiginConnectionError, error_from_response
-from digin.api.client.models import (
+import digin_client._ops as ops  # not via the package: its __init__ imports this module
+from digin_client.errors import DiginConnectionError, error_from_response
+from digin_client.models import (
     ArtifactList,
     Batch,
     Image,
