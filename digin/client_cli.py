@@ -16,13 +16,16 @@ or batch finished without succeeding, 2 bad usage, 3 a wait timed out, 4 the req
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Concatenate, ParamSpec
 
 import typer
 from rich.console import Console
@@ -39,6 +42,7 @@ from rich.progress import (
 from digin_client import APIError, Batch, Client, DiginError, Job, WaitTimeoutError
 
 EXIT_UNSUCCESSFUL, EXIT_USAGE, EXIT_TIMEOUT, EXIT_REQUEST = 1, 2, 3, 4
+DEFAULT_URL = "http://127.0.0.1:8000"
 
 UrlOption = Annotated[
     str,
@@ -57,7 +61,29 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 TimeoutOption = Annotated[
     float | None, typer.Option("--timeout", help="Give up waiting after this many seconds.")
 ]
-DEFAULT_URL = "http://127.0.0.1:8000"
+# the options of submit and batch create
+IdempotencyKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--idempotency-key", help="Resubmitting with this key returns the job or batch it made."
+    ),
+]
+WaitOption = Annotated[
+    bool, typer.Option("--wait", help="Wait for it to finish (a batch: every item).")
+]
+JobId = Annotated[str, typer.Argument(help="The job's id.")]
+BatchId = Annotated[str, typer.Argument(help="The batch's id.")]
+# The options every client command takes, after its own (see `client_command`).
+COMMON_OPTIONS = [
+    inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=option)
+    for name, option, default in [
+        ("url", UrlOption, DEFAULT_URL),
+        ("key", KeyOption, None),
+        ("as_json", JsonOption, False),
+    ]
+]
+
+P = ParamSpec("P")
 
 
 class ResultsFormat(StrEnum):
@@ -65,20 +91,8 @@ class ResultsFormat(StrEnum):
     csv = "csv"
 
 
-batch_app = typer.Typer(
-    help="Sweeps: create, follow, read and cancel batches.", no_args_is_help=True
-)
-
-
 def _stderr() -> Console:
     return Console(file=sys.stderr, highlight=False)
-
-
-def _client(url: str, key: str | None) -> Client:
-    try:
-        return Client(url, key)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--url") from None
 
 
 def _print_json(value: Any) -> None:
@@ -127,6 +141,10 @@ def _read_json(source: str, option: str) -> dict[str, Any]:
 
 
 # --- human-readable output ------------------------------------------------------------------------
+def _describe(state: Job | Batch) -> str:
+    return _describe_job(state) if isinstance(state, Job) else _describe_batch(state)
+
+
 def _describe_job(job: Job) -> str:
     lines = [f"job {job.id}  {job.kind}  {job.status}"]
     if job.progress is not None and job.progress.total:
@@ -163,98 +181,114 @@ def _describe_batch(batch: Batch) -> str:
     return "\n".join(lines)
 
 
-class _JobBar:
-    """A progress bar of a job's optimisation steps (stderr)."""
+class _Bar:
+    """A progress bar on stderr: a job's optimisation steps, or a batch's finished items with
+    the service's rate and ETA."""
 
-    def __init__(self, job_id: str, enabled: bool) -> None:
-        self.short = job_id[:8]
+    def __init__(self, noun: str, object_id: str, enabled: bool) -> None:
+        self.label = f"{noun} {object_id[:8]}"
+        rate = TextColumn("{task.fields[rate]}  ETA {task.fields[eta]}")
+        extra = [rate] if noun == "batch" else []
         self.bar = Progress(
             SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=_stderr(), disable=not enabled,
+            *extra, TimeElapsedColumn(), console=_stderr(), disable=not enabled,
         )  # fmt: skip
         self.task: TaskID | None = None
 
-    def __enter__(self) -> _JobBar:
+    def __enter__(self) -> _Bar:
         self.bar.start()
-        self.task = self.bar.add_task(f"job {self.short}", total=None)
+        self.task = self.bar.add_task(self.label, total=None, rate="", eta="-")
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.bar.stop()
 
-    def update(self, job: Job) -> None:
+    def update(self, state: Job | Batch) -> None:
         assert self.task is not None
+        if isinstance(state, Batch):
+            c = state.counts
+            failed = c.failed + c.canceled
+            rate = f"{state.throughput_per_min:.1f}/min" if state.throughput_per_min else ""
+            self.bar.update(
+                self.task, total=state.total, completed=c.finished, rate=rate,
+                eta=_eta(state.eta_seconds),
+                description=f"{self.label} {state.status}"
+                + (f" [red]{failed} not succeeded[/]" if failed else ""),
+            )  # fmt: skip
+            return
         step, total, stage = 0, None, ""
-        if job.progress is not None:
-            step, total = job.progress.step or 0, job.progress.total
-            stage = f" · {job.progress.stage}" if job.progress.stage else ""
-        if job.status == "succeeded" and total:
+        if state.progress is not None:
+            step, total = state.progress.step or 0, state.progress.total
+            stage = f" · {state.progress.stage}" if state.progress.stage else ""
+        if state.status == "succeeded" and total:
             step = total
-        description = f"job {self.short} {job.status}{stage}"
+        description = f"{self.label} {state.status}{stage}"
         self.bar.update(self.task, total=total, completed=step, description=description)
 
 
-class _BatchBar:
-    """A progress bar of a batch's finished items with the service's ETA (stderr)."""
+# --- the options and output every command shares --------------------------------------------------
+@dataclass
+class Session:
+    """What a client command works with: the client, and whether to print JSON for scripts."""
 
-    def __init__(self, batch_id: str, enabled: bool) -> None:
-        self.short = batch_id[:8]
-        self.bar = Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]}  ETA {task.fields[eta]}"), TimeElapsedColumn(),
-            console=_stderr(), disable=not enabled,
-        )  # fmt: skip
-        self.task: TaskID | None = None
+    client: Client
+    as_json: bool
 
-    def __enter__(self) -> _BatchBar:
-        self.bar.start()
-        self.task = self.bar.add_task(f"batch {self.short}", total=None, rate="", eta="-")
-        return self
+    def note(self, message: str) -> None:
+        """A message for people, on stderr; none with --json."""
+        if not self.as_json:
+            _stderr().print(message)
 
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+    def show(self, state: Job | Batch) -> None:
+        """The job or batch as JSON, or described in a few lines."""
+        if self.as_json:
+            _print_json(state.model_dump(mode="json"))
+        else:
+            typer.echo(_describe(state))
 
-    def update(self, batch: Batch) -> None:
-        assert self.task is not None
-        c = batch.counts
-        failed = f" [red]{c.failed + c.canceled} not succeeded[/]" if c.failed + c.canceled else ""
-        rate = f"{batch.throughput_per_min:.1f}/min" if batch.throughput_per_min else ""
-        self.bar.update(
-            self.task, total=batch.total, completed=c.finished, rate=rate,
-            eta=_eta(batch.eta_seconds), description=f"batch {self.short} {batch.status}{failed}",
-        )  # fmt: skip
+    def finish(self, state: Job | Batch) -> None:
+        """Show it; exit 1 if it has finished without succeeding."""
+        self.show(state)
+        if state.done and state.status != "succeeded":
+            raise typer.Exit(EXIT_UNSUCCESSFUL)
 
+    def bar(self, noun: str, object_id: str) -> _Bar:
+        return _Bar(noun, object_id, enabled=not self.as_json)
 
-def _finish_job(job: Job, as_json: bool) -> None:
-    if as_json:
-        _print_json(job.model_dump(mode="json"))
-    else:
-        typer.echo(_describe_job(job))
-    if job.done and job.status != "succeeded":
-        raise typer.Exit(EXIT_UNSUCCESSFUL)
+    def wait(self, job_id: str, timeout: float | None) -> Job:
+        with self.bar("job", job_id) as bar:
+            return self.client.wait(job_id, timeout=timeout, on_progress=bar.update)
+
+    def wait_batch(self, batch_id: str, timeout: float | None) -> Batch:
+        with self.bar("batch", batch_id) as bar:
+            return self.client.wait_batch(batch_id, timeout=timeout, on_progress=bar.update)
 
 
-def _finish_batch(batch: Batch, as_json: bool) -> None:
-    if as_json:
-        _print_json(batch.model_dump(mode="json"))
-    else:
-        typer.echo(_describe_batch(batch))
-    if batch.done and batch.status != "succeeded":
-        raise typer.Exit(EXIT_UNSUCCESSFUL)
+def client_command(function: Callable[Concatenate[Session, P], None]) -> Callable[..., None]:
+    """A command from `function(session, <its own arguments and options>)`: it also takes the
+    options of every client command (--url, --key, --json); the client is opened for it, and
+    the service's errors are reported (a message, or the problem as JSON; exit 4, 3 for a wait
+    that timed out)."""
+    own = list(inspect.signature(function, eval_str=True).parameters.values())[1:]
+    run: Callable[..., None] = function  # typer passes every parameter by name
 
+    @functools.wraps(function)
+    def command(*, url: str, key: str | None, as_json: bool, **params: Any) -> None:
+        try:
+            client = Client(url, key)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--url") from None
+        with _reporting(as_json), client:
+            run(Session(client, as_json), **params)
 
-def _wait_job(client: Client, job_id: str, timeout: float | None, as_json: bool) -> Job:
-    with _JobBar(job_id, enabled=not as_json) as bar:
-        return client.wait(job_id, timeout=timeout, on_progress=bar.update)
-
-
-def _wait_batch(client: Client, batch_id: str, timeout: float | None, as_json: bool) -> Batch:
-    with _BatchBar(batch_id, enabled=not as_json) as bar:
-        return client.wait_batch(batch_id, timeout=timeout, on_progress=bar.update)
+    command.__signature__ = inspect.Signature([*own, *COMMON_OPTIONS])  # type: ignore[attr-defined]
+    return command
 
 
 # --- jobs -----------------------------------------------------------------------------------------
+@client_command
 def submit_command(
+    session: Session,
     kind: Annotated[str, typer.Argument(help="Job kind (guided, disagreement, neuron, ...).")],
     params: Annotated[
         str | None,
@@ -265,14 +299,9 @@ def submit_command(
     metadata: Annotated[
         str | None, typer.Option("--metadata", help="A JSON object of your own labels.")
     ] = None,
-    idempotency_key: Annotated[
-        str | None, typer.Option("--idempotency-key", help="Resubmitting returns the same job.")
-    ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job to finish.")] = False,
+    idempotency_key: IdempotencyKeyOption = None,
+    wait: WaitOption = False,
     timeout: TimeoutOption = None,
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
 ) -> None:
     """Submit a job to the service; with --wait, follow it to the end."""
     raw = {} if params is None else _read_json(params, "--params")
@@ -282,62 +311,39 @@ def submit_command(
             labels = json.loads(metadata)
         except json.JSONDecodeError as exc:
             raise typer.BadParameter(str(exc), param_hint="--metadata") from None
-    with _reporting(as_json), _client(url, key) as client:
-        job = client.submit(
-            kind, raw, seed=seed, priority=priority, metadata=labels,
-            idempotency_key=idempotency_key,
-        )  # fmt: skip
-        if not as_json:
-            _stderr().print(f"submitted job {job.id}")
-        if wait:
-            job = _wait_job(client, job.id, timeout, as_json)
-        _finish_job(job, as_json)
+    job = session.client.submit(
+        kind, raw, seed=seed, priority=priority, metadata=labels, idempotency_key=idempotency_key
+    )
+    session.note(f"submitted job {job.id}")
+    session.finish(session.wait(job.id, timeout) if wait else job)
 
 
-def status_command(
-    job_id: Annotated[str, typer.Argument(help="The job's id.")],
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
-) -> None:
+@client_command
+def status_command(session: Session, job_id: JobId) -> None:
     """Show a job: status, progress, error, artifacts."""
-    with _reporting(as_json), _client(url, key) as client:
-        job = client.get(job_id)
-    if as_json:
-        _print_json(job.model_dump(mode="json"))
-    else:
-        typer.echo(_describe_job(job))
+    session.show(session.client.get(job_id))
 
 
-def wait_command(
-    job_id: Annotated[str, typer.Argument(help="The job's id.")],
-    timeout: TimeoutOption = None,
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
-) -> None:
+@client_command
+def wait_command(session: Session, job_id: JobId, timeout: TimeoutOption = None) -> None:
     """Wait for a job to finish, with a progress bar; exit 1 unless it succeeded."""
-    with _reporting(as_json), _client(url, key) as client:
-        job = _wait_job(client, job_id, timeout, as_json)
-    _finish_job(job, as_json)
+    session.finish(session.wait(job_id, timeout))
 
 
+@client_command
 def download_command(
-    job_id: Annotated[str, typer.Argument(help="The job's id.")],
+    session: Session,
+    job_id: JobId,
     out: Annotated[Path, typer.Option("--out", help="Folder to write the artifacts into.")] = Path(
         "."
     ),
     names: Annotated[
         list[str] | None, typer.Option("--name", help="Only this artifact (repeatable).")
     ] = None,
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
 ) -> None:
     """Download a succeeded job's artifacts (grid.png, item_XXX.png, result.json, ...)."""
-    with _reporting(as_json), _client(url, key) as client:
-        paths = client.download(job_id, out, names=names or None)
-    if as_json:
+    paths = session.client.download(job_id, out, names=names or None)
+    if session.as_json:
         _print_json({"job_id": job_id, "files": [str(p) for p in paths]})
     else:
         for path in paths:
@@ -345,128 +351,86 @@ def download_command(
 
 
 # --- batches --------------------------------------------------------------------------------------
-@batch_app.command("create")
+@client_command
 def batch_create(
+    session: Session,
     file: Annotated[
         str,
         typer.Option(
             "--file", help="JSON spec: the POST /v1/batches body ({kind, params_template, ...})."
         ),
     ],
-    idempotency_key: Annotated[
-        str | None, typer.Option("--idempotency-key", help="Resubmitting returns the same batch.")
-    ] = None,
-    wait: Annotated[bool, typer.Option("--wait", help="Wait for every item to finish.")] = False,
+    idempotency_key: IdempotencyKeyOption = None,
+    wait: WaitOption = False,
     timeout: TimeoutOption = None,
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
 ) -> None:
     """Create a sweep from a spec file (axes over a params template, or explicit items)."""
     spec = _read_json(file, "--file")
     kind = spec.pop("kind", None)
     if not isinstance(kind, str):
         raise typer.BadParameter("the spec needs a 'kind'", param_hint="--file")
-    with _reporting(as_json), _client(url, key) as client:
-        try:
-            batch = client.create_batch(kind, idempotency_key=idempotency_key, **spec)
-        except TypeError as exc:  # a field the batch API does not have
-            raise typer.BadParameter(str(exc), param_hint="--file") from None
-        if not as_json:
-            _stderr().print(f"created batch {batch.id} of {batch.total} items")
-        if wait:
-            batch = _wait_batch(client, batch.id, timeout, as_json)
-        _finish_batch(batch, as_json)
+    try:
+        batch = session.client.create_batch(kind, idempotency_key=idempotency_key, **spec)
+    except TypeError as exc:  # a field the batch API does not have
+        raise typer.BadParameter(str(exc), param_hint="--file") from None
+    session.note(f"created batch {batch.id} of {batch.total} items")
+    session.finish(session.wait_batch(batch.id, timeout) if wait else batch)
 
 
-@batch_app.command("status")
-def batch_status(
-    batch_id: Annotated[str, typer.Argument(help="The batch's id.")],
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Show a batch: counts per status, progress, throughput and ETA."""
-    with _reporting(as_json), _client(url, key) as client:
-        batch = client.get_batch(batch_id)
-    if as_json:
-        _print_json(batch.model_dump(mode="json"))
-    else:
-        typer.echo(_describe_batch(batch))
-
-
-@batch_app.command("wait")
-def batch_wait(
-    batch_id: Annotated[str, typer.Argument(help="The batch's id.")],
-    timeout: TimeoutOption = None,
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
-) -> None:
+@client_command
+def batch_wait(session: Session, batch_id: BatchId, timeout: TimeoutOption = None) -> None:
     """Wait for every item of a batch, with a progress bar; exit 1 unless all succeeded."""
-    with _reporting(as_json), _client(url, key) as client:
-        batch = _wait_batch(client, batch_id, timeout, as_json)
-    _finish_batch(batch, as_json)
+    session.finish(session.wait_batch(batch_id, timeout))
 
 
-@batch_app.command("cancel")
-def batch_cancel(
-    batch_id: Annotated[str, typer.Argument(help="The batch's id.")],
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
-) -> None:
+@client_command
+def batch_status(session: Session, batch_id: BatchId) -> None:
+    """Show a batch: counts per status, progress, throughput and ETA."""
+    session.show(session.client.get_batch(batch_id))
+
+
+@client_command
+def batch_cancel(session: Session, batch_id: BatchId) -> None:
     """Cancel the items of a batch that have not finished; finished ones stay readable."""
-    with _reporting(as_json), _client(url, key) as client:
-        batch = client.cancel_batch(batch_id)
-    if as_json:
-        _print_json(batch.model_dump(mode="json"))
-    else:
-        typer.echo(_describe_batch(batch))
+    session.show(session.client.cancel_batch(batch_id))
 
 
-@batch_app.command("results")
+@client_command
 def batch_results(
-    batch_id: Annotated[str, typer.Argument(help="The batch's id.")],
+    session: Session,
+    batch_id: BatchId,
     format: Annotated[
         ResultsFormat, typer.Option("--format", help="JSON lines or CSV.")
     ] = ResultsFormat.jsonl,
     out: Annotated[
         Path | None, typer.Option("--out", help="Write to this file instead of stdout.")
     ] = None,
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
 ) -> None:
     """Stream a batch's results index (one line per item: custom_id, status, metrics, artifact
     URLs); readable while the batch runs."""
-    with _reporting(as_json), _client(url, key) as client:
-        if out is None:
-            stdout = sys.stdout.buffer
-            client.export_results(batch_id, stdout, format=format.value)
-            stdout.flush()
-            return
-        partial = out.with_name(out.name + ".part")
-        with partial.open("wb") as handle:
-            written = client.export_results(batch_id, handle, format=format.value)
-        partial.replace(out)
-    if as_json:
+    if out is None:
+        stdout = sys.stdout.buffer
+        session.client.export_results(batch_id, stdout, format=format.value)
+        stdout.flush()
+        return
+    partial = out.with_name(out.name + ".part")
+    with partial.open("wb") as handle:
+        written = session.client.export_results(batch_id, handle, format=format.value)
+    partial.replace(out)
+    if session.as_json:
         _print_json({"batch_id": batch_id, "path": str(out), "bytes": written})
     else:
         _stderr().print(f"wrote {written} bytes to {out}")
 
 
-@batch_app.command("list")
+@client_command
 def batch_list(
+    session: Session,
     limit: Annotated[int, typer.Option(help="At most this many batches, newest first.")] = 20,
-    url: UrlOption = DEFAULT_URL,
-    key: KeyOption = None,
-    as_json: JsonOption = False,
 ) -> None:
     """List your batches, newest first."""
-    with _reporting(as_json), _client(url, key) as client:
-        batches = list(client.list_batches(limit=limit))
-    if as_json:
+    batches = list(session.client.list_batches(limit=limit))
+    if session.as_json:
         _print_json([b.model_dump(mode="json") for b in batches])
         return
     for b in batches:
@@ -478,8 +442,23 @@ def batch_list(
 
 def register(app: typer.Typer) -> None:
     """Add the client commands to the `digin` command line."""
-    app.command("submit")(submit_command)
-    app.command("status")(status_command)
-    app.command("wait")(wait_command)
-    app.command("download")(download_command)
+    for name, command in [
+        ("submit", submit_command),
+        ("status", status_command),
+        ("wait", wait_command),
+        ("download", download_command),
+    ]:
+        app.command(name)(command)
+    batch_app = typer.Typer(
+        help="Sweeps: create, follow, read and cancel batches.", no_args_is_help=True
+    )
+    for name, command in [
+        ("create", batch_create),
+        ("status", batch_status),
+        ("wait", batch_wait),
+        ("cancel", batch_cancel),
+        ("results", batch_results),
+        ("list", batch_list),
+    ]:
+        batch_app.command(name)(command)
     app.add_typer(batch_app, name="batch")

@@ -7,7 +7,8 @@
         job = digin.wait(job.id, on_progress=lambda j: print(j.status, j.progress))
         digin.download(job.id, "out/")
 
-Only httpx, pydantic and the standard library: no torch, FastAPI or SQLAlchemy are imported.
+Only httpx, pydantic and the standard library: nothing of the server (no torch, FastAPI or
+SQLAlchemy) is imported.
 The server URL and key default to DIGIN_URL and DIGIN_API_KEY.
 """
 

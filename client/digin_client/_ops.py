@@ -1,24 +1,33 @@
-"""What the sync and async clients share: every API operation written once, without I/O.
+"""Every API operation of the clients, written once and without I/O ("sans-I/O").
 
-An operation is a generator that yields what it needs done, a `Call` (one HTTP request; the
-client sends back the `httpx.Response`, body read) or a `Sleep`, and returns its result. The
-sync `Client` runs it with `httpx.Client` and `time.sleep`, the `AsyncClient` with
-`httpx.AsyncClient` and `asyncio.sleep`: the request building, response parsing, polling,
-backoff and 429 retries live here, once ("sans-I/O").
+An operation is a generator that yields the steps it needs done and returns its result:
 
-Only streaming (downloads, the results index) is written twice, in the clients, because it
-reads the body chunk by chunk; the helpers it needs (target paths, line parsing) are here.
+- `Call`: one HTTP request, relative to the base URL. The driver sends back the
+  `httpx.Response` with its body read; for `Call(stream=True)`, a `Body` to `Read` from.
+- `Read(body)`: the next decoded chunk of a streamed body, or None at its end (where httpx
+  closes the response; the driver closes any still open when the operation ends).
+- `Sleep`: wait that many seconds.
+- `Emit(item)`: only in a list or stream (`Stream`): the caller's next item.
+
+A transport failure (no answer, a timeout, a broken stream) is thrown into the operation as a
+`DiginConnectionError` at the step that failed; it may catch it (`wait` rides it out).
+
+The sync `Client` performs the steps with `httpx.Client` and `time.sleep`, the `AsyncClient`
+with `httpx.AsyncClient` and `asyncio.sleep`: request building, response parsing, polling,
+backoff, 429 retries, paging and streaming live here, once. `_base.BaseClient` turns each
+operation into a method of both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import IO, Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -35,10 +44,7 @@ from digin_client.errors import (
 from digin_client.models import (
     Artifact,
     ArtifactList,
-    Batch,
     Image,
-    Job,
-    ModelList,
     Page,
     ResultRecord,
 )
@@ -47,10 +53,12 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 USER_AGENT = "digin-client/0.1"
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - an emitted item
 Query = list[tuple[str, str | int | float | bool | None]]  # repeated keys allowed
 M = TypeVar("M", bound=BaseModel)
 
 
+# --- steps ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Call:
     """One HTTP request, relative to the client's base URL."""
@@ -61,6 +69,35 @@ class Call:
     json: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     files: dict[str, tuple[str, bytes, str]] | None = None
+    stream: bool = False  # answered with a Body to Read from (an error's body already read)
+    follow_redirects: bool | None = None  # None: as the httpx client is configured
+
+    def request(self) -> dict[str, Any]:
+        """`httpx.Client.build_request`'s arguments."""
+        return {"method": self.method, "url": self.path, "params": self.params,
+                "json": self.json, "headers": self.headers, "files": self.files}  # fmt: skip
+
+    def sending(self) -> dict[str, Any]:
+        """`httpx.Client.send`'s arguments."""
+        options: dict[str, Any] = {"stream": self.stream}
+        if self.follow_redirects is not None:
+            options["follow_redirects"] = self.follow_redirects
+        return options
+
+
+@dataclass(frozen=True)
+class Body:
+    """A streamed response: `chunks` is the driver's iterator over its decoded bytes (an
+    `Iterator[bytes]` for Client, an `AsyncIterator[bytes]` for AsyncClient)."""
+
+    call: Call
+    response: httpx.Response
+    chunks: Any
+
+
+@dataclass(frozen=True)
+class Read:
+    body: Body
 
 
 @dataclass(frozen=True)
@@ -68,7 +105,57 @@ class Sleep:
     seconds: float
 
 
-Op = Generator[Call | Sleep, Any, T]
+@dataclass(frozen=True)
+class Emit(Generic[I]):
+    item: I
+
+
+Step = Call | Read | Sleep
+Op = Generator[Step, Any, T]  # an operation returning a T
+Stream = Generator[Step | Emit[I], Any, None]  # a list or stream of I
+
+
+class Run(Generic[T]):
+    """One operation being driven. Iterating gives the steps it asks for; the driver answers
+    each by setting `reply` inside `answering()`, which turns an httpx transport failure into a
+    DiginConnectionError thrown into the operation at its next step. Once the iteration ends,
+    `result` holds what the operation returned."""
+
+    def __init__(self, op: Generator[Step | Emit[Any], Any, T], url: str) -> None:
+        self.op, self.url = op, url
+        self.reply: Any = None
+        self.result: T
+        self._error: DiginConnectionError | None = None
+        self._step: Step | Emit[Any] | None = None
+
+    def __iter__(self) -> Run[T]:
+        return self
+
+    def __next__(self) -> Step | Emit[Any]:
+        reply, error = self.reply, self._error
+        self.reply, self._error = None, None
+        try:
+            self._step = self.op.throw(error) if error is not None else self.op.send(reply)
+        except StopIteration as stop:
+            self.result = stop.value
+            raise StopIteration from None
+        return self._step
+
+    @contextlib.contextmanager
+    def answering(self) -> Iterator[None]:
+        try:
+            yield
+        except httpx.TransportError as exc:
+            call = self._step.body.call if isinstance(self._step, Read) else self._step
+            assert isinstance(call, Call)  # a Sleep or an Emit does no network I/O
+            self._error = DiginConnectionError(f"{call.method} {self.url}{call.path}: {exc!r}")
+            self._error.__cause__ = exc
+
+    def steps(self, opened: contextlib.ExitStack | contextlib.AsyncExitStack) -> Run[T]:
+        """Iterate over the steps; the operation is closed when `opened` is, however the
+        driver ends (its items abandoned, an error), so that its `finally` and `with` run."""
+        opened.callback(self.op.close)
+        return self
 
 
 @dataclass(frozen=True)
@@ -130,7 +217,17 @@ def _path_id(value: object) -> str:
     return quote(str(value), safe="")
 
 
+def fetch(method: str, path: str, model: type[M], params: Query | None = None) -> Op[M]:
+    """One request without a body, its response parsed as `model`."""
+    response = yield Call(method, path, params=params or [])
+    return parse(response, model)
+
+
 # --- jobs -----------------------------------------------------------------------------------------
+def job_path(job_id: object, tail: str = "") -> str:
+    return f"/v1/jobs/{_path_id(job_id)}{tail}"
+
+
 def job_body(
     kind: str,
     params: Mapping[str, Any] | None,
@@ -167,23 +264,6 @@ def create(
     raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
 
 
-def get_job(job_id: object) -> Op[Job]:
-    return (yield from _get(f"/v1/jobs/{_path_id(job_id)}", Job))
-
-
-def cancel_job(job_id: object) -> Op[Job]:
-    response = yield Call("POST", f"/v1/jobs/{_path_id(job_id)}/cancel")
-    return parse(response, Job)
-
-
-def artifacts(job_id: object) -> Op[ArtifactList]:
-    return (yield from _get(f"/v1/jobs/{_path_id(job_id)}/artifacts", ArtifactList))
-
-
-def models() -> Op[ModelList]:
-    return (yield from _get("/v1/models", ModelList))
-
-
 def upload_image(data: bytes | str | os.PathLike[str], filename: str | None) -> Op[Image]:
     if isinstance(data, bytes):
         content, name = data, filename or "image"
@@ -195,11 +275,7 @@ def upload_image(data: bytes | str | os.PathLike[str], filename: str | None) -> 
     return parse(response, Image, 200, 201)
 
 
-def _get(path: str, model: type[M], params: Query | None = None) -> Op[M]:
-    response = yield Call("GET", path, params=params or [])
-    return parse(response, model)
-
-
+# --- lists ----------------------------------------------------------------------------------------
 def job_filters(
     status: str | Sequence[str] | None, kind: str | None, batch_id: object | None
 ) -> Query:
@@ -213,40 +289,45 @@ def job_filters(
     return query
 
 
-def page(
-    path: str,
-    query: Query,
-    cursor: str | None,
-    size: int,
-) -> Op[Page]:
-    """One page of a cursor-paged list (`limit`, `cursor`)."""
-    params = [*query, ("limit", size)] + ([("cursor", cursor)] if cursor else [])
-    return (yield from _get(path, Page, params))
-
-
-def page_size(page_size: int, limit: int | None, seen: int) -> int:
-    return page_size if limit is None else max(1, min(page_size, limit - seen))
+def paginate(
+    path: str, query: Query, model: type[M], *, limit: int | None, page_size: int
+) -> Stream[M]:
+    """Every item of a cursor-paged list (`limit`, `cursor`), page after page, at most `limit`;
+    a page asks for no more items than are still wanted."""
+    cursor, seen = None, 0
+    while limit is None or seen < limit:
+        size = page_size if limit is None else max(1, min(page_size, limit - seen))
+        params = [*query, ("limit", size)] + ([("cursor", cursor)] if cursor else [])
+        page = yield from fetch("GET", path, Page, params)
+        for item in page.data[: None if limit is None else limit - seen]:
+            seen += 1
+            yield Emit(model.model_validate(item))
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
 
 
 # --- waiting --------------------------------------------------------------------------------------
 def wait(
-    read: Callable[[], Op[tuple[T, httpx.Response]]],
-    done: Callable[[T], bool],
+    path: str,
+    model: type[M],
+    done: Callable[[M], bool],
     *,
     what: str,
     timeout: float | None,
-    on_progress: Callable[[T], object] | None,
+    on_progress: Callable[[M], object] | None,
     policy: Policy,
-) -> Op[T]:
-    """Poll `read` until `done`; sleep the server's Retry-After between polls (else capped
+) -> Op[M]:
+    """Poll `GET path` until `done`; sleep the server's Retry-After between polls (else capped
     exponential backoff), never past the deadline; ride out 502/503/504 and dropped
     connections up to `policy.max_retries` in a row. `on_progress` sees every state read."""
     deadline = None if timeout is None else time.monotonic() + timeout
     attempt, failures = 0, 0
-    last: T | None = None
+    last: M | None = None
     while True:
         try:
-            state, response = yield from read()
+            response = yield Call("GET", path)
+            state = parse(response, model)
         except (APIError, DiginConnectionError) as exc:
             if not transient(exc) or failures >= policy.max_retries:
                 raise
@@ -279,23 +360,57 @@ def transient(exc: DiginError) -> bool:
     return isinstance(exc, APIError) and exc.status in RETRYABLE_POLL
 
 
-def read_job(job_id: object) -> Callable[[], Op[tuple[Job, httpx.Response]]]:
-    def read() -> Op[tuple[Job, httpx.Response]]:
-        response = yield Call("GET", f"/v1/jobs/{_path_id(job_id)}")
-        return parse(response, Job), response
+# --- streamed bodies ------------------------------------------------------------------------------
+def open_body(call: Call) -> Op[Body]:
+    """Send a streamed request; its Body if the status is a success, else its APIError."""
+    body: Body = yield call
+    check(body.response)
+    return body
 
-    return read
+
+def copy(body: Body, out: IO[bytes]) -> Op[int]:
+    """Write the body into `out` as it arrives; returns the bytes written."""
+    written = 0
+    while (chunk := (yield Read(body))) is not None:
+        written += out.write(chunk)
+    return written
 
 
-def read_batch(batch_id: object) -> Callable[[], Op[tuple[Batch, httpx.Response]]]:
-    def read() -> Op[tuple[Batch, httpx.Response]]:
-        response = yield Call("GET", f"/v1/batches/{_path_id(batch_id)}")
-        return parse(response, Batch), response
-
-    return read
+@contextlib.contextmanager
+def reading(what: str) -> Iterator[None]:
+    """Name what was being read in a connection error (`downloading grid.png: ...`)."""
+    try:
+        yield
+    except DiginConnectionError as exc:
+        raise DiginConnectionError(f"{what}: {exc.__cause__!r}") from exc.__cause__
 
 
 # --- downloads ------------------------------------------------------------------------------------
+def download(
+    job_id: object, dest_dir: str | os.PathLike[str], names: Sequence[str] | None
+) -> Op[list[Path]]:
+    """Stream the artifacts (all, or `names`) into `dest_dir`, following the redirects to
+    presigned URLs; each is written as `.part` and renamed once whole."""
+    listing = yield from fetch("GET", job_path(job_id, "/artifacts"), ArtifactList)
+    paths = []
+    for artifact in select_artifacts(listing, names):
+        target = artifact_target(Path(dest_dir), artifact.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + ".part")
+        path = job_path(job_id, f"/artifacts/{quote(artifact.name)}")
+        try:
+            with reading(f"downloading {artifact.name}"):
+                body = yield from open_body(Call("GET", path, stream=True, follow_redirects=True))
+                with partial.open("wb") as out:
+                    yield from copy(body, out)
+        except DiginConnectionError:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.replace(target)
+        paths.append(target)
+    return paths
+
+
 def select_artifacts(listing: ArtifactList, names: Sequence[str] | None) -> list[Artifact]:
     """The artifacts to download: all, or those named (each must exist)."""
     if listing.status != "succeeded":
@@ -322,15 +437,6 @@ def artifact_target(dest_dir: Path, name: str) -> Path:
     return dest_dir.joinpath(*parts)
 
 
-def artifact_path(job_id: object, name: str) -> str:
-    """The API's download route; S3 storage answers with a redirect to a presigned URL."""
-    return f"/v1/jobs/{_path_id(job_id)}/artifacts/{quote(name)}"
-
-
-def partial_path(target: Path) -> Path:
-    return target.with_name(target.name + ".part")
-
-
 # --- batches --------------------------------------------------------------------------------------
 BATCH_FIELDS = (
     "params_template",
@@ -344,6 +450,10 @@ BATCH_FIELDS = (
     "metadata",
     "webhook",
 )
+
+
+def batch_path(batch_id: object, tail: str = "") -> str:
+    return f"/v1/batches/{_path_id(batch_id)}{tail}"
 
 
 def batch_body(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -366,29 +476,41 @@ def batch_body(kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
-def get_batch(batch_id: object) -> Op[Batch]:
-    return (yield from _get(f"/v1/batches/{_path_id(batch_id)}", Batch))
-
-
-def cancel_batch(batch_id: object) -> Op[Batch]:
-    response = yield Call("POST", f"/v1/batches/{_path_id(batch_id)}/cancel")
-    return parse(response, Batch)
-
-
-def results_request(batch_id: object, fmt: str) -> tuple[str, dict[str, str], dict[str, str]]:
-    """(path, query, headers) of a batch's results index in `fmt` (jsonl or csv)."""
+def results_call(batch_id: object, fmt: str) -> Call:
+    """The streamed request of a batch's results index in `fmt` (jsonl or csv)."""
     if fmt not in ("jsonl", "csv"):
         raise ValueError(f"format must be 'jsonl' or 'csv', got {fmt!r}")
     accept = "text/csv" if fmt == "csv" else "application/x-ndjson, application/jsonl"
-    return f"/v1/batches/{_path_id(batch_id)}/results", {"format": fmt}, {"Accept": accept}
+    return Call("GET", batch_path(batch_id, "/results"), params=[("format", fmt)],
+                headers={"Accept": accept}, stream=True)  # fmt: skip
 
 
-def result_record(line: str) -> ResultRecord | None:
-    """One results-index line as a record (None for a blank line)."""
-    line = line.strip()
-    if not line:
-        return None
+def export_results(batch_id: object, out: IO[bytes], fmt: str) -> Op[int]:
+    """The results index in `fmt`, written into `out` as it arrives; returns the bytes."""
+    call = results_call(batch_id, fmt)
+    with reading(f"reading the results of {batch_id}"):
+        body = yield from open_body(call)
+        return (yield from copy(body, out))
+
+
+def results(batch_id: object) -> Stream[ResultRecord]:
+    """The results index as records, one per JSON line, each as soon as its line is whole."""
+    with reading(f"reading the results of {batch_id}"):
+        body = yield from open_body(results_call(batch_id, "jsonl"))
+        rest = b""
+        while (chunk := (yield Read(body))) is not None:
+            *complete, rest = (rest + chunk).split(b"\n")
+            for line in complete:
+                yield from result_record(line)
+        yield from result_record(rest)
+
+
+def result_record(line: bytes) -> Stream[ResultRecord]:
+    """One results-index line as a record (nothing for a blank line)."""
+    if not line.strip():
+        return
     try:
-        return ResultRecord.model_validate(json.loads(line))
+        record = ResultRecord.model_validate(json.loads(line))
     except (json.JSONDecodeError, ValueError) as exc:
         raise DiginError(f"the results index sent a line that is not a record: {exc}") from None
+    yield Emit(record)

@@ -1,7 +1,7 @@
 """Typed responses of the REST API, as the client reads them.
 
-Lean copies of the server's shapes (`api/schemas.py` imports the database models and the
-core's params at import time, so the client does not import it). They accept members they do
+Lean copies of the server's shapes (the server's `api/schemas.py`, which the client, a
+distribution of its own, never imports). They accept members they do
 not know (a newer server may add some; `model_extra` keeps them) and never reject a response
 for an unknown status string: the server is the judge of what is valid.
 """

@@ -242,24 +242,6 @@ def test_no_server_is_a_connection_error():
     assert type(info.value).__name__ == "DiginConnectionError"
 
 
-def test_the_client_imports_no_server_code():
-    """In a fresh interpreter: `digin_client` loads httpx and pydantic, not torch, FastAPI,
-    Starlette, SQLAlchemy, Celery or the core."""
-    import subprocess
-    import sys
-
-    from tests.worker.helpers import ROOT
-
-    code = (
-        "import sys, digin_client\n"
-        "heavy = {'torch', 'fastapi', 'starlette', 'sqlalchemy', 'celery', 'core', 'minio'}\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
-
-
 def test_wait_rides_out_a_server_that_is_not_up_yet(lite: LiveAPI, lite_dir: Path, key: str):
     """The first polls find no server (connection refused); `wait` backs off and goes on once
     an API answers on that port."""
