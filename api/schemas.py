@@ -29,7 +29,15 @@ from pydantic import (
 
 from digin.api.problems import ProblemError, fields_problem
 from digin.core.params import KINDS, ParamsError, validate_params
-from digin.core.registry import ModelInfo, SchemeInfo, is_allowed, names_server_path, parse_spec
+from digin.core.registry import (
+    ModelInfo,
+    ModelRoots,
+    SchemeInfo,
+    check_model_roots,
+    is_allowed,
+    names_server_path,
+    parse_spec,
+)
 from digin.service.db import STATUSES, Image, Job
 
 JobStatus = Literal["queued", "running", "canceling", "succeeded", "failed", "canceled"]
@@ -213,13 +221,21 @@ class JobCreate(RequestBody):
         return value
 
     def normalised_params(
-        self, allow_list: list[str] | None, *, allow_paths: bool = True
+        self,
+        allow_list: list[str] | None,
+        *,
+        allow_paths: bool = True,
+        model_roots: ModelRoots | None = None,
     ) -> dict[str, Any]:
         """The params validated by the kind's model with every default filled in (what is
         stored and what runs), their model specs well-formed, of the right kind and on the
         allow-list; else a 422 problem naming each field (`params.guidance.iterations`).
         `allow_paths` False (production): specs naming a path on the server must be on the
-        allow-list explicitly."""
+        allow-list explicitly. `model_roots` (Settings.model_path_roots): the folders a spec's
+        local path must lie in (`digin.core.registry.check_model_roots`); None, any path, except
+        that without `allow_paths` None means no folder but the bundled digits zoo."""
+        if model_roots is None and not allow_paths:
+            model_roots = ()
         try:
             model = validate_params(self.kind, self.params)
         except ParamsError as exc:
@@ -232,7 +248,11 @@ class JobCreate(RequestBody):
         errors = [
             {"field": field, "message": message}
             for field, spec, expected in model_specs(params)
-            if (message := check_model_spec(spec, expected, allow_list, allow_paths=allow_paths))
+            if (
+                message := check_model_spec(
+                    spec, expected, allow_list, allow_paths=allow_paths, model_roots=model_roots
+                )
+            )
         ]
         if not allow_paths:  # production: tenants never read the server's files
             errors += [
@@ -313,15 +333,23 @@ def server_paths(params: dict[str, Any], prefix: str = "params") -> list[str]:
 
 
 def check_model_spec(
-    spec: str, expected: str, allow_list: list[str] | None, *, allow_paths: bool = True
+    spec: str,
+    expected: str,
+    allow_list: list[str] | None,
+    *,
+    allow_paths: bool = True,
+    model_roots: ModelRoots | None = None,
 ) -> str | None:
-    """What is wrong with `spec` in a field taking an `expected` model, or None."""
+    """What is wrong with `spec` in a field taking an `expected` model, or None. A spec naming
+    a path outside `model_roots` gets one answer, whatever is on the file system."""
     try:
         parsed = parse_spec(spec)
     except ValueError as exc:
         return str(exc)
     if parsed.kind != expected:
         return f"{spec!r} is a {parsed.kind} model; this field takes a {expected} model"
+    if (outside := check_model_roots(parsed, model_roots)) is not None:
+        return outside
     if not allow_paths and names_server_path(parsed) and allow_list is None:
         return (
             f"model {spec!r} reads weights from a path on the server; in production mode such "

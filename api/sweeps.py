@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from digin.api.problems import ProblemError
-from digin.api.schemas import BatchCreate, ClassRange, JobCreate, model_specs
+from digin.api.schemas import BatchCreate, ClassRange, JobCreate
 from digin.core.classes import imagenet_class_names, resolve_class
 from digin.core.params import group_key
 from digin.core.registry import ModelRoots, check_model_roots, list_models, parse_spec, zoo_dir
@@ -152,17 +152,12 @@ class _Validator:
             probe = {**rest, "classes": list(classes or [])[:1]} if cheap else raw
             try:
                 params = JobCreate(kind=self.kind, params=probe).normalised_params(
-                    self.allow_list, allow_paths=self.allow_paths
+                    self.allow_list, allow_paths=self.allow_paths, model_roots=self.model_roots
                 )
             except ProblemError as exc:
                 self._cache[key] = list(exc.errors or [])
             else:
-                outside = [
-                    {"field": field, "message": message}
-                    for field, spec, _ in model_specs(params)
-                    if (message := check_model_roots(spec, self.model_roots))
-                ]
-                self._cache[key] = outside or (params, group_key(self.kind, params))
+                self._cache[key] = (params, group_key(self.kind, params))
         found = self._cache[key]
         if isinstance(found, list) or not cheap:
             if isinstance(found, list) and cheap:  # the template's errors, without class noise

@@ -23,7 +23,21 @@ Mode = Literal["embedded", "production"]
 
 KNOWN_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 # Values of the .env.example file: refused as secrets in production mode.
-PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret", "password"}
+PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret", "password", "minioadmin", "example"}
+
+
+def is_placeholder(secret: str) -> bool:
+    """A secret copied from an example rather than made: one of the usual placeholders in any
+    case and punctuation (`ChangeThis`, `change-me`, `CHANGE_THIS_…`), repeated or not, or one
+    character repeated."""
+    plain = "".join(c for c in secret.lower() if c.isalnum())
+    if len(set(plain)) <= 1 or plain.startswith(("changethis", "changeme")):
+        return True
+    # a placeholder, or one repeated to reach a length rule (PasswordPassword…)
+    return any(word and (word * (len(plain) // len(word) + 1)).startswith(plain)
+               for word in PLACEHOLDER_SECRETS)  # fmt: skip
+
+
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # A CSP frame-ancestors source: 'self', 'none', or scheme://host[:port] (host may start with *.)
 _FRAME_SOURCE = re.compile(r"^('self'|'none'|https?://(\*\.)?[A-Za-z0-9.-]+(:(\d{1,5}|\*))?)$")
@@ -87,6 +101,16 @@ class Settings(BaseSettings):
         10_000, ge=1, description="queued interactive jobs of a tenant (sweep items apart)"
     )
     max_running_per_tenant: int = Field(8, ge=1)
+    auth_failure_rate: str = Field(
+        "20/minute",
+        description="refused API keys allowed per client address and per key prefix in a moving "
+        "window (a `limits` rate: N/second, N/minute, N/hour); beyond it 429 with Retry-After",
+    )
+    rate_limit_storage: str | None = Field(
+        None,
+        description="where the counts of refused keys live (redis://…, or memory://); default: "
+        "the broker's Redis when the broker is Redis, else this process's memory",
+    )
     model_allow_list: Annotated[list[str] | None, NoDecode] = None
     model_roots: Annotated[list[Path] | None, NoDecode] = Field(
         None,
@@ -192,6 +216,19 @@ class Settings(BaseSettings):
             raise ValueError("DIGIN_FRAME_ANCESTORS: 'none' cannot be combined with other sources")
         return value
 
+    @field_validator("auth_failure_rate")
+    @classmethod
+    def _auth_failure_rate(cls, value: str) -> str:
+        from limits import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError(
+                f"DIGIN_AUTH_FAILURE_RATE={value!r}: a rate such as 20/minute or 5/second"
+            ) from None
+        return value
+
     @field_validator("secret_key")
     @classmethod
     def _secret_key(cls, value: SecretStr | None) -> SecretStr | None:
@@ -240,13 +277,27 @@ class Settings(BaseSettings):
         if self.storage_backend == "s3":
             for name in ("s3_access_key", "s3_secret_key"):
                 secret: SecretStr | None = getattr(self, name)
-                if secret is None or secret.get_secret_value().strip() in PLACEHOLDER_SECRETS:
+                if secret is None or is_placeholder(secret.get_secret_value()):
                     raise ValueError(
                         f"DIGIN_{name.upper()} must be set to a real secret in "
                         f"production mode ({servers}); it has no default"
                     )
+        if self.secret_key is not None and is_placeholder(self.secret_key.get_secret_value()):
+            raise ValueError(
+                f"DIGIN_SECRET_KEY is a placeholder; production mode ({servers}) needs a real "
+                "secret (e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
 
     # --- derived values --------------------------------------------------------------------------
+    @property
+    def rate_limit_storage_uri(self) -> str:
+        """The counts of refused keys: the setting, else the broker's Redis, else memory."""
+        if self.rate_limit_storage:
+            return self.rate_limit_storage
+        if self.broker_url.startswith(("redis://", "rediss://")):
+            return self.broker_url
+        return "memory://"
+
     @property
     def servers(self) -> list[str]:
         """The settings that point at servers (empty in embedded mode)."""

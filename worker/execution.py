@@ -89,7 +89,7 @@ class WorkerContext:
         if self.cache is None:
             from digin.core.jobs import ModelCache
 
-            self.cache = ModelCache()
+            self.cache = ModelCache(model_roots=self.settings.model_path_roots)
         return self.cache
 
     def identity(self) -> dict[str, Any]:

@@ -364,13 +364,6 @@ def find_batch(session: Session, viewer: Viewer, batch_id: str) -> Any:
     return batch
 
 
-def _names_of(label: str) -> tuple[str, ...] | None:
-    try:
-        return class_names(label)
-    except ValueError:  # not a model spec (e.g. the label of a batch without a model axis)
-        return None
-
-
 @router.get("/batches/{batch_id}")
 def batch_page(
     batch_id: str,
@@ -390,8 +383,13 @@ def batch_page(
         key: [job_row(jobs[i.id]) for i in cell if i.id in jobs]
         for key, cell in matrix.cells.items()
     }
+    roots = dashboard.settings.model_path_roots  # custom ids are the client's: `m=` any text
+
+    def names_of(label: str) -> tuple[str, ...] | None:
+        return class_names(label, roots)  # None for a label that is no spec
+
     labels = {
-        row: views.class_label(row, matrix.columns[0], _names_of) if matrix.by_axes else row
+        row: views.class_label(row, matrix.columns[0], names_of) if matrix.by_axes else row
         for row in matrix.rows
     }
     return render(
@@ -443,7 +441,7 @@ def models_page(request: Request, viewer: ViewerDep, dashboard: DashboardDep) ->
         {
             "info": info,
             "allowed": is_allowed(info.spec, allow),
-            "classes": _names_of(info.spec) if info.kind == "classifier" else None,
+            "classes": class_names(info.spec) if info.kind == "classifier" else None,
         }
         for info in list_models()
     ]

@@ -113,7 +113,7 @@ def create_batch(
     webhook = stored_webhook(body.webhook, settings, batch=True)
     plan = plan_batch(
         body, allow_list=settings.model_allow_list, allow_paths=embedded,
-        max_items=settings.max_items_per_batch,
+        max_items=settings.max_items_per_batch, model_roots=settings.model_path_roots,
     )  # fmt: skip
     # 2. Write the batch and its items in one transaction, and commit
     try:

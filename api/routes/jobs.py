@@ -111,7 +111,9 @@ async def create_job(
     #    params normalised, models well-formed and allowed, uploads the tenant's, the webhook's
     #    host public (resolved off the event loop)
     params = body.normalised_params(
-        settings.model_allow_list, allow_paths=settings.mode == "embedded"
+        settings.model_allow_list,
+        allow_paths=settings.mode == "embedded",
+        model_roots=settings.model_path_roots,
     )
     uploads = uploaded_image_ids(params)
     if uploads:  # images named by id must be this tenant's uploads

@@ -121,3 +121,28 @@ def test_outside_the_roots_the_card_is_never_read(layout: dict[str, Path]) -> No
 def test_embedded_mode_without_roots_keeps_local_paths(layout: dict[str, Path]) -> None:
     body = {"kind": "guided", "classes": "all", "classifiers": [f"digits:cnn@{layout['secret']}"]}
     assert len(plan(body, None, allow_paths=True).items) == len(SECRET_NAMES)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_jobs_refuse_paths_outside_the_roots_alike(
+    make_client: Callable[..., Any], auth: Callable[[str], dict[str, str]], layout: dict[str, Path]
+) -> None:
+    root = layout["root"]
+    client = make_client(**PRODUCTION, model_roots=[str(root)])
+    headers = auth("acme")
+    for spec in outside(layout):
+        params = {"classifier": spec, "classes": ["launch-cod"]}
+        response = client.post(
+            "/v1/jobs", json={"kind": "guided", "params": params}, headers=headers
+        )
+        assert response.status_code == 422, (spec, response.text)
+        assert response.json()["errors"] == [
+            {"field": "params.classifier", "message": PATH_OUTSIDE_ROOTS}
+        ]
+        assert not any(word in response.text for word in SECRET_NAMES)
+    for spec in (f"digits:cnn@{root}/zoo", f"digits:cnn@{ZOO_DIR}"):
+        params = {"classifier": spec, "classes": [3]}
+        response = client.post(
+            "/v1/jobs", json={"kind": "guided", "params": params}, headers=headers
+        )
+        assert response.status_code == 202, response.text

@@ -131,6 +131,29 @@ def test_env_example_documents_every_setting():
     assert documented == {f"DIGIN_{name.upper()}" for name in Settings.model_fields}
 
 
+@pytest.mark.parametrize(
+    "placeholder",
+    ["ChangeThis", "CHANGE_ME", "change-this-secret", "Password", "  secret ", "xxxxxxxx"],
+)
+def test_placeholder_secrets_are_refused_in_any_case_and_punctuation(placeholder):
+    base = {"database_url": "postgresql+psycopg://h/db", "storage_url": "s3://bucket"}
+    with pytest.raises(ValidationError, match="DIGIN_S3_SECRET_KEY"):
+        fresh_settings(**base, s3_access_key="AKIA1", s3_secret_key=placeholder)
+    key = (placeholder.strip() * 40)[:40]  # long enough for the length rule
+    with pytest.raises(ValidationError, match="DIGIN_SECRET_KEY is a placeholder"):
+        fresh_settings(**base, s3_access_key="AKIA1", s3_secret_key="9f8e7d", secret_key=key)
+
+
+def test_auth_failure_rate_is_checked_and_the_counts_follow_the_broker():
+    with pytest.raises(ValidationError, match="DIGIN_AUTH_FAILURE_RATE"):
+        fresh_settings(auth_failure_rate="lots")
+    assert fresh_settings().rate_limit_storage_uri == "memory://"
+    redis_url = "redis://127.0.0.1:6379/5"
+    assert fresh_settings(broker_url=redis_url).rate_limit_storage_uri == redis_url
+    other = fresh_settings(broker_url=redis_url, rate_limit_storage="memory://")
+    assert other.rate_limit_storage_uri == "memory://"
+
+
 def test_model_roots_default_to_none_in_production_and_any_path_embedded():
     assert fresh_settings().model_roots is None
     assert fresh_settings().model_path_roots is None  # embedded: the user's own machine

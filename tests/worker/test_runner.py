@@ -346,3 +346,24 @@ def test_tenant_at_its_running_cap_defers_the_job(ctx, sessions, session, tenant
 def test_backoff_grows_and_is_capped():
     assert [backoff_seconds(a) for a in (1, 2, 3, 4)] == [5.0, 10.0, 20.0, 40.0]
     assert backoff_seconds(30) == 300.0
+
+
+def test_a_spec_outside_the_model_roots_fails_before_anything_is_read(
+    ctx, sessions, session, tenant, job_params, tmp_path
+):
+    """The worker checks the roots again (a job row written by anything but this API, or roots
+    changed since): refused as invalid params, never retried, the same text for every path."""
+    from dataclasses import replace
+
+    from digin.core.registry import PATH_OUTSIDE_ROOTS
+
+    roots = [str(tmp_path / "models")]
+    ctx = replace(ctx, settings=fresh_settings(data_dir=tmp_path / "data", model_roots=roots),
+                  cache=None)  # fmt: skip
+    (tmp_path / "secret").mkdir()
+    for spec in (f"digits:cnn@{tmp_path / 'secret'}", f"digits:cnn@{tmp_path / 'none'}"):
+        job = new_job(session, tenant, params={**job_params(), "classifier": spec})
+        assert execute_job(job.id, ctx=ctx) == "failed"
+        row = reload(sessions, job)
+        assert (row.error["code"], row.attempts) == ("invalid_params", 1)
+        assert row.error["message"] == f"model {spec!r} {PATH_OUTSIDE_ROOTS}"
