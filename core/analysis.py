@@ -20,6 +20,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ def _neural_pca_record(params: NeuralPcaParams, clf: Classifier, images: ImageSe
     p_k = logits.softmax(-1)[:, k]
     top = alpha.argsort(0, descending=True)[: params.top_images].T  # (L, top) image indices
 
-    data = {
+    data: dict[str, Any] = {
         "class_index": k,
         "class_name": name,
         "num_images": len(images),
@@ -263,7 +264,7 @@ def load_pca(source: str | PcaData) -> PcaData:
         raise ValueError(f"pca: {path} is not a neural_pca result: {exc}") from None
 
 
-def run_pca_component(params: PcaComponentParams, ctx: RunContext) -> JobResult:
+def run_pca_component(params: PcaComponentParams, ctx: RunContext) -> JobResult[ComponentItem]:
     """Guidance towards neural PCA components: item i (component l, image j) seeded seed + i."""
     seed, device, max_batch = ctx.seed, ctx.device, ctx.max_batch
     cache, progress, should_stop = ctx.cache or DEFAULT_CACHE, ctx.progress, ctx.should_stop
@@ -433,7 +434,7 @@ def top_images_grid(
     return grid
 
 
-def component_grid(job: JobResult) -> Image.Image:
+def component_grid(job: JobResult[ComponentItem]) -> Image.Image:
     """A `pca_component` job's best images: one row per component, captioned α_l and p(k)."""
     comps = list(dict.fromkeys(it.component for it in job.items))
     per_row = max(sum(it.component == c for it in job.items) for c in comps)

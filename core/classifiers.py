@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ SIDECAR_KEYS = ("class_names", "input_size", "mean", "std", "model_kwargs")
 
 class Classifier(nn.Module, ABC):
     """A frozen image classifier: ``forward(x)`` maps (N, 3, r, r) in [0, 1] to logits (N, K)."""
+
+    _mean: Tensor  # buffers (1, 3, 1, 1)
+    _std: Tensor
 
     def __init__(
         self,
@@ -104,6 +107,16 @@ class Classifier(nn.Module, ABC):
         return f"spec={self.spec!r}, num_classes={self.num_classes}, input_size={self.input_size}"
 
 
+class _TimmModel(Protocol):
+    """What TimmClassifier uses of a timm model beyond `nn.Module` (not part of its base class)."""
+
+    def forward_features(self, x: Tensor) -> Tensor: ...
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor: ...
+
+    def get_classifier(self) -> nn.Module: ...
+
+
 class TimmClassifier(Classifier):
     """A timm model; the last layer is its classifier head (``model.get_classifier()``)."""
 
@@ -125,12 +138,16 @@ class TimmClassifier(Classifier):
         # The model's own forward: also right for heads that are not a single linear layer.
         return self.model(self.normalize(x)).float()  # (N, K)
 
+    @property
+    def _timm(self) -> _TimmModel:
+        return cast(_TimmModel, self.model)
+
     def features(self, x: Tensor) -> Tensor:
-        return self.model.forward_head(self.model.forward_features(x), pre_logits=True)  # (N, F)
+        return self._timm.forward_head(self._timm.forward_features(x), pre_logits=True)  # (N, F)
 
     @property
     def _head(self) -> nn.Linear:
-        head = self.model.get_classifier()
+        head = self._timm.get_classifier()
         if not isinstance(head, nn.Linear):
             raise ValueError(
                 f"{self.spec}: the classifier head is a {type(head).__name__}, not one linear "
@@ -147,8 +164,14 @@ class TimmClassifier(Classifier):
         return self._head.bias  # (K,) or None
 
 
+class _ClipModel(Protocol):
+    def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor: ...
+
+
 class ClipClassifier(Classifier):
     """Zero-shot open_clip classifier: logits = 100 · cos(image embedding, class text embedding)."""
+
+    _weight: Tensor  # buffer (K, D)
 
     def __init__(
         self,
@@ -168,7 +191,8 @@ class ClipClassifier(Classifier):
         self._freeze()
 
     def features(self, x: Tensor) -> Tensor:
-        return self.model.encode_image(x, normalize=True)  # (N, D), unit norm
+        clip = cast(_ClipModel, self.model)  # an open_clip CLIP model
+        return clip.encode_image(x, normalize=True)  # (N, D), unit norm
 
     @property
     def last_layer_weight(self) -> Tensor:

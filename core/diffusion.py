@@ -10,11 +10,18 @@ the digits zoo).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    # the defining modules: `from diffusers import …` gives type checkers diffusers' placeholder
+    # classes (diffusers.utils.dummy_pt_objects), which have none of the models' attributes
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
 
 @dataclass
@@ -25,12 +32,21 @@ class TextEmbeddings:
     pooled: Tensor | None = None  # (B, P) SDXL pooled text embeddings, else None
 
     def __add__(self, delta: TextEmbeddings) -> TextEmbeddings:
-        pooled = None if self.pooled is None else self.pooled + delta.pooled
+        pooled = self.pooled
+        if pooled is not None:
+            if delta.pooled is None:
+                raise ValueError("pooled (SDXL) embeddings plus a delta without a pooled part")
+            pooled = pooled + delta.pooled
         return TextEmbeddings(self.hidden + delta.hidden, pooled)
 
     @staticmethod
     def cat(items: list[TextEmbeddings]) -> TextEmbeddings:
-        pooled = None if items[0].pooled is None else torch.cat([e.pooled for e in items])
+        pooled = None
+        if items[0].pooled is not None:
+            parts = [e.pooled for e in items if e.pooled is not None]
+            if len(parts) != len(items):
+                raise ValueError("cannot join embeddings with and without pooled (SDXL) parts")
+            pooled = torch.cat(parts)
         return TextEmbeddings(torch.cat([e.hidden for e in items]), pooled)
 
     def zeros_like(self) -> TextEmbeddings:
@@ -41,12 +57,14 @@ class TextEmbeddings:
 class DiffusionModel(torch.nn.Module):
     """A frozen latent (or pixel-space) text-to-image diffusion model."""
 
+    _compiled_unet: Callable[..., Any] | None  # set with object.__setattr__: not a submodule
+
     def __init__(
         self,
         *,
         spec: str,
-        unet: torch.nn.Module,
-        vae: torch.nn.Module | None,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL | None,
         text_encoders: list[torch.nn.Module],
         tokenizers: list,
         scheduler_config: dict,
@@ -114,17 +132,20 @@ class DiffusionModel(torch.nn.Module):
         if on == self._channels_last:
             return
         fmt = torch.channels_last if on else torch.contiguous_format
-        for net in (self.unet, self.vae):
+        nets: tuple[torch.nn.Module | None, ...] = (self.unet, self.vae)
+        for net in nets:  # (as nn.Module: diffusers' wrapped `to` is mistyped as a method)
             if net is not None:
                 net.to(memory_format=fmt)
         self._channels_last = on
 
-    def _unet_fn(self):
+    def _unet_fn(self) -> Callable[..., Any]:
         if not self._use_compiled:
             return self.unet
-        if self._compiled_unet is None:
-            object.__setattr__(self, "_compiled_unet", torch.compile(self.unet))
-        return self._compiled_unet
+        compiled = self._compiled_unet
+        if compiled is None:
+            compiled = torch.compile(self.unet)
+            object.__setattr__(self, "_compiled_unet", compiled)
+        return compiled
 
     @property
     def dtype(self) -> torch.dtype:
@@ -147,15 +168,15 @@ class DiffusionModel(torch.nn.Module):
     def vae_scale_factor(self) -> int:
         if self.vae is None:
             return 1
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.vae.config["block_out_channels"]) - 1)
 
     @property
     def latent_channels(self) -> int:
-        return self.unet.config.in_channels
+        return self.unet.config["in_channels"]
 
     def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
         side = resolution or self.resolution
-        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        multiple = self.vae_scale_factor * 2 ** (len(self.unet.config["block_out_channels"]) - 1)
         if side % multiple:
             raise ValueError(f"resolution must be divisible by {multiple}, got {side}")
         return (self.latent_channels, side // self.vae_scale_factor, side // self.vae_scale_factor)
@@ -219,6 +240,8 @@ class DiffusionModel(torch.nn.Module):
         dtype = self.dtype
         added = None
         if self.is_sdxl:
+            if text.pooled is None or time_ids is None:
+                raise ValueError("an SDXL UNet call needs pooled text embeddings and time ids")
             added = {"text_embeds": text.pooled.to(dtype), "time_ids": time_ids.to(dtype)}
         if t.device != z.device:
             t = t.to(z.device, non_blocking=True)
@@ -235,7 +258,7 @@ class DiffusionModel(torch.nn.Module):
         if self.vae is None:
             x = z.expand(-1, 3, -1, -1) if z.shape[1] == 1 else z
         else:
-            z = self._format((z / self.vae.config.scaling_factor).to(self.dtype))
+            z = self._format((z / self.vae.config["scaling_factor"]).to(self.dtype))
             with self.native():
                 x = self.vae.decode(z).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)
@@ -247,4 +270,4 @@ class DiffusionModel(torch.nn.Module):
             return x.mean(1, keepdim=True) if self.latent_channels == 1 else x
         with self.native():
             mean = self.vae.encode(x.to(self.dtype)).latent_dist.mean
-        return mean.float() * self.vae.config.scaling_factor
+        return mean.float() * self.vae.config["scaling_factor"]

@@ -21,9 +21,11 @@ from digin.core.context import ProgressFn, StopFn
 from digin.core.guidance import GuidanceResult
 from digin.core.jobs import (
     DEFAULT_CACHE,
+    Item,
     JobResult,
     ModelCache,
     expand_items,
+    generative_params,
     load_job_classifiers,
     make_objective,
     optimize_in_batches,
@@ -57,7 +59,7 @@ def run_group(
     cache: ModelCache | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-) -> list[JobResult]:
+) -> list[JobResult[Item]]:
     """Run `jobs` ((params, seed) each) of `kind` as ONE optimisation over all their items;
     returns one JobResult per job, in order. The caller sizes the group (memory): no chunking
     happens here. Raises ValueError when the jobs cannot share a run."""
@@ -66,7 +68,9 @@ def run_group(
     if not jobs:
         raise ValueError("run_group needs at least one job")
     t_start = time.perf_counter()
-    parsed = [validate_params(kind, p) if isinstance(p, dict) else p for p, _ in jobs]
+    parsed = [
+        generative_params(validate_params(kind, p) if isinstance(p, dict) else p) for p, _ in jobs
+    ]
     keys = {group_key(kind, p.model_dump(mode="json")) for p in parsed}
     if len(keys) != 1:
         raise ValueError(

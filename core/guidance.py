@@ -31,6 +31,7 @@ import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -76,10 +77,13 @@ class Deltas:
 
     @staticmethod
     def zeros(cond: TextEmbeddings, steps: int) -> Deltas:
-        def z(x: Tensor | None) -> Tensor | None:
-            return None if x is None else torch.zeros((steps, *x.shape), device=x.device)
+        def z(x: Tensor) -> Tensor:
+            return torch.zeros((steps, *x.shape), device=x.device)
 
-        return Deltas(z(cond.hidden), z(cond.hidden), z(cond.pooled), z(cond.pooled))
+        def zp(x: Tensor | None) -> Tensor | None:
+            return None if x is None else z(x)
+
+        return Deltas(z(cond.hidden), z(cond.hidden), zp(cond.pooled), zp(cond.pooled))
 
     def tensors(self) -> list[Tensor]:
         parts = (self.cond, self.uncond, self.cond_pooled, self.uncond_pooled)
@@ -258,9 +262,9 @@ class ObjectiveLoss(torch.nn.Module):
         return Evaluation(out.loss.detach().float(), metrics, images)
 
 
-def _clip_per_item(param: Tensor, item_dim: int, max_norm: float) -> None:
-    """Per-variable inf-norm gradient clipping, separately for every item."""
-    g = param.grad
+def _clip_per_item(g: Tensor, item_dim: int, max_norm: float) -> None:
+    """Per-variable inf-norm gradient clipping (of the gradient `g`, in place), separately for
+    every item."""
     dims = [d for d in range(g.dim()) if d != item_dim]
     norm = g.abs().amax(dim=dims, keepdim=True)
     g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
@@ -283,7 +287,7 @@ def descend(
     if config.grad_clip is not None:
         for p, item_dim in ((z_T, 0), *((d, 1) for d in deltas.tensors())):
             if p.grad is not None:
-                _clip_per_item(p, item_dim, config.grad_clip)
+                _clip_per_item(p.grad, item_dim, config.grad_clip)
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
@@ -297,7 +301,7 @@ def make_optimizer(
     """The optimiser over what the config optimises (z_T, prompt deltas, null-text deltas),
     each group at its own learning rate, and its learning-rate schedule (or None); None, None
     when nothing is optimised. Marks those tensors as requiring gradients."""
-    groups = []
+    groups: list[dict[str, Any]] = []
     if config.optimize_latents:
         groups.append({"params": [z_T], "lr": config.lr * config.latent_lr_factor})
     if config.optimize_conditioning:
@@ -406,7 +410,7 @@ def _run(loop, loss, z_T, cond, config, progress, should_stop, progress_info) ->
 
         # 2a. the augmented loss on the last k x̂0, weighted, back-propagated
         images, train_loss = None, None
-        if train:
+        if train and optimizer is not None:  # train implies an optimiser; this narrows its type
             total = torch.zeros(b, device=device)
             for w, x0 in zip(weights, x0s, strict=True):
                 plans = loss.sample_plans()

@@ -88,6 +88,7 @@ def _digits_data():
 def _digits(spec: ImageSetSpec, class_index: int, field: str) -> ImageSet:
     from digin.core.digits.data import PatchSpec, plant_patch
 
+    assert spec.digits is not None  # the caller dispatches on it
     x, y, splits = _digits_data()
     index = torch.as_tensor(getattr(splits, spec.digits))
     labels = spec.labels or "class"

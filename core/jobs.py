@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from pydantic import BaseModel
 
 from digin.core.batching import job_batch
 from digin.core.classes import imagenet_classes, resolve_class
-from digin.core.classifiers import Classifier
+from digin.core.classifiers import Classifier, ClipTemplates
 from digin.core.context import ProgressFn, RunContext, StopFn
 from digin.core.diffusion import DiffusionModel
 from digin.core.guidance import DTYPES, GuidanceResult, optimize
@@ -29,13 +29,23 @@ from digin.core.loaders import load_classifier, load_diffusion
 from digin.core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
 from digin.core.output import render_generative
 from digin.core.params import DisagreementParams, GuidedParams, NeuronParams, kind_of
+from digin.core.registry import ModelRoots, check_model_roots
 
 
 class ModelCache:
     """Models loaded once per process (and device), keyed by spec and loader options."""
 
-    def __init__(self) -> None:
+    def __init__(self, model_roots: ModelRoots | None = None) -> None:
         self._models: dict[tuple, Any] = {}
+        # the folders that specs naming local paths must lie in (a worker: the settings'
+        # model_path_roots); None: any path (digin run, the user's machine)
+        self.model_roots = model_roots
+
+    def check(self, spec: str) -> None:
+        """ValueError (invalid params, never retried) for a spec outside the model roots,
+        before anything is read from its path."""
+        if (outside := check_model_roots(spec, self.model_roots)) is not None:
+            raise ValueError(f"model {spec!r} {outside}")
 
     def get(self, key: tuple, load: Callable[[], Any]) -> Any:
         if key not in self._models:
@@ -54,11 +64,17 @@ class ModelCache:
 
         if weights not in DTYPES:
             raise ValueError(f"weights must be one of {', '.join(DTYPES)}, got {weights!r}")
+        self.check(spec)
         return self.get(("diffusion", spec, device, weights), load)
 
     def classifier(
-        self, spec: str, device: str, templates: str, class_names: list[str] | None = None
+        self,
+        spec: str,
+        device: str,
+        templates: ClipTemplates,
+        class_names: list[str] | None = None,
     ) -> Classifier:
+        self.check(spec)
         key = ("classifier", spec, device, templates, tuple(class_names or ()))
         return self.get(
             key,
@@ -81,13 +97,25 @@ class Item:
     neuron: int | None = None
 
 
+ItemT = TypeVar("ItemT", bound=Item)
+# the params of the kinds that `run_generative` runs
+GenerativeParams = GuidedParams | DisagreementParams | NeuronParams
+
+
+def generative_params(params: BaseModel) -> GenerativeParams:
+    """`params` as the params of a kind that `run_generative` runs (TypeError otherwise)."""
+    if not isinstance(params, GuidedParams | DisagreementParams | NeuronParams):
+        raise TypeError(f"{type(params).__name__} are not the params of a generative kind")
+    return params
+
+
 @dataclass
-class JobResult:
+class JobResult(Generic[ItemT]):
     kind: str
     params: dict
     seed: int
     models: dict[str, str]  # role → spec
-    items: list[Item]
+    items: list[ItemT]
     guidance: GuidanceResult
     device: str
     timings: dict[str, float] = field(default_factory=dict)
@@ -160,7 +188,7 @@ def software_versions() -> dict[str, str]:
 
 
 def load_job_classifiers(
-    specs: list[str], device: str, templates: str, cache: ModelCache
+    specs: list[str], device: str, templates: ClipTemplates, cache: ModelCache
 ) -> list[Classifier]:
     """Zero-shot CLIP classifiers take the class names of the job's other classifier (so a
     disagreement between a digits model and CLIP is over the digit names); alone, ImageNet's."""
@@ -181,7 +209,7 @@ def class_index(ref: int | str, classifier: Classifier) -> int:
     return resolve_class(ref, names, wnids)
 
 
-def expand_items(params: BaseModel, classifier: Classifier, seed: int) -> list[Item]:
+def expand_items(params: GenerativeParams, classifier: Classifier, seed: int) -> list[Item]:
     items: list[Item] = []
 
     def add(class_index: int | None, neuron: int | None = None) -> None:
@@ -191,7 +219,7 @@ def expand_items(params: BaseModel, classifier: Classifier, seed: int) -> list[I
             items.append(Item(i, seed + i, params.prompt_for(name), class_index, name, neuron))
 
     if isinstance(params, NeuronParams):
-        classes = params.classes or [None]
+        classes: Sequence[int | str | None] = params.classes or [None]
         for n, neuron in enumerate(params.neurons):
             ref = classes[0] if len(classes) == 1 else classes[n]
             add(None if ref is None else class_index(ref, classifier), neuron)
@@ -201,16 +229,19 @@ def expand_items(params: BaseModel, classifier: Classifier, seed: int) -> list[I
     return items
 
 
-def make_objective(params: BaseModel, clfs: list[Classifier], items: list[Item]) -> Objective:
+def make_objective(
+    params: GenerativeParams, clfs: list[Classifier], items: list[Item]
+) -> Objective:
     device = next(clfs[0].parameters()).device
     classes = torch.tensor([it.class_index or 0 for it in items], device=device)
     if isinstance(params, GuidedParams):
         return ClassObjective(clfs[0], classes)
     if isinstance(params, DisagreementParams):
         # the same classes in classifier2's numbering, found by name
-        targets2 = torch.tensor(
-            [class_index(it.class_name, clfs[1]) for it in items], device=device
-        )
+        names = [it.class_name for it in items if it.class_name is not None]
+        if len(names) != len(items):
+            raise ValueError("every disagreement item needs a class")
+        targets2 = torch.tensor([class_index(name, clfs[1]) for name in names], device=device)
         return DisagreementObjective(clfs[0], clfs[1], classes, params.loss, targets2)
     neurons = torch.tensor([it.neuron for it in items], device=device)
     n_feats = clfs[0].last_layer_weight.shape[1]
@@ -220,7 +251,7 @@ def make_objective(params: BaseModel, clfs: list[Classifier], items: list[Item])
     return NeuronObjective(clfs[0], neurons, params.mode, classes if has_class else None)
 
 
-def run_generative(params: BaseModel, ctx: RunContext) -> JobResult:
+def run_generative(params: GenerativeParams, ctx: RunContext) -> JobResult[Item]:
     """Run one `guided`, `disagreement` or `neuron` job; `progress(step, total, info)` counts
     iterations of all batches. Every kind goes through `digin.core.kinds.run_job`."""
     kind = kind_of(params)
@@ -261,15 +292,15 @@ def run_generative(params: BaseModel, ctx: RunContext) -> JobResult:
 
 def optimize_in_batches(
     model: DiffusionModel,
-    items: list[Any],
-    objective_for: Callable[[list[Any]], Objective],
+    items: list[ItemT],
+    objective_for: Callable[[list[ItemT]], Objective],
     params: Any,
     *,
     resolution: int,
     max_batch: int,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
-) -> tuple[list[Any], GuidanceResult]:
+) -> tuple[list[ItemT], GuidanceResult]:
     """Optimise `items` (each with `.index`, `.seed`, `.prompt`) in batches of at most
     `max_batch`, each batch with `objective_for(batch)` and the params' guidance settings,
     prompt and negative prompt; progress counts (iterations + 1) steps per batch over the whole
@@ -318,17 +349,17 @@ def concat_results(results: list[GuidanceResult]) -> GuidanceResult:
             return torch.full((length, *x.shape[1:]), float("nan"))
         return torch.cat([x, x[-1:].expand(length - len(x), *x.shape[1:])])
 
-    def join(get: Callable[[GuidanceResult], torch.Tensor], length: int) -> torch.Tensor:
-        return torch.cat([pad(get(r), length) for r in results], dim=1)
+    def join(parts: list[torch.Tensor], length: int) -> torch.Tensor:
+        return torch.cat([pad(x, length) for x in parts], dim=1)
 
     return GuidanceResult(
         images=torch.cat([r.images for r in results]),
         best_iteration=[i for r in results for i in r.best_iteration],
-        trajectory=join(lambda r: r.trajectory, n + 1),
-        clean_loss=join(lambda r: r.clean_loss, n + 1),
-        metrics={k: join(lambda r, k=k: r.metrics[k], n + 1) for k in results[0].metrics},
-        train_loss=join(lambda r: r.train_loss, n),
-        latent_norms=join(lambda r: r.latent_norms, n + 1),
+        trajectory=join([r.trajectory for r in results], n + 1),
+        clean_loss=join([r.clean_loss for r in results], n + 1),
+        metrics={k: join([r.metrics[k] for r in results], n + 1) for k in results[0].metrics},
+        train_loss=join([r.train_loss for r in results], n),
+        latent_norms=join([r.latent_norms for r in results], n + 1),
         final_latents=torch.cat([r.final_latents for r in results]),
         iterations_done=min(r.iterations_done for r in results),
         stopped=any(r.stopped for r in results),

@@ -21,7 +21,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -63,12 +63,14 @@ def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> Diffusio
     scheduler_config = _load_config(path, "scheduler/scheduler_config.json")
     # fp32 weights whatever the checkpoint stores (fp16 variants included); lower precision is
     # the job's choice (GuidanceConfig.precision), not the checkpoint's.
-    kw = {"use_safetensors": True, "torch_dtype": torch.float32}
+    kw: dict[str, Any] = {"use_safetensors": True, "torch_dtype": torch.float32}
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
     unet.set_attn_processor(AttnProcessor2_0())  # PyTorch scaled-dot-product attention
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
     is_sdxl = unet.config.addition_embed_type == "text_time"
-    encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
+    encoders: list[nn.Module] = [
+        CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+    ]
     tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")]
     if is_sdxl:
         encoders.append(
@@ -122,12 +124,16 @@ def load_classifier(
     parsed = parse_spec(spec)
     if parsed.kind != "classifier":
         raise ValueError(f"{spec!r} names a diffusion model, not a classifier")
+    # parse_spec sets arch for every classifier, weights for open_clip (the tag or file)
+    assert parsed.arch is not None
+    classifier: Classifier
     if parsed.scheme == "timm":
         if parsed.weights is None:
             classifier = _load_timm_pretrained(spec, parsed.name, class_names)
         else:
             classifier = _load_timm_file(spec, parsed.arch, parsed.weights, class_names)
     elif parsed.scheme == "open_clip":
+        assert parsed.weights is not None
         classifier = _load_open_clip(
             spec, parsed.arch, parsed.weights, class_names, clip_templates, device
         )
@@ -149,7 +155,8 @@ def _load_timm_pretrained(
     import timm
 
     model = timm.create_model(name, pretrained=True)
-    return _wrap_timm(spec, model, _class_names(spec, model.num_classes, class_names), {})
+    k = cast(int, model.num_classes)  # an int attribute (nn.Module types it Tensor | Module)
+    return _wrap_timm(spec, model, _class_names(spec, k, class_names), {})
 
 
 def _load_timm_file(
@@ -185,9 +192,9 @@ def _load_timm_file(
 
 
 def _wrap_timm(spec: str, model: nn.Module, names: list[str], sidecar: dict) -> TimmClassifier:
-    import timm.data
+    from timm.data.config import resolve_model_data_config
 
-    data = timm.data.resolve_model_data_config(model)  # input_size (3, H, W), mean, std
+    data = resolve_model_data_config(model)  # input_size (3, H, W), mean, std
     _, h, w = data["input_size"]
     size = sidecar.get("input_size", h)
     if "input_size" not in sidecar and h != w:
@@ -246,7 +253,7 @@ def _load_open_clip(
     templates: ClipTemplates,
     device: torch.device | str,
 ) -> ClipClassifier:
-    import open_clip
+    import open_clip  # type: ignore[import-untyped]  # ships no type information
 
     if templates not in ("openai", "simple"):
         raise ValueError(f"clip_templates must be 'openai' or 'simple', got {templates!r}")

@@ -55,6 +55,8 @@ class Objective(torch.nn.Module):
 class ClassObjective(Objective):
     """`guided`: CE(f(x), y), mean over views."""
 
+    targets: Tensor  # buffer (B,)
+
     def __init__(self, classifier: Classifier, targets: Tensor) -> None:
         super().__init__()
         self.classifiers = [classifier]
@@ -68,6 +70,9 @@ class ClassObjective(Objective):
 
 class DisagreementObjective(Objective):
     """`disagreement`: make classifier 1 confident in y and classifier 2 not."""
+
+    targets: Tensor  # buffers (B,)
+    targets2: Tensor
 
     def __init__(
         self,
@@ -105,6 +110,9 @@ class NeuronObjective(Objective):
     class k: activate −a_n; activate_keep_class −10·a_n − 0.5·log p(k); suppress_keep_class
     +10·a_n − 0.5·log p(k)."""
 
+    neurons: Tensor  # buffers (B,)
+    classes: Tensor | None
+
     def __init__(
         self,
         classifier: Classifier,
@@ -140,6 +148,10 @@ class ComponentObjective(Objective):
     """`pca_component`: a neural PCA component's share of the class-k logit (digin.core.pca),
     α_l = ((a ⊙ w_k − μ)·v_l)(1·v_l), maximised; with keep_class > 0 the class is kept:
     loss = −α_l − keep_class · log p(k|x)."""
+
+    classes: Tensor  # buffers: (B,) class k, (B, F) μ, (B, F) v_l
+    mean: Tensor
+    directions: Tensor
 
     def __init__(
         self,

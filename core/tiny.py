@@ -19,10 +19,14 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from digin.core.classes import imagenet_class_names
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # Whole-word merges, so that common prompt words become one token (all else falls back to bytes).
@@ -92,7 +96,7 @@ def _tokenizer_files(
 
 def write_tokenizer(
     folder: Path, vocab_size: int | None = None, pad_token: str = EOS
-) -> tuple[object, dict[str, int]]:
+) -> tuple[CLIPTokenizer, dict[str, int]]:
     """Write vocab.json, merges.txt and tokenizer_config.json; load them back as CLIPTokenizer."""
     from transformers import CLIPTokenizer
 
@@ -177,7 +181,10 @@ def _unet(**extra):
 
 
 def _save_sd(folder: Path, seed: int) -> None:
-    from diffusers import StableDiffusionPipeline
+    # (the defining module: `diffusers.StableDiffusionPipeline` is a placeholder to type checkers)
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+        StableDiffusionPipeline,
+    )
     from transformers import CLIPTextModel
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -194,15 +201,18 @@ def _save_sd(folder: Path, seed: int) -> None:
         tokenizer=tokenizer,
         unet=unet,
         scheduler=_ddim(),
-        safety_checker=None,
-        feature_extractor=None,
+        # None is accepted (without the safety checker); diffusers annotates both non-optional
+        safety_checker=None,  # type: ignore[arg-type]
+        feature_extractor=None,  # type: ignore[arg-type]
         requires_safety_checker=False,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
 def _save_sdxl(folder: Path, seed: int) -> None:
-    from diffusers import StableDiffusionXLPipeline
+    from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     shutil.rmtree(folder, ignore_errors=True)
@@ -264,7 +274,7 @@ TINY_CLIP_CONFIG = {
 
 
 def _save_open_clip(folder: Path, seed: int) -> None:
-    from open_clip.model import CLIP
+    from open_clip.model import CLIP  # type: ignore[import-untyped]  # no type information
     from safetensors.torch import save_file
 
     shutil.rmtree(folder, ignore_errors=True)

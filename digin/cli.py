@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -136,7 +136,7 @@ def run(
     from digin.core.kinds import run_job  # torch: imported only when the command runs
     from digin.core.output import write_outputs
 
-    def progress(step: int, total: int, info: dict) -> None:
+    def progress(step: int, total: int, info: dict[str, Any]) -> None:
         typer.echo(f"iteration {step}/{total}  clean loss {info.get('clean_loss')}", err=True)
 
     try:

@@ -63,7 +63,7 @@ class CrossAttentionControl:
                     raise ValueError("attention maps are stored from a batch of one image")
                 self.maps.setdefault(name, {})[self.step] = probs[half:].detach()
             return probs
-        if self.mode != "inject" or self.inject_until is None:
+        if self.mode != "inject" or self.inject_until is None or self.mixing is None:
             return probs
         stored = self.maps.get(name, {}).get(self.step)
         active = self.step < self.inject_until  # (B,) bool

@@ -83,7 +83,7 @@ def masked_l1(x: Tensor, ref: Tensor, weight: Tensor | None = None) -> Tensor:
 def load_lpips(device: torch.device) -> nn.Module:
     """LPIPS-Alex, only from weights already on this machine (nothing is downloaded)."""
     try:
-        import lpips
+        import lpips  # type: ignore[import-not-found, import-untyped, unused-ignore]  # optional
     except ImportError:
         msg = "the lpips regulariser needs the lpips package: pip install lpips"
         raise ValueError(msg) from None
@@ -104,8 +104,8 @@ class Regularizers(nn.Module):
         self.z0, self.x0 = start.z0, start.x0
         self.latent_background = 1.0 - start.latent_mask  # (1, 1, h, w)
         self.pixel_background = 1.0 - start.pixel_mask  # (1, 1, H, W)
-        names = ("latent_background_l2", "pixel_background_l2", "latent_l1", "latent_l2")
-        names += ("pixel_l1", "pixel_l2", "lpips")
+        names: tuple[str, ...] = ("latent_background_l2", "pixel_background_l2", "latent_l1")
+        names += ("latent_l2", "pixel_l1", "pixel_l2", "lpips")
         self.weights = {n: getattr(config, n) for n in names if getattr(config, n) > 0}
         self.lpips = load_lpips(start.x0.device) if "lpips" in self.weights else None
 
@@ -126,6 +126,7 @@ class Regularizers(nn.Module):
             elif name == "pixel_l2":
                 out[name] = masked_l2(images, self.x0)
             else:  # lpips, on images in [-1, 1]
+                assert self.lpips is not None  # loaded with a positive weight
                 ref = self.x0.expand_as(images) * 2 - 1
                 out[name] = self.lpips(images * 2 - 1, ref).flatten(1).mean(1)
         return out
@@ -176,7 +177,9 @@ class EditLoop(DenoisingLoop):
     def prepare(self, z: Tensor, i: int) -> Tensor:
         self.control.step = i
         if i < self.blend_steps:
-            z = self.background * self.templates[i] + (1.0 - self.background) * z
+            background, templates = self.background, self.templates
+            assert background is not None and templates is not None  # `edit` passes both
+            z = background * templates[i] + (1.0 - background) * z
         return z
 
 

@@ -166,18 +166,21 @@ def load_start_image(
             )
         pil, fmt = decode_image(resolver(image_id))
         source = f"id:{image_id}"
-    elif image.startswith(DIGITS_PREFIX):
-        pil, label = bundled_digit(image)
-        fmt, source = "digits", image
     else:
-        path = Path(image).expanduser()
-        if not path.is_file():
-            raise ImageError(f"image {image!r}: no such file")
-        if path.stat().st_size > MAX_IMAGE_BYTES:
-            raise ImageError(
-                f"image {image!r} is {path.stat().st_size} bytes; the limit is {MAX_IMAGE_BYTES}"
-            )
-        pil, fmt = decode_image(path.read_bytes())
-        source = str(path)
+        assert image is not None  # exactly one of the two (checked above)
+        if image.startswith(DIGITS_PREFIX):
+            pil, label = bundled_digit(image)
+            fmt, source = "digits", image
+        else:
+            path = Path(image).expanduser()
+            if not path.is_file():
+                raise ImageError(f"image {image!r}: no such file")
+            if path.stat().st_size > MAX_IMAGE_BYTES:
+                raise ImageError(
+                    f"image {image!r} is {path.stat().st_size} bytes; "
+                    f"the limit is {MAX_IMAGE_BYTES}"
+                )
+            pil, fmt = decode_image(path.read_bytes())
+            source = str(path)
     pixels = preprocess(pil, resolution)
     return StartImage(pixels, source, _pixel_hash(pixels), pil.size, fmt, label)

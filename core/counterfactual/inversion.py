@@ -201,6 +201,7 @@ def invert(
                 recon = model.decode(x0).float()
         errors[f"{name}_latent_mse"] = float(F.mse_loss(x0, z0))  # the inversion alone
         errors[f"{name}_pixel_mse"] = float(F.mse_loss(recon, pixels))  # + the autoencoder's
+    assert recon is not None  # the loop above ran
     return Inversion(
         z0=z0,
         z_T=z_T,

@@ -96,7 +96,7 @@ class CounterfactualResult:
     def item_metrics(self, b: int) -> dict:
         """p(target), p(start) before (original), of the reconstruction, of the unoptimised
         edit (iteration 0) and after; flip; L1 / L2 distances of the counterfactual."""
-        g, item = self.guidance, self.items[b]
+        g, item = self._optimised(), self.items[b]
         best = g.best_iteration[b]
         before, recon = self.probs["original"], self.probs.get("reconstruction")
         after = {k: float(v[best, b]) for k, v in g.metrics.items()}
@@ -130,8 +130,13 @@ class CounterfactualResult:
     def distances(self) -> dict[str, Tensor]:
         """Per item: mean |x − x0| (l1) and sqrt(mean (x − x0)²) (l2), over pixels and
         channels of [0, 1] images: independent of the resolution."""
-        diff = self.guidance.images.float() - self.original.cpu().float()
+        diff = self._optimised().images.float() - self.original.cpu().float()
         return {"l1": diff.abs().flatten(1).mean(1), "l2": diff.pow(2).flatten(1).mean(1).sqrt()}
+
+    def _optimised(self) -> GuidanceResult:
+        if self.guidance is None:
+            raise ValueError("the job stopped before the optimisation: no per-item results")
+        return self.guidance
 
     def render_artifacts(self) -> dict[str, bytes]:
         """name → bytes (see `digin.core.counterfactual.output`); `digin.core.output` calls this."""

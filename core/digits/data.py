@@ -84,7 +84,8 @@ class Splits:
 
 def load_images() -> tuple[Tensor, Tensor]:
     """All 1,797 digits: images (N, 1, 16, 16) float32 in [0, 1], labels (N,) int64 in 0..9."""
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+    # bundled with scikit-learn: no download (scikit-learn ships no type information)
+    from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 
     data = load_digits()
     x = torch.tensor(data.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]

@@ -71,10 +71,11 @@ class DigitsMLP(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-ARCHITECTURES = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+ARCHITECTURES: dict[str, type[DigitsCNN] | type[DigitsMLP]] = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+DigitsNet = DigitsCNN | DigitsMLP
 
 
-def build_classifier_net(arch: dict[str, Any]) -> nn.Module:
+def build_classifier_net(arch: dict[str, Any]) -> DigitsNet:
     """{"type": "cnn" | "mlp", **kwargs} → an untrained net."""
     kwargs = {k: v for k, v in arch.items() if k != "type"}
     return ARCHITECTURES[arch["type"]](**kwargs)

@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from digin.core.classifiers import Classifier
 from digin.core.diffusion import DiffusionModel
 from digin.core.digits.data import CLASS_NAMES, RESOLUTION, PatchSpec
-from digin.core.digits.nets import build_classifier_net, build_text_encoder, build_unet
+from digin.core.digits.nets import DigitsNet, build_classifier_net, build_text_encoder, build_unet
 from digin.core.registry import DIGITS_CLASSIFIERS, DIGITS_DIFFUSION, ZOO_ENV
 from digin.core.registry import zoo_dir as _zoo_dir
 
@@ -86,7 +86,7 @@ class DigitsClassifier(Classifier):
     Input (N, 3, 16, 16) in [0, 1] → standardised with mean/std 0.5 (per channel, so the grey
     image is the channel mean of the standardised input) → net on (N, 1, 16, 16)."""
 
-    def __init__(self, spec: str, net: nn.Module, card: dict, class_names: Sequence[str]) -> None:
+    def __init__(self, spec: str, net: DigitsNet, card: dict, class_names: Sequence[str]) -> None:
         mean, std = card["input"]["mean"], card["input"]["std"]
         super().__init__(spec, class_names, RESOLUTION, [mean] * 3, [std] * 3)
         self.net = net
