@@ -35,6 +35,7 @@ from digin.api.routes import ROUTERS
 from digin.api.submissions import JobWriter
 from digin.service.db import make_engine, session_factory
 from digin.service.dispatch import make_celery
+from digin.service.ratelimit import AuthFailureLimiter
 from digin.service.settings import Settings, get_settings
 from digin.service.storage import LocalStorage, storage_from_settings
 
@@ -95,6 +96,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         celery=celery,
         metrics=metrics,
         writer=JobWriter(sessions, celery, metrics),
+        auth_limiter=AuthFailureLimiter(
+            settings.rate_limit_storage_uri, settings.auth_failure_rate
+        ),
     )
 
     @asynccontextmanager

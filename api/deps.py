@@ -31,10 +31,11 @@ from digin.api.schemas import unstorable
 from digin.api.submissions import JobWriter
 from digin.service import repo
 from digin.service.db import Tenant
+from digin.service.ratelimit import AuthFailureLimiter, Blocked
+from digin.service.security import key_prefix
 from digin.service.settings import Settings
 from digin.service.storage import Storage
 
-LOCAL = object()  # the caller when auth is off (embedded mode): the `local` tenant
 INLINE_CHECK_BYTES = 64 * 1024  # bodies up to this size are checked on the event loop
 
 
@@ -49,6 +50,7 @@ class Services:
     celery: Celery
     metrics: Metrics
     writer: JobWriter  # POST /v1/jobs: group commit (digin.api.submissions)
+    auth_limiter: AuthFailureLimiter  # refused keys per address and key (service/ratelimit.py)
 
 
 async def get_services(request: Request) -> Services:
@@ -101,35 +103,67 @@ def unauthorized(detail: str, *, invalid: bool) -> ProblemError:
     return ProblemError(401, "unauthorized", detail, headers={"WWW-Authenticate": challenge})
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who calls: the bearer secret (None when auth is off: the `local` tenant of embedded
+    mode), the client's address, and the limiter that counts refused keys."""
+
+    secret: str | None
+    address: str | None = None
+    limiter: AuthFailureLimiter | None = None
+
+
+LOCAL = Caller(None)
+
+
+def too_many_failures(blocked: Blocked) -> ProblemError:
+    return ProblemError(
+        429,
+        "too_many_failed_authentications",
+        f"too many refused API keys from this {blocked.reason}; retry after "
+        f"{blocked.retry_after} s",
+        headers={"Retry-After": str(blocked.retry_after)},
+    )
+
+
 async def get_caller(
-    settings: SettingsDep,
+    request: Request,
+    services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> str | object:
+) -> Caller:
     """Who calls, before any database work: the bearer secret, or `LOCAL` when auth is off
     (embedded mode); a missing key is a 401 here. `tenant_of` checks the secret."""
-    if not settings.auth_enabled:
+    if not services.settings.auth_enabled:
         return LOCAL
     if credentials is None:
         raise unauthorized(
             "an API key is required: send 'Authorization: Bearer <key>'", invalid=False
         )
-    return credentials.credentials
+    address = request.client.host if request.client else None
+    return Caller(credentials.credentials, address, services.auth_limiter)
 
 
-def tenant_of(session: Session, caller: str | object) -> Tenant:
-    """The tenant every query of the request is scoped to; a 401 for a bad key."""
-    if caller is LOCAL:
+def tenant_of(session: Session, caller: Caller) -> Tenant:
+    """The tenant every query of the request is scoped to; a 401 for a bad key, a 429 while
+    the caller's address or key has too many refused keys (checked before the key is)."""
+    if caller.secret is None:
         local = repo.local_tenant(session)  # created on first use
         session.commit()
         return local
-    assert isinstance(caller, str)
-    tenant = repo.authenticate(session, secret=caller)
+    prefix = key_prefix(caller.secret)
+    if caller.limiter is not None:
+        blocked = caller.limiter.check(caller.address, prefix)
+        if blocked is not None:
+            raise too_many_failures(blocked)
+    tenant = repo.authenticate(session, secret=caller.secret)
     if tenant is None:
+        if caller.limiter is not None:
+            caller.limiter.failed(caller.address, prefix)
         raise unauthorized("the API key is invalid or revoked", invalid=True)
     return tenant
 
 
-CallerDep = Annotated[str | object, Depends(get_caller)]
+CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
 def get_tenant(session: SessionDep, caller: CallerDep) -> Tenant:

@@ -41,6 +41,7 @@ from digin.core.params import KINDS
 from digin.core.registry import is_allowed, list_models, list_schemes
 from digin.service import repo
 from digin.service.db import STATUSES, TERMINAL, Job
+from digin.service.ratelimit import AuthFailureLimiter
 from digin.service.repo import batches as repo_batches
 from digin.service.repo.dashboard import (
     MAX_IDS,
@@ -505,9 +506,18 @@ def login(
         message = "The login form expired; please paste the key again."
         return login_form(request, dashboard, status_code=403, error=message, next_url=target)
     secret = api_key.strip()
-    tenant = repo.authenticate(session, secret=secret) if secret else None
     prefix = key_prefix(secret)
+    limiter: AuthFailureLimiter = request.app.state.services.auth_limiter
+    address = request.client.host if request.client else None
+    blocked = limiter.check(address, prefix)
+    if blocked is not None:  # refused before the key is even checked
+        message = f"Too many refused keys; try again in {blocked.retry_after} s."
+        response = login_form(request, dashboard, status_code=429, error=message, next_url=target)
+        response.headers["Retry-After"] = str(blocked.retry_after)
+        return response
+    tenant = repo.authenticate(session, secret=secret) if secret else None
     if tenant is None or prefix is None:
+        limiter.failed(address, prefix)
         message = "That API key is not valid (or it was revoked)."
         return login_form(request, dashboard, status_code=401, error=message, next_url=target)
     cookie, token = signer.issue(key_prefix=prefix, tenant_id=tenant.id)  # a fresh nonce

@@ -59,3 +59,43 @@ def test_an_unreachable_store_fails_open():
     limiter = AuthFailureLimiter("redis://127.0.0.1:1/0", "1/minute")
     limiter.failed("10.9.9.9", "abcd1234")  # logged, not raised
     assert limiter.check("10.9.9.9", "abcd1234") is None
+
+
+def test_the_api_answers_429_after_too_many_refused_keys(make_client, auth):
+    client = make_client(auth_failure_rate="3/minute")
+    good = auth("acme")
+    prefix = good["Authorization"].split("_")[1]
+    wrong = {"Authorization": f"Bearer dg_{prefix}_{'x' * 40}"}  # a guess at acme's secret
+    for _ in range(3):
+        response = client.get("/v1/jobs", headers=wrong)
+        assert response.status_code == 401
+    response = client.get("/v1/jobs", headers=wrong)
+    assert response.status_code == 429, response.text
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert response.json()["type"].endswith("too_many_failed_authentications")
+    # refused before the key is checked: even the right secret waits, from this address too
+    assert client.get("/v1/jobs", headers=good).status_code == 429
+    # the same limits hold on the polling path (its own dependency trip)
+    assert client.get(f"/v1/jobs/{uuid.uuid4()}", headers=good).status_code == 429
+
+
+def test_successful_authentications_are_never_counted(make_client, auth):
+    client = make_client(auth_failure_rate="2/minute")
+    good = auth("acme")
+    for _ in range(10):
+        assert client.get("/v1/jobs", headers=good).status_code == 200
+
+
+def test_the_dashboard_login_answers_429_after_too_many_refused_keys(make_client, auth):
+    client = make_client(auth_failure_rate="2/minute", secret_key="k" * 16 + "9" * 16 + "z")
+    good = auth("acme")["Authorization"].removeprefix("Bearer ")
+    statuses = []
+    for secret in ["dg_nope_" + "y" * 40, "dg_nope_" + "z" * 40, good]:
+        form = client.get("/ui/login").text
+        csrf = form.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        response = client.post(
+            "/ui/login", data={"api_key": secret, "csrf": csrf}, follow_redirects=False
+        )
+        statuses.append(response.status_code)
+    assert statuses == [401, 401, 429]
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
