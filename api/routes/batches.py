@@ -32,7 +32,7 @@ from digin.api.deps import (
     WritingTenantDep,
 )
 from digin.api.problems import ProblemError, field_problem, not_found, problem_responses
-from digin.api.routes.jobs import IdempotencyKey, root, stored_artifacts
+from digin.api.routes.jobs import IdempotencyKey, root, stored_artifacts, uploaded_image_ids
 from digin.api.routes.webhooks import stored_webhook
 from digin.api.schemas import (
     BatchCounts,
@@ -41,8 +41,10 @@ from digin.api.schemas import (
     BatchPublic,
     BatchUrls,
     artifact_path,
+    params_problem,
 )
 from digin.api.sweeps import plan_batch
+from digin.service import repo
 from digin.service.db import Batch, Tenant, utcnow
 from digin.service.dispatch import PartialEnqueue, enqueue_many
 from digin.service.repo import batches as repo_batches
@@ -87,6 +89,32 @@ def find_batch(session: Session, tenant: Tenant, batch_id: uuid.UUID) -> Batch:
     return batch
 
 
+def check_batch_uploads(session: Session, tenant: Tenant, plan: repo_batches.BatchPlan) -> None:
+    """A 422 naming the first field of each image id, in any item, that is not one of the
+    tenant's uploads (another tenant's image included): refused here, not by the worker later.
+    One query for all the distinct ids of the batch."""
+    first: dict[str, str] = {}  # image id -> the first field that names it
+    for item in plan.items:
+        for field, value in uploaded_image_ids(item.params, f"items.{item.index}.params"):
+            first.setdefault(value, field)
+    if not first:
+        return
+    ids = {}
+    for value in first:
+        try:
+            ids[value] = uuid.UUID(value)
+        except ValueError:
+            continue
+    owned = repo.owned_image_ids(session, tenant_id=tenant.id, image_ids=list(ids.values()))
+    errors = [
+        {"field": field, "message": f"no uploaded image {value!r} (upload it with POST /v1/images)"}
+        for value, field in first.items()
+        if ids.get(value) not in owned
+    ]
+    if errors:
+        raise params_problem(errors)
+
+
 @router.post(
     "",
     status_code=202,
@@ -115,6 +143,7 @@ def create_batch(
         body, allow_list=settings.model_allow_list, allow_paths=embedded,
         max_items=settings.max_items_per_batch, model_roots=settings.model_path_roots,
     )  # fmt: skip
+    check_batch_uploads(session, tenant, plan)
     # 2. Write the batch and its items in one transaction, and commit
     try:
         batch, created = repo_batches.create_batch(

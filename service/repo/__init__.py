@@ -42,6 +42,7 @@ from digin.service.repo.tenants import (
     get_tenant,
     list_api_keys,
     local_tenant,
+    owned_image_ids,
     revoke_api_key,
 )
 
@@ -67,6 +68,7 @@ __all__ = [
     "fail_job",
     "finish_job",
     "get_image",
+    "owned_image_ids",
     "get_job",
     "get_tenant",
     "heartbeat",

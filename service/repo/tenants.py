@@ -167,6 +167,21 @@ def create_image(
     return image, created
 
 
+def owned_image_ids(
+    session: Session, *, tenant_id: uuid.UUID, image_ids: list[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Which of `image_ids` are the tenant's uploads (one query per 1000 ids)."""
+    owned: set[uuid.UUID] = set()
+    for start in range(0, len(image_ids), 1000):
+        chunk = image_ids[start : start + 1000]
+        owned.update(
+            session.scalars(
+                select(Image.id).where(Image.tenant_id == tenant_id, Image.id.in_(chunk))
+            )
+        )
+    return owned
+
+
 def get_image(session: Session, *, tenant_id: uuid.UUID, image_id: uuid.UUID) -> Image | None:
     """The tenant's image, or None (also for another tenant's)."""
     return session.scalars(

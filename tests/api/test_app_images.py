@@ -168,3 +168,26 @@ def test_jobs_may_name_only_the_tenants_own_uploads(
     assert_problem(refused, 422, "params.images.image_ids.1", "no uploaded image")
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_batches_may_name_only_the_tenants_own_uploads(
+    client: TestClient, auth: Auth, sessions: sessionmaker[Session]
+):
+    """Checked at the API for every item (one query for the batch), not by the worker later."""
+    mine = upload(client, auth("acme"), png()).json()["id"]
+    theirs = upload(client, auth("globex"), png(seed=1)).json()["id"]
+    items = [{"custom_id": f"i{n}", "params": {"image_id": mine}} for n in range(3)]
+    body = {"kind": "counterfactual", "params_template": {"targets": ["one"]}, "items": items}
+    accepted = client.post("/v1/batches", json=body, headers=auth("acme"))
+    assert accepted.status_code == 202, accepted.text
+    for bad in (theirs, "00000000-0000-4000-8000-000000000000"):
+        items = [*items[:2], {"custom_id": "bad", "params": {"image_id": bad}}]
+        body["items"] = items
+        refused = client.post("/v1/batches", json=body, headers=auth("acme"))
+        assert_problem(refused, 422, "items.2.params.image_id", "no uploaded image", bad)
+    sets = {"kind": "neural_pca", "params_template": {"images": {"image_ids": [mine, theirs]}},
+            "items": [{"custom_id": "k", "params": {"class": "seven"}}]}  # fmt: skip
+    refused = client.post("/v1/batches", json=sets, headers=auth("acme"))
+    assert_problem(refused, 422, "items.0.params.images.image_ids.1", "no uploaded image", theirs)
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Job)) == 3  # the first batch only
