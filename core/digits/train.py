@@ -311,29 +311,8 @@ def train_classifier(
 def train_diffusion(args, x, y, out: Path) -> tuple[dict, dict, dict]:
     """UNet + CLIP text encoder trained jointly, EMA weights: (card, state, metrics). Metrics
     need the judge in the same folder (trained first when the whole zoo is trained)."""
-    from transformers import CLIPTokenizer
-
-    from digin.core.tiny import write_tokenizer  # the project's tiny offline CLIP vocabulary
-
     t0 = time.perf_counter()
-    write_tokenizer(out / TOKENIZER_FOLDER)
-    text_config = dict(TEXT_CONFIG)
-    length = text_config["max_position_embeddings"]
-    tokenizer = CLIPTokenizer.from_pretrained(out / TOKENIZER_FOLDER, model_max_length=length)
-    text_config |= {
-        "vocab_size": len(tokenizer.get_vocab()),
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    prompts = [CLASS_PROMPT.replace("{class}", n) for n in CLASS_NAMES]
-    prompts += [CLASS_PROMPT.replace("{class}", str(i)) for i in range(len(CLASS_NAMES))]
-    prompts += [PLAIN_PROMPT, ""]
-    ids = tokenizer(
-        prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
-    ).input_ids
-    table = PromptTable(tuple(prompts), ids, p_uncond=0.1, p_generic=0.1)
-
+    text_config, table = prompt_table(out)
     torch.manual_seed(DIFFUSION_SEED)
     unet, text_encoder = build_unet(UNET_CONFIG), build_text_encoder(text_config)
     ema_unet, ema_text = fit_diffusion(
@@ -351,7 +330,47 @@ def train_diffusion(args, x, y, out: Path) -> tuple[dict, dict, dict]:
     )
     state = {f"unet.{k}": v for k, v in ema_unet.state_dict().items()}
     state |= {f"text_encoder.{k}": v for k, v in ema_text.state_dict().items()}
-    card = {
+    seconds = time.perf_counter() - t0
+    card = diffusion_card(args, x, unet, text_encoder, text_config, seconds=seconds)
+    save(out, "digits", state, {**card, "metrics": {}}, half=True)
+    metrics: dict = {}
+    if (out / "judge.safetensors").is_file() and (out / "judge.json").is_file():
+        model = load_digits_diffusion(zoo_dir=out)
+        judge = load_digits_classifier("judge", zoo_dir=out)
+        per_class = 2 if args.quick else 20
+        metrics = evaluate.generator_quality(model, judge, args.patch, per_class=per_class)
+    return card, state, metrics
+
+
+def prompt_table(out: Path) -> tuple[dict, PromptTable]:
+    """The text encoder's config sized to the tiny offline tokenizer (written into `out`), and
+    the table of training prompts: each class by word and by numeral, the plain prompt, empty."""
+    from transformers import CLIPTokenizer
+
+    from digin.core.tiny import write_tokenizer  # the project's tiny offline CLIP vocabulary
+
+    write_tokenizer(out / TOKENIZER_FOLDER)
+    text_config = dict(TEXT_CONFIG)
+    length = text_config["max_position_embeddings"]
+    tokenizer = CLIPTokenizer.from_pretrained(out / TOKENIZER_FOLDER, model_max_length=length)
+    text_config |= {
+        "vocab_size": len(tokenizer.get_vocab()),
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    prompts = [CLASS_PROMPT.replace("{class}", n) for n in CLASS_NAMES]
+    prompts += [CLASS_PROMPT.replace("{class}", str(i)) for i in range(len(CLASS_NAMES))]
+    prompts += [PLAIN_PROMPT, ""]
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_config, PromptTable(tuple(prompts), ids, p_uncond=0.1, p_generic=0.1)
+
+
+def diffusion_card(args, x, unet, text_encoder, text_config: dict, *, seconds: float) -> dict:
+    """The generator's model card: architecture, configs, prompts and how it was trained."""
+    return {
         "name": "digits",
         "spec": "digits",
         "kind": "diffusion",
@@ -367,7 +386,7 @@ def train_diffusion(args, x, y, out: Path) -> tuple[dict, dict, dict]:
         "scheduler_config": SCHEDULER_CONFIG,
         "tokenizer": {
             "folder": TOKENIZER_FOLDER,
-            "model_max_length": length,
+            "model_max_length": text_config["max_position_embeddings"],
             "from": "digin.core.tiny",
         },
         "prompts": {"class": CLASS_PROMPT, "plain": PLAIN_PROMPT, "numerals": True},
@@ -386,17 +405,9 @@ def train_diffusion(args, x, y, out: Path) -> tuple[dict, dict, dict]:
             "patch_share_present": training_patch_share(args, x),
             "patch_note": "every class alike; the prompts never mention the patch; "
             "patch_share_present is the share of training images the detector calls patched",
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(seconds, 1),
         },
     }
-    save(out, "digits", state, {**card, "metrics": {}}, half=True)
-    metrics: dict = {}
-    if (out / "judge.safetensors").is_file() and (out / "judge.json").is_file():
-        model = load_digits_diffusion(zoo_dir=out)
-        judge = load_digits_classifier("judge", zoo_dir=out)
-        per_class = 2 if args.quick else 20
-        metrics = evaluate.generator_quality(model, judge, args.patch, per_class=per_class)
-    return card, state, metrics
 
 
 def training_patch_share(args, x: torch.Tensor, draws: int = 20) -> float:
