@@ -10,27 +10,15 @@ decoded; Pillow's DecompressionBombWarning is an error here.
 from __future__ import annotations
 
 import hashlib
-import io
-import threading
-import warnings
 from dataclasses import dataclass
 
 from PIL import Image
 
 from digin.api.problems import ProblemError, field_problem
+from digin.core.imagefiles import ImageRefused, decode, sniff_format
 
 FIELD = "file"  # the multipart field of POST /v1/images
 
-# Magic bytes of the formats `DIGIN_IMAGE_FORMATS` may name (Pillow format names).
-_SIGNATURES = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-    (b"II*\x00", "TIFF"),
-    (b"MM\x00*", "TIFF"),
-)
 _EXTENSIONS = {
     "PNG": "png",
     "JPEG": "jpg",
@@ -39,9 +27,6 @@ _EXTENSIONS = {
     "BMP": "bmp",
     "TIFF": "tif",
 }
-# warnings.catch_warnings changes process-wide state: one decode at a time keeps the
-# "bomb warnings are errors" filter from leaking between threads of the API's pool.
-_DECODE_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -59,16 +44,6 @@ class CheckedImage:
     @property
     def extension(self) -> str:
         return _EXTENSIONS.get(self.format, self.format.lower())
-
-
-def sniff_format(data: bytes) -> str | None:
-    """The image format the bytes start with, or None."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    for magic, name in _SIGNATURES:
-        if data.startswith(magic):
-            return name
-    return None
 
 
 def too_large(size: int | None, limit: int) -> ProblemError:
@@ -104,35 +79,24 @@ def check_image(
             f"{fmt} images are not accepted; allowed formats (DIGIN_IMAGE_FORMATS): {allowed}",
         )  # fmt: skip
 
-    # 2. The header: pixel count before decoding; bombs are errors
-    with _DECODE_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=[fmt]) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise _too_many_pixels(
-                        f"the image is {width} x {height} = {width * height} pixels", max_pixels
-                    )
-                frames = int(getattr(image, "n_frames", 1))
-                if frames > 1:
-                    raise field_problem(
-                        422, "invalid-image", FIELD,
-                        f"an animated {fmt} ({frames} frames); send one still image",
-                    )  # fmt: skip
-                # 3. Decode every pixel: truncated and corrupt files fail here
-                image.load()
-        except ProblemError:
-            raise
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise _too_many_pixels(f"a decompression bomb: {exc}", max_pixels) from None
-        except Exception as exc:  # Pillow raises many types on hostile input
-            raise field_problem(
-                422, "invalid-image", FIELD,
-                f"not a valid {fmt} image (truncated or corrupt): {type(exc).__name__}: {exc}",
-            ) from None  # fmt: skip
+    # 2. The header: pixel count before decoding; bombs are errors. 3. Every pixel decoded:
+    #    truncated and corrupt files fail (digin.core.imagefiles)
+    try:
+        width, height = decode(data, fmt, max_pixels=max_pixels, convert=lambda image: image.size)
+    except ImageRefused as exc:
+        raise _refused(exc, fmt, max_pixels) from None
     digest = hashlib.sha256(data).hexdigest()
     return CheckedImage(data=data, sha256=digest, format=fmt, width=width, height=height)
+
+
+def _refused(exc: ImageRefused, fmt: str, max_pixels: int) -> ProblemError:
+    if exc.reason in ("pixels", "bomb"):
+        return _too_many_pixels(exc.what, max_pixels)
+    if exc.reason == "animated":
+        message = f"an animated {fmt} ({exc.frames} frames); send one still image"
+    else:
+        message = f"not a valid {fmt} image (truncated or corrupt): {exc.what}"
+    return field_problem(422, "invalid-image", FIELD, message)
 
 
 def _too_many_pixels(what: str, limit: int) -> ProblemError:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal, get_args
 from urllib.parse import quote
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -68,6 +69,15 @@ def _metadata_value(value: Any) -> Any:
 MetadataValue = Annotated[
     Any, PlainValidator(_metadata_value, json_schema_input_type=str | int | float | bool | None)
 ]
+
+
+def _known_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; must be one of {list(KINDS)}")
+    return kind
+
+
+Kind = Annotated[str, AfterValidator(_known_kind)]  # a job kind: one of KINDS
 
 
 # --- what a request body may hold ----------------------------------------------------------------
@@ -180,7 +190,7 @@ class JobCreate(RequestBody):
         json_schema_extra={"example": {"kind": "guided", "params": {"classes": [3]}, "seed": 0}},
     )
 
-    kind: str = Field(
+    kind: Kind = Field(
         description="the objective (docs/architecture.md §4.1)",
         json_schema_extra={"enum": list(KINDS)},
     )
@@ -201,13 +211,6 @@ class JobCreate(RequestBody):
         "as JSON",
     )
     webhook: WebhookSpec | None = Field(None, description="events of this job POSTed to a URL")
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, kind: str) -> str:
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}; must be one of {list(KINDS)}")
-        return kind
 
     @field_validator("metadata")
     @classmethod
@@ -601,7 +604,7 @@ class BatchCreate(RequestBody):
         },
     )
 
-    kind: str = Field(
+    kind: Kind = Field(
         description="the objective of every item", json_schema_extra={"enum": list(KINDS)}
     )
     params_template: dict[str, Any] = Field(
@@ -640,13 +643,6 @@ class BatchCreate(RequestBody):
     webhook: WebhookSpec | None = Field(
         None, description="events of the batch (and, if listed, of its items) POSTed to a URL"
     )
-
-    @field_validator("kind")
-    @classmethod
-    def _known_kind(cls, kind: str) -> str:
-        if kind not in KINDS:
-            raise ValueError(f"unknown kind {kind!r}; must be one of {list(KINDS)}")
-        return kind
 
     @field_validator("classes")
     @classmethod

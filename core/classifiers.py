@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal, Protocol, cast
+from typing import Literal, Protocol, TypedDict, Unpack, cast
 
 import torch
 import torch.nn.functional as F
@@ -117,22 +117,26 @@ class _TimmModel(Protocol):
     def get_classifier(self) -> nn.Module: ...
 
 
-class TimmClassifier(Classifier):
-    """A timm model; the last layer is its classifier head (``model.get_classifier()``)."""
+class Card(TypedDict):
+    """What a loaded model's card (or sidecar) gives its classifier, besides the spec."""
 
-    def __init__(
-        self,
-        spec: str,
-        model: nn.Module,
-        *,
-        class_names: Sequence[str],
-        input_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        super().__init__(spec, class_names, input_size, mean, std)
+    class_names: Sequence[str]
+    input_size: int
+    mean: Sequence[float]
+    std: Sequence[float]
+
+
+class ModelClassifier(Classifier):
+    """A classifier around a loaded third-party model (``self.model``), frozen with it."""
+
+    def __init__(self, spec: str, model: nn.Module, **card: Unpack[Card]) -> None:
+        super().__init__(spec, card["class_names"], card["input_size"], card["mean"], card["std"])
         self.model = model
         self._freeze()
+
+
+class TimmClassifier(ModelClassifier):
+    """A timm model; the last layer is its classifier head (``model.get_classifier()``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         # The model's own forward: also right for heads that are not a single linear layer.
@@ -168,27 +172,17 @@ class _ClipModel(Protocol):
     def encode_image(self, image: Tensor, normalize: bool = False) -> Tensor: ...
 
 
-class ClipClassifier(Classifier):
+class ClipClassifier(ModelClassifier):
     """Zero-shot open_clip classifier: logits = 100 · cos(image embedding, class text embedding)."""
 
     _weight: Tensor  # buffer (K, D)
 
     def __init__(
-        self,
-        spec: str,
-        model: nn.Module,
-        text_embeddings: Tensor,
-        *,
-        class_names: Sequence[str],
-        input_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
+        self, spec: str, model: nn.Module, text_embeddings: Tensor, **card: Unpack[Card]
     ) -> None:
-        super().__init__(spec, class_names, input_size, mean, std)
-        self.model = model
+        super().__init__(spec, model, **card)
         # (K, D): unit-norm class text embeddings (averaged over the templates), times 100
         self.register_buffer("_weight", CLIP_LOGIT_SCALE * text_embeddings, persistent=False)
-        self._freeze()
 
     def features(self, x: Tensor) -> Tensor:
         clip = cast(_ClipModel, self.model)  # an open_clip CLIP model

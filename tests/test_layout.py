@@ -29,6 +29,7 @@ TORCH_FREE = [
     "digin.core.params",
     "digin.core.registry",
     "digin.core.classes",
+    "digin.core.imagefiles",
 ]
 
 

@@ -16,9 +16,9 @@ import logging
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Form, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Form, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
@@ -62,6 +62,7 @@ BATCHES_PAGE = 20
 MATRIX_ROWS = 20  # classes per page of a batch's matrix
 MAX_LIVE_IDS = 200
 CANCELABLE = ("queued", "running")
+T = TypeVar("T")
 
 
 def render(
@@ -87,11 +88,16 @@ def parse_id(value: str, what: str) -> uuid.UUID:
         raise PageNotFound(f"no {what} with id {value!r}") from None
 
 
+def found(row: T | None, message: str) -> T:
+    """`row`, or the 404 page saying `message` when there is none."""
+    if row is None:
+        raise PageNotFound(message)
+    return row
+
+
 def find_job(session: Session, viewer: Viewer, job_id: str) -> Job:
     job = repo.get_job(session, tenant_id=viewer.tenant.id, job_id=parse_id(job_id, "job"))
-    if job is None:
-        raise PageNotFound(f"no job with id {job_id}")
-    return job
+    return found(job, f"no job with id {job_id}")
 
 
 def job_row(job: Job) -> dict[str, Any]:
@@ -223,42 +229,44 @@ def job_page(
     return render(request, dashboard, viewer, "job.html", **context)
 
 
+class CancelForm:
+    """A cancel form's POST (the dependency of both cancel routes): the viewer and the form's
+    CSRF token."""
+
+    def __init__(
+        self,
+        request: Request,
+        session: SessionDep,
+        viewer: ViewerDep,
+        dashboard: DashboardDep,
+        csrf: Annotated[str, Form()] = "",
+    ) -> None:
+        self.request, self.session, self.viewer = request, session, viewer
+        self.dashboard, self.csrf = dashboard, csrf
+
+    def submit(self, cancel: Callable[[uuid.UUID], Any], what: str, raw_id: str) -> Response:
+        """Check the form's CSRF token, cancel the viewer's own job or batch (`cancel` returns
+        it, or None when the tenant has none of that id), commit, and show it."""
+        signer, viewer = self.dashboard.signer, self.viewer
+        if not signer or not signer.check_csrf(viewer.token, self.csrf):
+            return forbidden(self.request, self.dashboard, viewer)
+        canceled = found(cancel(viewer.tenant.id), f"no {what} with id {raw_id}")
+        self.session.commit()
+        plural = {"job": "jobs", "batch": "batches"}[what]
+        return RedirectResponse(f"/ui/{plural}/{canceled.id}", status_code=303)
+
+
+CancelFormDep = Annotated[CancelForm, Depends()]
+
+
 @router.post("/jobs/{job_id}/cancel")
-def cancel_job(
-    job_id: str,
-    request: Request,
-    session: SessionDep,
-    viewer: ViewerDep,
-    dashboard: DashboardDep,
-    csrf: Annotated[str, Form()] = "",
-) -> Response:
+def cancel_job(job_id: str, form: CancelFormDep) -> Response:
     def cancel(tenant_id: uuid.UUID) -> Any:
-        outcome = repo.request_cancel(session, tenant_id=tenant_id, job_id=parse_id(job_id, "job"))
+        job_uuid = parse_id(job_id, "job")
+        outcome = repo.request_cancel(form.session, tenant_id=tenant_id, job_id=job_uuid)
         return None if outcome is None else outcome[0]
 
-    return cancel_and_show(request, session, viewer, dashboard, csrf, cancel, "job", job_id)
-
-
-def cancel_and_show(
-    request: Request,
-    session: Session,
-    viewer: Viewer,
-    dashboard: Any,
-    csrf: str,
-    cancel: Callable[[uuid.UUID], Any],
-    what: str,
-    raw_id: str,
-) -> Response:
-    """A cancel form's POST: check the form's CSRF token, cancel the viewer's own job or batch
-    (`cancel` returns it, or None when the tenant has none of that id), commit, and show it."""
-    if not dashboard.signer or not dashboard.signer.check_csrf(viewer.token, csrf):
-        return forbidden(request, dashboard, viewer)
-    found = cancel(viewer.tenant.id)
-    if found is None:
-        raise PageNotFound(f"no {what} with id {raw_id}")
-    session.commit()
-    plural = {"job": "jobs", "batch": "batches"}[what]
-    return RedirectResponse(f"/ui/{plural}/{found.id}", status_code=303)
+    return form.submit(cancel, "job", job_id)
 
 
 def forbidden(request: Request, dashboard: Any, viewer: Viewer | None) -> Response:
@@ -270,63 +278,66 @@ def forbidden(request: Request, dashboard: Any, viewer: Viewer | None) -> Respon
 
 
 # --- images ------------------------------------------------------------------------------------
-def artifact_entry(job: Job, viewer: Viewer, name: str) -> dict[str, Any]:
-    entry = next((e for e in stored_artifacts(job, viewer.tenant) if e["name"] == name), None)
-    if entry is None:
-        raise PageNotFound(f"job {job.id} has no artifact named {name!r}")
-    return entry
+class ArtifactRead:
+    """The artifact `name` of the viewer's job `job_id` (the path of both image routes), read
+    with the session cookie."""
+
+    def __init__(
+        self,
+        job_id: str,
+        name: str,
+        session: SessionDep,
+        viewer: ViewerDep,
+        storage: StorageDep,
+        if_none_match: Annotated[str | None, Header()] = None,
+    ) -> None:
+        self.job = find_job(session, viewer, job_id)
+        entries = stored_artifacts(self.job, viewer.tenant)
+        entry = next((e for e in entries if e["name"] == name), None)
+        self.entry = found(entry, f"job {self.job.id} has no artifact named {name!r}")
+        self.name, self.storage, self.if_none_match = name, storage, if_none_match
+
+    def headers(self, rendition: str) -> dict[str, str]:
+        """ETag and Cache-Control of one rendition ("full" or "thumb") of the artifact."""
+        return {"ETag": etag(self.entry, self.job.finished_at, rendition),
+                "Cache-Control": CACHE_CONTROL}  # fmt: skip
+
+    def not_modified(self, headers: dict[str, str]) -> bool:
+        """Whether the client's copy (If-None-Match) is this rendition."""
+        return matches(self.if_none_match, headers["ETag"])
+
+    def data(self) -> bytes:
+        try:
+            return self.storage.get(self.entry["key"])
+        except ArtifactNotFound:
+            raise PageNotFound(f"artifact {self.name!r} of job {self.job.id} is missing") from None
+
+
+ArtifactDep = Annotated[ArtifactRead, Depends()]
 
 
 @router.get("/jobs/{job_id}/artifacts/{name:path}")
-def artifact(
-    job_id: str,
-    name: str,
-    session: SessionDep,
-    viewer: ViewerDep,
-    storage: StorageDep,
-    if_none_match: Annotated[str | None, Header()] = None,
-) -> Response:
+def artifact(read: ArtifactDep) -> Response:
     """The stored artifact, read with the session cookie."""
-    job = find_job(session, viewer, job_id)
-    entry = artifact_entry(job, viewer, name)
-    tag = etag(entry, job.finished_at, "full")
-    headers = {"ETag": tag, "Cache-Control": CACHE_CONTROL}
-    if matches(if_none_match, tag):
+    headers = read.headers("full")
+    if read.not_modified(headers):
         return Response(status_code=304, headers=headers)
-    try:
-        data = storage.get(entry["key"])
-    except ArtifactNotFound:
-        raise PageNotFound(f"artifact {name!r} of job {job.id} is missing") from None
-    media = entry.get("content_type") or "application/octet-stream"
-    return Response(data, media_type=media, headers=headers)
+    media = read.entry.get("content_type") or "application/octet-stream"
+    return Response(read.data(), media_type=media, headers=headers)
 
 
 @router.get("/jobs/{job_id}/thumbs/{name:path}")
-def thumb(
-    job_id: str,
-    name: str,
-    session: SessionDep,
-    viewer: ViewerDep,
-    storage: StorageDep,
-    dashboard: DashboardDep,
-    if_none_match: Annotated[str | None, Header()] = None,
-) -> Response:
+def thumb(read: ArtifactDep, dashboard: DashboardDep) -> Response:
     """A thumbnail (at most 128 px a side) of a PNG artifact, made on first request."""
-    job = find_job(session, viewer, job_id)
-    entry = artifact_entry(job, viewer, name)
-    if (entry.get("content_type") or "") != "image/png":
-        raise PageNotFound(f"artifact {name!r} is not an image")
-    tag = etag(entry, job.finished_at, "thumb")
-    headers = {"ETag": tag, "Cache-Control": CACHE_CONTROL}
-    if matches(if_none_match, tag):
+    if (read.entry.get("content_type") or "") != "image/png":
+        raise PageNotFound(f"artifact {read.name!r} is not an image")
+    headers = read.headers("thumb")
+    if read.not_modified(headers):
         return Response(status_code=304, headers=headers)
-    data = dashboard.thumbs.get(tag)
+    data = dashboard.thumbs.get(headers["ETag"])
     if data is None:
-        try:
-            data = thumbnail(storage.get(entry["key"]))
-        except ArtifactNotFound:
-            raise PageNotFound(f"artifact {name!r} of job {job.id} is missing") from None
-        dashboard.thumbs.put(tag, data)
+        data = thumbnail(read.data())
+        dashboard.thumbs.put(headers["ETag"], data)
     return Response(data, media_type="image/png", headers=headers)
 
 
@@ -360,9 +371,7 @@ def find_batch(session: Session, viewer: Viewer, batch_id: str) -> Any:
     batch = repo_batches.get_batch(
         session, tenant_id=viewer.tenant.id, batch_id=parse_id(batch_id, "batch")
     )
-    if batch is None:
-        raise PageNotFound(f"no batch with id {batch_id}")
-    return batch
+    return found(batch, f"no batch with id {batch_id}")
 
 
 @router.get("/batches/{batch_id}")
@@ -419,19 +428,12 @@ def batch_live(batch_id: str, session: SessionDep, viewer: ViewerDep) -> JSONRes
 
 
 @router.post("/batches/{batch_id}/cancel")
-def cancel_batch(
-    batch_id: str,
-    request: Request,
-    session: SessionDep,
-    viewer: ViewerDep,
-    dashboard: DashboardDep,
-    csrf: Annotated[str, Form()] = "",
-) -> Response:
+def cancel_batch(batch_id: str, form: CancelFormDep) -> Response:
     def cancel(tenant_id: uuid.UUID) -> Any:
         batch_uuid = parse_id(batch_id, "batch")
-        return repo_batches.cancel_batch(session, tenant_id=tenant_id, batch_id=batch_uuid)
+        return repo_batches.cancel_batch(form.session, tenant_id=tenant_id, batch_id=batch_uuid)
 
-    return cancel_and_show(request, session, viewer, dashboard, csrf, cancel, "batch", batch_id)
+    return form.submit(cancel, "batch", batch_id)
 
 
 # --- models ------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -151,6 +151,18 @@ def _label(item: dict[str, Any]) -> str:
     return ", ".join(parts) or f"item {item.get('index')}"
 
 
+def shown_items(
+    summary: dict[str, Any], names: Sequence[str], prefix: str = ""
+) -> Iterator[tuple[dict[str, Any], int, str | None, str | None]]:
+    """(item, index, image, start image) of the first MAX_ITEMS_SHOWN items of a result: its
+    images are `<prefix>item_XXX.png` and `<prefix>item_XXX_start.png`, None where not stored."""
+    for raw in (summary.get("items") or [])[:MAX_ITEMS_SHOWN]:
+        if isinstance(raw, dict):
+            index = int(raw.get("index") or 0)
+            image, start = f"{prefix}item_{index:03d}.png", f"{prefix}item_{index:03d}_start.png"
+            yield raw, index, image if image in names else None, start if start in names else None
+
+
 def generative_items(
     summary: dict[str, Any], names: Sequence[str], *, prefix: str = ""
 ) -> list[Item]:
@@ -158,11 +170,7 @@ def generative_items(
     PCA's visualisation sub-job, whose images are `<prefix>item_XXX.png`)."""
     described: dict[str, str] = summary.get("metric_names") or {}
     out = []
-    for raw in (summary.get("items") or [])[:MAX_ITEMS_SHOWN]:
-        if not isinstance(raw, dict):
-            continue
-        index = int(raw.get("index") or 0)
-        image, start = f"{prefix}item_{index:03d}.png", f"{prefix}item_{index:03d}_start.png"
+    for raw, index, image, start in shown_items(summary, names, prefix):
         best = raw.get("best") or {}
         metrics = [
             Metric(name, float(best[name]), described.get(name, ""))
@@ -181,8 +189,8 @@ def generative_items(
                 index=index,
                 label=_label(raw),
                 prompt=str(raw.get("prompt") or ""),
-                image=image if image in names else None,
-                start=start if start in names else None,
+                image=image,
+                start=start,
                 best_iteration=raw.get("best_iteration"),
                 best=metrics,
                 columns=columns,
@@ -209,11 +217,7 @@ class Counterfactual:
 
 def counterfactual_view(summary: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
     items = []
-    for raw in (summary.get("items") or [])[:MAX_ITEMS_SHOWN]:
-        if not isinstance(raw, dict):
-            continue
-        index = int(raw.get("index") or 0)
-        image, edit = f"item_{index:03d}.png", f"item_{index:03d}_start.png"
+    for raw, index, image, edit in shown_items(summary, names):
         stages = []
         for stage in ("before", "reconstruction", "edit", "after"):
             values = raw.get(stage)
@@ -225,8 +229,8 @@ def counterfactual_view(summary: dict[str, Any], names: Sequence[str]) -> dict[s
             Counterfactual(
                 index=index,
                 target=str(raw.get("target_name") or raw.get("target_index")),
-                image=image if image in names else None,
-                edit=edit if edit in names else None,
+                image=image,
+                edit=edit,
                 flip=raw.get("flip"),
                 prediction=(raw.get("after") or {}).get("prediction"),
                 probabilities=stages,

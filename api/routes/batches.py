@@ -31,8 +31,17 @@ from digin.api.deps import (
     TenantDep,
     WritingTenantDep,
 )
-from digin.api.problems import ProblemError, field_problem, not_found, problem_responses
-from digin.api.routes.jobs import IdempotencyKey, root, stored_artifacts, uploaded_image_ids
+from digin.api.problems import ProblemError, field_problem, problem_responses
+from digin.api.routes.jobs import (
+    Cursor,
+    IdempotencyKey,
+    cursor_problem,
+    found,
+    link_next_page,
+    root,
+    stored_artifacts,
+    uploaded_image_ids,
+)
 from digin.api.routes.webhooks import stored_webhook
 from digin.api.schemas import (
     BatchCounts,
@@ -58,7 +67,6 @@ POLL_AFTER_S = 10  # Retry-After on a running batch
 DEFAULT_PAGE = 20
 CSV_COLUMNS = ("index", "custom_id", "job_id", "status", "seed", "params", "metrics",
                "artifacts", "error")  # fmt: skip
-Cursor = Annotated[str | None, Query(max_length=512, description="the previous page's next_cursor")]
 
 
 def public(session: Session, batches: list[Batch], *, base: str = "") -> list[BatchPublic]:
@@ -84,9 +92,7 @@ def public(session: Session, batches: list[Batch], *, base: str = "") -> list[Ba
 
 def find_batch(session: Session, tenant: Tenant, batch_id: uuid.UUID) -> Batch:
     batch = repo_batches.get_batch(session, tenant_id=tenant.id, batch_id=batch_id)
-    if batch is None:
-        raise not_found("batch", batch_id)
-    return batch
+    return found(batch, "batch", batch_id)
 
 
 def check_batch_uploads(session: Session, tenant: Tenant, plan: repo_batches.BatchPlan) -> None:
@@ -204,11 +210,8 @@ def list_batches(
             session, tenant_id=tenant.id, limit=limit, cursor=cursor
         )
     except InvalidCursor as exc:
-        message = str(exc).removeprefix("cursor: ")
-        raise field_problem(422, "validation", "cursor", message) from None
-    if next_cursor is not None:
-        url = request.url.include_query_params(cursor=next_cursor)
-        response.headers["Link"] = f'<{root(request)}{url.path}?{url.query}>; rel="next"'
+        raise cursor_problem(exc) from None
+    link_next_page(request, response, next_cursor)
     return BatchList(data=public(session, batches, base=root(request)), next_cursor=next_cursor)
 
 
@@ -236,9 +239,8 @@ def get_batch(
 def cancel_batch(
     batch_id: uuid.UUID, request: Request, session: SessionDep, tenant: TenantDep
 ) -> BatchPublic:
-    batch = repo_batches.cancel_batch(session, tenant_id=tenant.id, batch_id=batch_id)
-    if batch is None:
-        raise not_found("batch", batch_id)
+    canceled = repo_batches.cancel_batch(session, tenant_id=tenant.id, batch_id=batch_id)
+    batch = found(canceled, "batch", batch_id)
     session.commit()
     (result,) = public(session, [batch], base=root(request))
     return result

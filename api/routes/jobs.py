@@ -13,7 +13,7 @@ import secrets
 import uuid
 from datetime import timedelta
 from pathlib import PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -77,17 +77,34 @@ StatusFilter = Annotated[
 ]
 KindFilter = Annotated[str | None, Query(json_schema_extra={"enum": list(KINDS)})]
 Cursor = Annotated[str | None, Query(max_length=512, description="the previous page's next_cursor")]
+T = TypeVar("T")
 
 
 def root(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/")
 
 
+def found(row: T | None, what: str, ident: object) -> T:
+    """`row`, or the 404 problem of the tenant's `what` `ident` when there is none."""
+    if row is None:
+        raise not_found(what, ident)
+    return row
+
+
 def find_job(session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
-    job = repo.get_job(session, tenant_id=tenant.id, job_id=job_id)
-    if job is None:
-        raise not_found("job", job_id)
-    return job
+    return found(repo.get_job(session, tenant_id=tenant.id, job_id=job_id), "job", job_id)
+
+
+def cursor_problem(exc: Exception) -> ProblemError:
+    """The 422 of a `cursor` query parameter that is not a page's next_cursor."""
+    return field_problem(422, "validation", "cursor", str(exc).removeprefix("cursor: "))
+
+
+def link_next_page(request: Request, response: Response, next_cursor: str | None) -> None:
+    """`Link: <this URL with cursor=next_cursor>; rel="next"` on a page that has a next one."""
+    if next_cursor is not None:
+        url = request.url.include_query_params(cursor=next_cursor)
+        response.headers["Link"] = f'<{root(request)}{url.path}?{url.query}>; rel="next"'
 
 
 @router.post(
@@ -217,11 +234,8 @@ def list_jobs(
             batch_id=batch_id, cursor=cursor,
         )  # fmt: skip
     except repo.InvalidCursor as exc:
-        message = str(exc).removeprefix("cursor: ")
-        raise field_problem(422, "validation", "cursor", message) from None
-    if next_cursor is not None:
-        url = request.url.include_query_params(cursor=next_cursor)
-        response.headers["Link"] = f'<{root(request)}{url.path}?{url.query}>; rel="next"'
+        raise cursor_problem(exc) from None
+    link_next_page(request, response, next_cursor)
     base = root(request)
     return JobList(data=[JobPublic.from_job(j, base=base) for j in jobs], next_cursor=next_cursor)
 
@@ -259,9 +273,7 @@ async def get_job(
 def cancel_job(
     job_id: uuid.UUID, request: Request, session: SessionDep, tenant: TenantDep
 ) -> JobPublic:
-    outcome = repo.request_cancel(session, tenant_id=tenant.id, job_id=job_id)
-    if outcome is None:
-        raise not_found("job", job_id)
+    outcome = found(repo.request_cancel(session, tenant_id=tenant.id, job_id=job_id), "job", job_id)
     session.commit()
     return JobPublic.from_job(outcome[0], base=root(request))
 

@@ -11,6 +11,7 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from sqlalchemy.orm import Session
 
 from digin.api.deps import SessionDep, TenantDep
 from digin.api.problems import field_problem, not_found, problem_responses
@@ -21,7 +22,7 @@ from digin.api.schemas import (
     WebhookSecret,
     WebhookSpec,
 )
-from digin.service.db import WebhookDelivery
+from digin.service.db import Tenant, WebhookDelivery
 from digin.service.repo import batches as repo_batches
 from digin.service.repo import get_job
 from digin.service.repo import webhooks as repo_webhooks
@@ -61,8 +62,7 @@ def job_webhooks(
 ) -> WebhookDeliveryList:
     if get_job(session, tenant_id=tenant.id, job_id=job_id) is None:
         raise not_found("job", job_id)
-    rows = repo_webhooks.list_deliveries(session, tenant_id=tenant.id, job_id=job_id, limit=limit)
-    return WebhookDeliveryList(data=[delivery_public(d) for d in rows])
+    return deliveries(session, tenant, limit, job_id=job_id)
 
 
 @router.get(
@@ -77,8 +77,20 @@ def batch_webhooks(
 ) -> WebhookDeliveryList:
     if repo_batches.get_batch(session, tenant_id=tenant.id, batch_id=batch_id) is None:
         raise not_found("batch", batch_id)
+    return deliveries(session, tenant, limit, batch_id=batch_id)
+
+
+def deliveries(
+    session: Session,
+    tenant: Tenant,
+    limit: int,
+    *,
+    job_id: uuid.UUID | None = None,
+    batch_id: uuid.UUID | None = None,
+) -> WebhookDeliveryList:
+    """The deliveries of the tenant's job or batch, oldest first."""
     rows = repo_webhooks.list_deliveries(
-        session, tenant_id=tenant.id, batch_id=batch_id, limit=limit
+        session, tenant_id=tenant.id, job_id=job_id, batch_id=batch_id, limit=limit
     )
     return WebhookDeliveryList(data=[delivery_public(d) for d in rows])
 
@@ -90,9 +102,7 @@ def batch_webhooks(
     responses=problem_responses(401),
 )
 def get_secret(session: SessionDep, tenant: TenantDep) -> WebhookSecret:
-    secret = repo_webhooks.webhook_secret(session, tenant_id=tenant.id)
-    session.commit()
-    return WebhookSecret(secret=secret)
+    return signing_secret(session, tenant)
 
 
 @router.post(
@@ -102,7 +112,12 @@ def get_secret(session: SessionDep, tenant: TenantDep) -> WebhookSecret:
     responses=problem_responses(401),
 )
 def rotate_secret(session: SessionDep, tenant: TenantDep) -> WebhookSecret:
-    secret = repo_webhooks.webhook_secret(session, tenant_id=tenant.id, rotate=True)
+    return signing_secret(session, tenant, rotate=True)
+
+
+def signing_secret(session: Session, tenant: Tenant, *, rotate: bool = False) -> WebhookSecret:
+    """The tenant's secret (created on first use, or replaced with `rotate`), committed."""
+    secret = repo_webhooks.webhook_secret(session, tenant_id=tenant.id, rotate=rotate)
     session.commit()
     return WebhookSecret(secret=secret)
 

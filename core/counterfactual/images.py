@@ -16,10 +16,7 @@ decompression-bomb warning is an error; animations are refused. The image is the
 from __future__ import annotations
 
 import hashlib
-import io
 import re
-import threading
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +26,13 @@ from PIL import Image, ImageOps
 from torch import Tensor
 
 from digin.core.context import ImageResolver
+from digin.core.imagefiles import ImageRefused, decode, sniff_format
 
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP")
 MAX_IMAGE_BYTES = 20 * 2**20
 MAX_IMAGE_PIXELS = 4096 * 4096
 DIGITS_PREFIX = "digits:"
 _DIGIT_REF = re.compile(r"digits:(train|judge|test)/(\d+)")
-_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"BM", "BMP"))
-_DECODE_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide state
 
 
 class ImageError(ValueError):
@@ -62,13 +58,6 @@ class StartImage:
         }
 
 
-def sniff_format(data: bytes) -> str | None:
-    """The image format the bytes start with (Pillow's name), or None."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
-
-
 def decode_image(
     data: bytes,
     *,
@@ -79,31 +68,25 @@ def decode_image(
     """Validated bytes → (RGB image, format); ImageError otherwise."""
     if len(data) > max_bytes:
         raise ImageError(f"the image is {len(data)} bytes; the limit is {max_bytes} bytes")
-    fmt = sniff_format(data)
+    fmt = sniff_format(data, known=ALLOWED_FORMATS)
     if fmt is None or fmt not in formats:
         what = "not an image" if fmt is None else f"a {fmt} image"
         raise ImageError(f"{what}: the accepted formats are {', '.join(formats)}")
-    with _DECODE_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data), formats=[fmt]) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageError(
-                        f"the image is {width} x {height} = {width * height} pixels; the limit "
-                        f"is {max_pixels} pixels"
-                    )
-                if int(getattr(image, "n_frames", 1)) > 1:
-                    raise ImageError(f"an animated {fmt}; give one still image")
-                image.load()  # truncated or corrupt files fail here
-                rgb = ImageOps.exif_transpose(image).convert("RGB")
-        except ImageError:
-            raise
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            raise ImageError(f"refused as a decompression bomb: {exc}") from None
-        except Exception as exc:  # Pillow raises many types on hostile input
-            raise ImageError(f"not a valid {fmt} image: {type(exc).__name__}: {exc}") from None
+    try:
+        rgb = decode(data, fmt, max_pixels=max_pixels, convert=_upright_rgb)
+    except ImageRefused as exc:
+        message = {
+            "pixels": f"{exc.what}; the limit is {max_pixels} pixels",
+            "bomb": f"refused as {exc.what}",
+            "animated": f"an animated {fmt}; give one still image",
+            "corrupt": f"not a valid {fmt} image: {exc.what}",
+        }[exc.reason]
+        raise ImageError(message) from None
     return rgb, fmt
+
+
+def _upright_rgb(image: Image.Image) -> Image.Image:
+    return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def preprocess(image: Image.Image, resolution: int) -> Tensor:
