@@ -10,9 +10,29 @@ While the reconstruction of the inverted image runs, every cross-attention layer
 attention probabilities of its conditional half (per step, shape (heads, Q, L): Q query pixels,
 L caption tokens). While an edit runs, the layers replace the conditional half of item b's
 probabilities by the stored ones at the steps i < inject_until[b], realigned from the caption's
-tokens to item b's edited prompt by a token mixing matrix (L, L). The unconditional half and the
-self-attention layers are never touched; the latter keep their SDPA processors, and every
-processor is restored when the context ends.
+tokens to item b's edited prompt by a token mixing matrix (L, L), the same for every head. The
+unconditional half and the self-attention layers are never touched; the latter keep their SDPA
+processors, and every processor is restored when the context ends.
+
+The mixing matrix (`prompt_alignment`): tokens before the replaced words keep their position,
+tokens after them shift by the difference in length, and the words in between are aligned by
+the cosine similarity of their text embeddings (the prompt embedding C that the UNet attends to,
+averaged over each word's tokens): as many words on both sides → the one-to-one assignment of
+largest total similarity; otherwise each edited word takes a softmax over its similarities to
+the caption's words. This is the official `p2p_reshape_initial_cross_attention`
+(`utils/cross_attention.py`) with three of its apparent bugs fixed (docs/differences.md §2):
+
+- its softmax runs over cosine *distances*, so the least similar word weighs most; here it runs
+  over similarities (softmax(cos) = softmax(−distance): the official temperature 1, sign fixed);
+- it stores only the conditional half of the heads and then realigns from `h // 2` on, i.e. only
+  the second half of those heads; here the matrix applies to every head;
+- it zeroes every token of an edited word but fills only the last one (the loop variable left
+  over from the zeroing loop); here every token of the word is filled.
+
+Besides, where the assignment pairs a word with the same word (the same tokens), its tokens are
+copied one to one instead of taking the word's mean, and identical replaced words give the
+identity (the official code returns early there), so that the start class as target reproduces
+the reconstruction.
 
 The foreground mask: the stored maps of the start-class tokens, averaged over the first
 `mask_steps` of the steps, the layers and heads, divided by their maximum, resized (bicubic) to
@@ -23,7 +43,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -175,11 +195,11 @@ def token_span(tokenizer, text: str, span: tuple[int, int]) -> tuple[int, int]:
 
 
 def token_alignment(length: int, source: tuple[int, int], target: tuple[int, int]) -> Tensor:
-    """(L, L) mixing matrix A from the caption's tokens to an edited prompt's tokens, where the
-    words at token positions `source` were replaced by those at `target` (same prefix): target
-    token j takes source token j before the words, the mean of the source words' tokens within
-    them (token j itself where both have as many tokens), and the source token shifted by the
-    length difference after them. Identical spans give the identity."""
+    """Positional (L, L) mixing matrix, without text embeddings: the replaced words at token
+    positions `source` and `target` (same prefix) are aligned by position only (one to one where
+    both have as many tokens, else every target token takes the mean of the source tokens).
+    `prompt_alignment` supersedes it: position says nothing about which word corresponds to
+    which once words are inserted, removed or reordered."""
     (s0, s1), (t0, t1) = source, target
     if s0 != t0:
         raise ValueError(f"the replaced words must start at the same token, got {s0} and {t0}")
@@ -192,6 +212,142 @@ def token_alignment(length: int, source: tuple[int, int], target: tuple[int, int
         else:
             a[min(j - t1 + s1, length - 1), j] = 1.0
     return a
+
+
+def word_spans(tokenizer, text: str, span: tuple[int, int]) -> list[tuple[int, int]]:
+    """Token positions [first, stop) of each whitespace-separated word of text[span], in order
+    (`token_span` of each word)."""
+    words = re.finditer(r"\S+", text[span[0] : span[1]])
+    return [token_span(tokenizer, text, (span[0] + w.start(), span[0] + w.end())) for w in words]
+
+
+def word_vectors(hidden: Tensor, spans: list[tuple[int, int]]) -> Tensor:
+    """(n, D): the mean of hidden (L, D) over each word's tokens."""
+    return torch.stack([hidden[a:b].mean(0) for a, b in spans])
+
+
+def best_assignment(score: Tensor) -> list[int]:
+    """The permutation p maximising Σ_i score[i, p[i]] of a square (n, n) score matrix: the
+    Hungarian algorithm (shortest augmenting paths, O(n³)), exact and deterministic (the same
+    input gives the same permutation; among equal optima the one it finds first)."""
+    n = score.shape[0]
+    cost = (-score.double()).tolist()
+    inf = float("inf")
+    u, v = [0.0] * (n + 1), [0.0] * (n + 1)  # potentials of rows and columns (1-based)
+    match = [0] * (n + 1)  # match[column] = row, 0 = free; column 0 is the virtual start
+    for row in range(1, n + 1):
+        match[0], col = row, 0
+        dist, prev, used = [inf] * (n + 1), [0] * (n + 1), [False] * (n + 1)
+        while match[col] != 0:
+            used[col] = True
+            r, delta, nxt = match[col], inf, 0
+            for c in range(1, n + 1):
+                if not used[c]:
+                    d = cost[r - 1][c - 1] - u[r] - v[c]
+                    if d < dist[c]:
+                        dist[c], prev[c] = d, col
+                    if dist[c] < delta:
+                        delta, nxt = dist[c], c
+            for c in range(n + 1):
+                if used[c]:
+                    u[match[c]] += delta
+                    v[c] -= delta
+                else:
+                    dist[c] -= delta
+            col = nxt
+        while col != 0:  # augment along the path back to the virtual start
+            match[col] = match[prev[col]]
+            col = prev[col]
+    out = [0] * n
+    for c in range(1, n + 1):
+        out[match[c] - 1] = c - 1
+    return out
+
+
+def word_weights(source: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
+    """(m, n) weights W of the caption's n replaced words (source (n, D) embeddings) for each of
+    the edited prompt's m words (target (m, D)), rows summing to 1, from the cosine similarity
+    S (m, n): for m = n the permutation matrix of the largest total similarity, else
+    softmax(S / temperature) per row. Computed in float64."""
+    sim = F.cosine_similarity(target.double()[:, None], source.double()[None], dim=-1)  # (m, n)
+    m, n = sim.shape
+    if m == n:
+        w = torch.zeros(m, n, dtype=torch.float64)
+        w[torch.arange(m), torch.tensor(best_assignment(sim))] = 1.0
+        return w
+    return (sim / temperature).softmax(dim=1)
+
+
+def alignment_matrix(
+    length: int,
+    source_words: list[tuple[int, int]],
+    target_words: list[tuple[int, int]],
+    weights: Tensor,
+    copies: Collection[tuple[int, int]] = (),
+) -> Tensor:
+    """(L, L) mixing matrix A (target token j ← Σ_s A[s, j] · source token s) from the caption's
+    replaced words (token spans, in order) to the edited prompt's, given the word weights
+    (m, n): tokens before the words keep their position, tokens after them take the source token
+    shifted by the difference in length (clamped to the last), and *every* token of target word
+    i takes Σ_k weights[i, k] · (mean of source word k's tokens); the pairs (i, k) in `copies`
+    (the same word on both sides, weight 1) copy the tokens one to one instead."""
+    s0, s1 = source_words[0][0], source_words[-1][1]
+    t0, t1 = target_words[0][0], target_words[-1][1]
+    if s0 != t0:
+        raise ValueError(f"the replaced words must start at the same token, got {s0} and {t0}")
+    if weights.shape != (len(target_words), len(source_words)):
+        raise ValueError(f"weights {tuple(weights.shape)} for {len(target_words)} x "
+                         f"{len(source_words)} words")  # fmt: skip
+    a = torch.zeros(length, length, dtype=torch.float64)
+    for j in range(t0):
+        a[j, j] = 1.0
+    for j in range(t1, length):
+        a[min(j - t1 + s1, length - 1), j] = 1.0
+    for i, (a0, a1) in enumerate(target_words):
+        for k, (b0, b1) in enumerate(source_words):
+            if (i, k) in copies:
+                a[b0:b1, a0:a1] += torch.eye(b1 - b0, dtype=torch.float64)
+            elif weights[i, k] != 0:
+                a[b0:b1, a0:a1] += weights[i, k] / (b1 - b0)
+    return a.float()
+
+
+def prompt_alignment(
+    tokenizer,
+    caption: str,
+    source: tuple[int, int],
+    caption_hidden: Tensor,
+    prompt: str,
+    target: tuple[int, int],
+    prompt_hidden: Tensor,
+    *,
+    temperature: float = 1.0,
+) -> Tensor:
+    """(L, L) mixing matrix from the caption's tokens to an edited prompt's (see the module
+    docstring): the characters `source` of `caption` were replaced by the characters `target`
+    of `prompt` (the same text before them); caption_hidden, prompt_hidden (L, D) are the two
+    prompts' embeddings C. Deterministic: the same inputs give the same matrix."""
+    length = caption_hidden.shape[0]
+    if prompt_hidden.shape[0] != length:
+        raise ValueError(f"embeddings of {length} and {prompt_hidden.shape[0]} tokens")
+    source_words = word_spans(tokenizer, caption, source)
+    target_words = word_spans(tokenizer, prompt, target)
+    ids_c, ids_p = tokenizer(caption).input_ids, tokenizer(prompt).input_ids
+    tokens_c = [tuple(ids_c[a:b]) for a, b in source_words]
+    tokens_p = [tuple(ids_p[a:b]) for a, b in target_words]
+    if tokens_c == tokens_p:  # the same words: nothing moves
+        return torch.eye(length)
+    weights = word_weights(
+        word_vectors(caption_hidden.detach().cpu(), source_words),
+        word_vectors(prompt_hidden.detach().cpu(), target_words),
+        temperature,
+    )
+    copies = {
+        (i, k)
+        for i, k in (weights == 1).nonzero().tolist()
+        if len(target_words) == len(source_words) and tokens_p[i] == tokens_c[k]
+    }
+    return alignment_matrix(length, source_words, target_words, weights, copies)
 
 
 # --- masks ---------------------------------------------------------------------------------------
