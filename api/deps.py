@@ -14,13 +14,14 @@ The app's long-lived objects live in one `Services` container on `app.state.serv
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -126,21 +127,25 @@ def too_many_failures(blocked: Blocked) -> ProblemError:
     )
 
 
+def caller_of(request: Request, services: Services, secret: str | None) -> Caller:
+    """Who calls, before any database work: the bearer `secret`, or `LOCAL` when auth is off
+    (embedded mode); a missing key is a 401 here. `tenant_of` checks the secret."""
+    if not services.settings.auth_enabled:
+        return LOCAL
+    if secret is None:
+        raise unauthorized(
+            "an API key is required: send 'Authorization: Bearer <key>'", invalid=False
+        )
+    address = request.client.host if request.client else None
+    return Caller(secret, address, services.auth_limiter)
+
+
 async def get_caller(
     request: Request,
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Caller:
-    """Who calls, before any database work: the bearer secret, or `LOCAL` when auth is off
-    (embedded mode); a missing key is a 401 here. `tenant_of` checks the secret."""
-    if not services.settings.auth_enabled:
-        return LOCAL
-    if credentials is None:
-        raise unauthorized(
-            "an API key is required: send 'Authorization: Bearer <key>'", invalid=False
-        )
-    address = request.client.host if request.client else None
-    return Caller(credentials.credentials, address, services.auth_limiter)
+    return caller_of(request, services, credentials.credentials if credentials else None)
 
 
 def tenant_of(session: Session, caller: Caller) -> Tenant:
@@ -151,37 +156,70 @@ def tenant_of(session: Session, caller: Caller) -> Tenant:
         session.commit()
         return local
     prefix = key_prefix(caller.secret)
-    if caller.limiter is not None:
-        blocked = caller.limiter.check(caller.address, prefix)
-        if blocked is not None:
-            raise too_many_failures(blocked)
+    blocked = None if caller.limiter is None else caller.limiter.check(caller.address, prefix)
+    if blocked is not None and blocked.reason == "client address":
+        raise too_many_failures(blocked)  # this address guessed too often: not even checked
     tenant = repo.authenticate(session, secret=caller.secret)
     if tenant is None:
         if caller.limiter is not None:
             caller.limiter.failed(caller.address, prefix)
+        if blocked is not None:  # this key was guessed at too often: 429, not 401
+            raise too_many_failures(blocked)
         raise unauthorized("the API key is invalid or revoked", invalid=True)
-    return tenant
+    return tenant  # the right secret always passes its key's counter (service/ratelimit.py)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]
 
 
-def get_tenant(session: SessionDep, caller: CallerDep) -> Tenant:
-    return tenant_of(session, caller)
+def get_tenant(request: Request, session: SessionDep, caller: CallerDep) -> Tenant:
+    checked: Tenant | None = getattr(request.state, "tenant", None)  # KeyFirstRoute's
+    return checked if checked is not None else tenant_of(session, caller)
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
-async def get_tenant_first(services: ServicesDep, caller: CallerDep) -> Tenant:
+def load_tenant(services: Services, caller: Caller) -> Tenant:
+    """`tenant_of` with a session of its own (run in the thread pool)."""
+    with services.sessions() as session:
+        return tenant_of(session, caller)
+
+
+async def get_tenant_first(request: Request, services: ServicesDep, caller: CallerDep) -> Tenant:
     """The caller's tenant, checked in one trip to the thread pool with a session of its own
     (before the request's body is validated: see `get_writing_tenant`)."""
+    checked: Tenant | None = getattr(request.state, "tenant", None)  # KeyFirstRoute's
+    if checked is not None:
+        return checked
+    return await run_in_threadpool(load_tenant, services, caller)
 
-    def load() -> Tenant:
-        with services.sessions() as session:
-            return tenant_of(session, caller)
 
-    return await run_in_threadpool(load)
+def bearer_secret(request: Request) -> str | None:
+    """The secret of an `Authorization: Bearer <secret>` header (HTTPBearer's reading)."""
+    scheme, _, secret = request.headers.get("authorization", "").partition(" ")
+    return secret.strip() or None if scheme.lower() == "bearer" else None
+
+
+class KeyFirstRoute(APIRoute):
+    """A route with a request body checks the caller's key before the body is read: FastAPI
+    reads and parses a body before it runs any dependency, so a request with no key or a bad
+    one and a body that does not parse would otherwise be answered 400/422 instead of 401 (and
+    make the API parse what anyone sends). The tenant found is kept on `request.state` for the
+    route's own tenant dependency, so the key is checked once."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        if self.body_field is None:
+            return handler
+
+        async def key_first(request: Request) -> Response:
+            services: Services = request.app.state.services
+            caller = caller_of(request, services, bearer_secret(request))
+            request.state.tenant = await run_in_threadpool(load_tenant, services, caller)
+            return await handler(request)
+
+        return key_first
 
 
 async def get_writing_tenant(

@@ -4,9 +4,12 @@ API and pasted keys on the dashboard's login.
 Failures are counted per client address and per key prefix (the public part of a key, so that
 guessing the secret of one known key is slowed wherever it comes from) in a moving window with
 the `limits` library: in Redis when the service runs on Redis (every API process shares the
-counts), in process memory otherwise (embedded mode runs one API process). While one of the
-counters of a request is exhausted, the request is answered 429 with `Retry-After` before its key
-is even checked; a successful authentication is never counted. A counter store that cannot be
+counts), in process memory otherwise (embedded mode runs one API process). While a client
+address's count is exhausted, its requests are answered 429 with `Retry-After` before any key is
+checked. While a key prefix's count is exhausted, a wrong secret for it is answered 429 instead of
+401 from anywhere, but the right secret is still served: secrets carry 256 bits, so the prefix's
+count must never let whoever knows a prefix lock the key's owner out. A successful
+authentication is never counted. A counter store that cannot be
 reached fails open (logged): it never locks every client out.
 """
 

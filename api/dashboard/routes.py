@@ -512,16 +512,19 @@ def login(
     limiter: AuthFailureLimiter = request.app.state.services.auth_limiter
     address = request.client.host if request.client else None
     blocked = limiter.check(address, prefix)
-    if blocked is not None:  # refused before the key is even checked
+    tenant = None
+    if blocked is None or blocked.reason == "key":  # an exhausted address is not even checked
+        tenant = repo.authenticate(session, secret=secret) if secret else None
+    if tenant is None or prefix is None:
+        if blocked is None or blocked.reason == "key":
+            limiter.failed(address, prefix)
+        if blocked is None:
+            message = "That API key is not valid (or it was revoked)."
+            return login_form(request, dashboard, status_code=401, error=message, next_url=target)
         message = f"Too many refused keys; try again in {blocked.retry_after} s."
         response = login_form(request, dashboard, status_code=429, error=message, next_url=target)
         response.headers["Retry-After"] = str(blocked.retry_after)
         return response
-    tenant = repo.authenticate(session, secret=secret) if secret else None
-    if tenant is None or prefix is None:
-        limiter.failed(address, prefix)
-        message = "That API key is not valid (or it was revoked)."
-        return login_form(request, dashboard, status_code=401, error=message, next_url=target)
     cookie, token = signer.issue(key_prefix=prefix, tenant_id=tenant.id)  # a fresh nonce
     response = RedirectResponse(target, status_code=303)
     set_session_cookie(response, request, cookie, token.expires)

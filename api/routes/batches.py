@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from digin.api.deps import (
     CeleryDep,
+    KeyFirstRoute,
     MetricsDep,
     ServicesDep,
     SessionDep,
@@ -61,7 +62,7 @@ from digin.service.repo.jobs import MAX_PAGE, InvalidCursor, TenantLimitExceeded
 from digin.service.storage import LocalStorage
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/batches", tags=["batches"])
+router = APIRouter(prefix="/v1/batches", tags=["batches"], route_class=KeyFirstRoute)
 
 POLL_AFTER_S = 10  # Retry-After on a running batch
 DEFAULT_PAGE = 20
@@ -148,6 +149,7 @@ def create_batch(
     plan = plan_batch(
         body, allow_list=settings.model_allow_list, allow_paths=embedded,
         max_items=settings.max_items_per_batch, model_roots=settings.model_path_roots,
+        max_cost=settings.max_job_cost or None,
     )  # fmt: skip
     check_batch_uploads(session, tenant, plan)
     # 2. Write the batch and its items in one transaction, and commit

@@ -8,7 +8,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Response, UploadFile
 
-from digin.api.deps import MetricsDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from digin.api.deps import (
+    KeyFirstRoute,
+    MetricsDep,
+    SessionDep,
+    SettingsDep,
+    StorageDep,
+    TenantDep,
+)
 from digin.api.images import FIELD, check_image
 from digin.api.problems import not_found, problem_responses
 from digin.api.schemas import ImagePublic
@@ -16,7 +23,7 @@ from digin.service import repo
 from digin.service.storage import image_key
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/images", tags=["images"])
+router = APIRouter(prefix="/v1/images", tags=["images"], route_class=KeyFirstRoute)
 
 ImageFile = Annotated[
     UploadFile,

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from digin.api.deps import (
     CallerDep,
+    KeyFirstRoute,
     Services,
     ServicesDep,
     SessionDep,
@@ -46,6 +47,7 @@ from digin.api.schemas import (
     params_problem,
     storable_text,
 )
+from digin.core.limits import cost_error
 from digin.core.params import KINDS
 from digin.service import repo
 from digin.service.db import SUCCEEDED, TERMINAL, Job, Tenant, utcnow
@@ -54,7 +56,7 @@ from digin.service.repo.submit import Submission
 from digin.service.storage import LocalStorage
 
 log = logging.getLogger(__name__)
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], route_class=KeyFirstRoute)
 
 QUEUE = "interactive"  # single jobs; sweeps (batches) use "sweep"
 POLL_AFTER_S = 2  # Retry-After on jobs that are not finished
@@ -132,6 +134,9 @@ async def create_job(
         allow_paths=settings.mode == "embedded",
         model_roots=settings.model_path_roots,
     )
+    # the job's estimated cost under the deployment's cap (docs/architecture.md §9.7)
+    if (too_costly := cost_error(body.kind, params, settings.max_job_cost or None)) is not None:
+        raise params_problem([too_costly])
     uploads = uploaded_image_ids(params)
     if uploads:  # images named by id must be this tenant's uploads
         await run_in_threadpool(check_uploads, services, tenant, uploads)

@@ -34,7 +34,6 @@ import pytest
 
 from tests.adversarial.instance import (
     AUTH_FAILURE_RATE,
-    BODY_BEFORE_KEY,
     JOB_TIMEOUT_S,
     MAX_BODY_BYTES,
     MAX_ITEMS_PER_BATCH,
@@ -83,7 +82,6 @@ TALLY = Tally(
             "and /v1/images (multipart without a boundary) with each kind of missing or bad key",
             "401, as for every other body: who may not call a route should learn nothing about "
             "how it parses bodies",
-            known_gap=BODY_BEFORE_KEY,
         ),
         ProbeClass(
             "3",

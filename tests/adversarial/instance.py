@@ -57,12 +57,6 @@ MAX_ITEMS_PER_BATCH = 50
 MAX_BODY_BYTES = 256 * 1024
 PUBLIC_HOOK = "https://93.184.215.14/hooks/digin"  # a public address literal: no lookup
 JOB_TIMEOUT_S = 240.0
-BODY_BEFORE_KEY = (
-    "FastAPI reads and parses a route's body (JSON, multipart) before it resolves the route's "
-    "dependencies, the key check included: a body it cannot parse is answered 422 (JSON) or 400 "
-    "(invalid UTF-8, multipart without a boundary) to a caller without a valid key, before the "
-    "key is checked or a refused key counted"
-)
 
 
 def free_port() -> int:

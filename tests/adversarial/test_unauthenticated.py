@@ -21,11 +21,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 
 from tests.adversarial.instance import (
-    BODY_BEFORE_KEY,
     Instance,
     Tally,
     Tenant,
@@ -239,7 +237,6 @@ def test_every_dashboard_page_sends_visitors_without_a_session_to_the_login(
     assert not failures, failures[:10]
 
 
-@pytest.mark.xfail(strict=True, reason=BODY_BEFORE_KEY)
 def test_a_body_that_cannot_be_parsed_is_a_401_without_a_valid_key(
     instance: Instance, tally: Tally
 ) -> None:
