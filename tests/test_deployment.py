@@ -447,7 +447,7 @@ def test_cpu_image_stages_api_without_torch_and_worker_with_the_pins():
     api_runs = " ".join(values(found["api"], "RUN"))
     assert "torch" not in api_runs and "[core]" not in api_runs  # the API image stays small
     worker_runs = " ".join(values(found["worker-cpu"], "RUN"))
-    (torch_install,) = re.findall(r"pip install (torch==[^&;\\]+)", worker_runs)
+    (torch_install,) = re.findall(r"pip install ((?:-c \S+ )?torch==[^&;\\]+)", worker_runs)
     pins = {w for w in torch_install.split() if "==" in w}
     assert pins == torch_pins() and "whl/cpu" in torch_install
     for stage in ("api", "worker-cpu"):
