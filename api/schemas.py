@@ -29,6 +29,7 @@ from pydantic import (
 )
 
 from digin.api.problems import ProblemError, fields_problem
+from digin.core.limits import stored_cost
 from digin.core.params import KINDS, ParamsError, validate_params
 from digin.core.registry import (
     ModelInfo,
@@ -431,6 +432,11 @@ class JobPublic(BaseModel):
     finished_at: datetime | None
     worker: WorkerInfo | None
     urls: JobUrls
+    cost: int | None = Field(
+        None,
+        description="the job's estimated cost in pixel-steps (items x passes x DDIM steps x "
+        "pixels; what DIGIN_MAX_JOB_COST caps), from its params",
+    )
 
     @classmethod
     def from_job(cls, job: Job, *, base: str = "") -> JobPublic:
@@ -469,6 +475,7 @@ class JobPublic(BaseModel):
             finished_at=job.finished_at,
             worker=WorkerInfo.model_validate(job.worker) if job.worker else None,
             urls=JobUrls(self=path, cancel=f"{path}/cancel", artifacts=f"{path}/artifacts"),
+            cost=stored_cost(job.kind, job.params),
         )
 
 

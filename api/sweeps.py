@@ -13,6 +13,8 @@ combination of everything but the classes, and each item's classes are checked o
 that they are class references (an index ≥ 0 or a name of 1–200 characters, 1–1000 of them)
 and, where the classifier's classes are known (the registry, the digits zoo), that they name
 one of them. That is sound because the classes of these kinds enter no other validation rule.
+Each item's estimated cost (`digin.core.limits.estimate_cost`, with its own classes) is checked
+against DIGIN_MAX_JOB_COST, as a single job's is.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 from digin.api.problems import ProblemError
 from digin.api.schemas import BatchCreate, ClassRange, JobCreate
 from digin.core.classes import imagenet_class_names, resolve_class
+from digin.core.limits import cost_error
 from digin.core.params import group_key
 from digin.core.registry import ModelRoots, check_model_roots, list_models, parse_spec, zoo_dir
 from digin.service.repo.batches import BatchPlan, PlannedItem
@@ -130,9 +133,10 @@ class _Validator:
         allow_list: list[str] | None,
         allow_paths: bool,
         model_roots: ModelRoots | None = None,
+        max_cost: int | None = None,
     ) -> None:
         self.kind, self.allow_list, self.allow_paths = kind, allow_list, allow_paths
-        self.model_roots = model_roots
+        self.model_roots, self.max_cost = model_roots, max_cost
         self._cache: dict[str, tuple[dict[str, Any], str | None] | list[dict[str, str]]] = {}
 
     def classifier_of(self, params: dict[str, Any]) -> str | None:
@@ -157,7 +161,11 @@ class _Validator:
             except ProblemError as exc:
                 self._cache[key] = list(exc.errors or [])
             else:
-                self._cache[key] = (params, group_key(self.kind, params))
+                too_costly = None if cheap else cost_error(self.kind, params, self.max_cost)
+                if too_costly is not None:  # the whole item is validated here: its cost too
+                    self._cache[key] = [too_costly]
+                else:
+                    self._cache[key] = (params, group_key(self.kind, params))
         found = self._cache[key]
         if isinstance(found, list) or not cheap:
             if isinstance(found, list) and cheap:  # the template's errors, without class noise
@@ -176,7 +184,10 @@ class _Validator:
                 errors.append({"field": f"params.classes.{i}", "message": problem})
         if errors:
             return errors
-        return {**params, "classes": list(classes)}, gkey
+        item = {**params, "classes": list(classes)}
+        if (too_costly := cost_error(self.kind, item, self.max_cost)) is not None:
+            return [too_costly]  # each item's own cost: its classes count
+        return item, gkey
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +218,7 @@ def plan_batch(
     allow_paths: bool,
     max_items: int,
     model_roots: ModelRoots | None = None,
+    max_cost: int | None = None,
 ) -> BatchPlan:
     """Every item of the batch, validated; raises a 422 ProblemError naming the first bad items
     (`items[17].params.guidance.iterations`, `classes[3]`, `classifiers[1]`; planning stops at
@@ -214,10 +226,12 @@ def plan_batch(
 
     `model_roots`: the folders that specs naming local paths must lie in (the settings'
     `model_path_roots`; `digin.core.registry.check_model_roots`); None, any path, except that
-    without `allow_paths` (production) None means no folder but the bundled digits zoo."""
+    without `allow_paths` (production) None means no folder but the bundled digits zoo.
+    `max_cost` (DIGIN_MAX_JOB_COST; None: no cap): every item's estimated cost
+    (`digin.core.limits.estimate_cost`) must be at most this, else its error names the estimate."""
     if model_roots is None and not allow_paths:
         model_roots = ()
-    validate = _Validator(body.kind, allow_list, allow_paths, model_roots)
+    validate = _Validator(body.kind, allow_list, allow_paths, model_roots, max_cost)
     plan = BatchPlan(body.kind, [], {})
     expand = _explicit_items if body.items else _axis_items
     items = expand(body, validate, plan)
@@ -341,7 +355,9 @@ def _axis_errors(
     out = []
     for e in errors:
         name = e["field"].removeprefix("params.")
-        if name.startswith("classes"):
+        if name == "params":  # the item as a whole (its estimated cost): the template's doing
+            out.append({**e, "field": "params_template"})
+        elif name.startswith("classes"):
             out.append({**e, "field": "classes" if position is None else f"classes[{position}]"})
         elif model_field is not None and name.split(".")[0] in overrides:
             out.append({**e, "field": model_field})

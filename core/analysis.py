@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from digin.core.batching import job_batch
 from digin.core.classifiers import Classifier
-from digin.core.context import RunContext
+from digin.core.context import RunContext, StopFn, check_stop
 from digin.core.imagesets import ImageSet, load_image_set
 from digin.core.jobs import (
     DEFAULT_CACHE,
@@ -37,6 +37,7 @@ from digin.core.jobs import (
     JobResult,
     class_index,
     optimize_in_batches,
+    record_header,
     software_versions,
 )
 from digin.core.objectives import ComponentObjective
@@ -82,11 +83,7 @@ class AnalysisResult:
             s = job.summary()
             jobs[name] = {k: v for k, v in s.items() if k not in ("params", "versions")}
         return {
-            "kind": self.kind,
-            "params": self.params,
-            "seed": self.seed,
-            "models": self.models,
-            "device": self.device,
+            **record_header(self),
             **self.data,
             **({"jobs": jobs} if jobs else {}),
             "timings": self.timings,
@@ -129,7 +126,7 @@ def run_neural_pca(params: NeuralPcaParams, ctx: RunContext) -> AnalysisResult:
     t_loaded = time.perf_counter()
 
     # 2. contributions a ⊙ w_k, their PCA (all F components), the α values
-    data, pca, alpha, top = _neural_pca_record(params, clf, images, k)
+    data, pca, alpha, top = _neural_pca_record(params, clf, images, k, should_stop)
     t_pca = time.perf_counter()
     figures = {"top_images.png": top_images_grid(images, alpha, top, pca, params.grid_components)}
 
@@ -169,11 +166,12 @@ def run_neural_pca(params: NeuralPcaParams, ctx: RunContext) -> AnalysisResult:
     )
 
 
-def _neural_pca_record(params: NeuralPcaParams, clf: Classifier, images: ImageSet, k: int):
+def _neural_pca_record(params: NeuralPcaParams, clf: Classifier, images: ImageSet, k: int,
+                       should_stop: StopFn | None = None):  # fmt: skip
     """The PCA of class k's contributions a ⊙ w_k over `images` and the record of it
     (result.json's data): (data, the PCA kept, α (N, L), the top images per component)."""
     name = clf.class_names[k]
-    contrib, logits = class_contributions(clf, images.images, k)  # (N, F), (N, K)
+    contrib, logits = class_contributions(clf, images.images, k, should_stop=should_stop)
     full = fit_neural_pca(contrib, k)
     pca = full.truncated(params.components)
     alpha = pca.values(contrib)  # (N, L)
@@ -349,7 +347,9 @@ def _pca_class(params: PcaComponentParams, pca: PcaData, clf: Classifier) -> int
 
 
 def run_spurious_score(params: SpuriousScoreParams, ctx: RunContext) -> AnalysisResult:
-    seed, device = ctx.seed, ctx.device
+    """Per class, its two image sets through the classifier in mini-batches (`should_stop`
+    polled before each) and the AUC of p(k|x)."""
+    seed, device, should_stop = ctx.seed, ctx.device, ctx.should_stop
     cache, resolver = ctx.cache or DEFAULT_CACHE, ctx.image_resolver
     t_start = time.perf_counter()
     clf = cache.classifier(params.classifier, device, "openai")
@@ -368,7 +368,7 @@ def run_spurious_score(params: SpuriousScoreParams, ctx: RunContext) -> Analysis
             )
             for role in ("class_images", "spurious")
         }
-        p = {role: _probabilities(clf, s.images, k) for role, s in sets.items()}
+        p = {role: _probabilities(clf, s.images, k, should_stop) for role, s in sets.items()}
         scores.append(SpuriousScore.of(k, name, p["class_images"], p["spurious"]))
     aucs = [s.auc for s in scores]
     data = {
@@ -396,10 +396,14 @@ def run_spurious_score(params: SpuriousScoreParams, ctx: RunContext) -> Analysis
 
 
 @torch.no_grad()
-def _probabilities(clf: Classifier, images: torch.Tensor, k: int, batch: int = 256) -> np.ndarray:
+def _probabilities(
+    clf: Classifier, images: torch.Tensor, k: int, should_stop: StopFn | None, batch: int = 256
+) -> np.ndarray:
     device = next(clf.parameters()).device
-    out = [clf(images[i : i + batch].to(device)).softmax(-1)[:, k].cpu()
-           for i in range(0, len(images), batch)]  # fmt: skip
+    out = []
+    for i in range(0, len(images), batch):
+        check_stop(should_stop)
+        out.append(clf(images[i : i + batch].to(device)).softmax(-1)[:, k].cpu())
     return torch.cat(out).double().numpy()
 
 

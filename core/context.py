@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 ProgressFn = Callable[[int, int, dict], None]  # (step, total, info)
-StopFn = Callable[[], bool]  # polled between iterations: True stops the run
+StopFn = Callable[[], bool]  # polled between DDIM steps and mini-batches: True stops the run
 ImageResolver = Callable[[str], bytes]  # an uploaded image's id → the file's bytes
 
 
@@ -20,3 +20,15 @@ class RunContext:
     progress: ProgressFn | None = None
     should_stop: StopFn | None = None  # cancellation
     image_resolver: ImageResolver | None = None  # the service's uploads; None: ids are errors
+
+
+class Stopped(Exception):
+    """`should_stop()` said stop before the run had anything to show (inside the first
+    iteration of its first batch, during an inversion, between an analysis's mini-batches): the
+    run has no result. A stop later ends the run with the iterations and batches done so far."""
+
+
+def check_stop(should_stop: StopFn | None) -> None:
+    """Raise Stopped when `should_stop` says stop."""
+    if should_stop is not None and should_stop():
+        raise Stopped

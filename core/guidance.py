@@ -39,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from digin.core.augment import ItemRNG, apply_cutouts, clean_view, sample_cutouts
 from digin.core.config import GuidanceConfig
-from digin.core.context import ProgressFn, StopFn
+from digin.core.context import ProgressFn, StopFn, Stopped, check_stop
 from digin.core.diffusion import DiffusionModel, TextEmbeddings
 from digin.core.objectives import Objective, ObjectiveOutput
 
@@ -122,7 +122,13 @@ def guided_eps(eps_uncond: Tensor, eps_cond: Tensor, scale: float) -> Tensor:
 
 
 class DenoisingLoop:
-    """The DDIM chain of one iteration, with gradients (and checkpointing) when asked."""
+    """The DDIM chain of one iteration, with gradients (and checkpointing) when asked.
+
+    `should_stop` (set by `run`) is polled at every step, in the forward chain and in the
+    recompute of the backward pass: a cancel takes effect within one UNet call, whatever T and
+    the image size, by raising `digin.core.context.Stopped` out of the iteration."""
+
+    should_stop: StopFn | None = None
 
     def __init__(
         self,
@@ -165,6 +171,7 @@ class DenoisingLoop:
         self, z: Tensor, i: int, text: TextEmbeddings, time_ids: Tensor | None
     ) -> tuple[Tensor, Tensor]:
         """DDIM step i with classifier-free guidance: z_t → (z_{t-1}, x̂0)."""
+        check_stop(self.should_stop)
         z = self.prepare(z, i)
         t = self.scheduler.timesteps[i]  # host copy, for the scheduler's tables
         with autocast(self.device, self.config.precision):
@@ -398,36 +405,53 @@ def _run(loop, loss, z_T, cond, config, progress, should_stop, progress_info) ->
     optimizer, scheduler = make_optimizer(config, z_T, deltas)
     weights = loss_step_weights(config.loss_steps).tolist()
     record = Recorder(b, device, config.iterations + 1, progress, progress_info)
+    loop.should_stop = should_stop  # polled at every DDIM step
 
-    # 2. Iterations; the last only evaluates
+    # 2. Iterations; the last only evaluates. A stop inside an iteration drops that iteration
+    # (its update is not taken); before the first one was recorded there is nothing to return.
     for it in range(config.iterations + 1):
-        train = it < config.iterations and optimizer is not None
-        record.start()
-        norm = z_T.detach().flatten(1).norm(dim=1)  # (B,) ‖z_T‖ before this iteration's step
-        with torch.set_grad_enabled(train):
-            x0s = loop(z_T, cond, deltas, keep_last=config.loss_steps if train else 1)
-        record.chain_done()
-
-        # 2a. the augmented loss on the last k x̂0, weighted, back-propagated
-        images, train_loss = None, None
-        if train and optimizer is not None:  # train implies an optimiser; this narrows its type
-            total = torch.zeros(b, device=device)
-            for w, x0 in zip(weights, x0s, strict=True):
-                plans = loss.sample_plans()
-                if config.checkpointing:
-                    item_loss, images = checkpoint(loss, x0, plans, use_reentrant=False)
-                else:
-                    item_loss, images = loss(x0, plans)
-                total = total + w * item_loss
-            train_loss = total.detach().float()
-            descend(total, optimizer, scheduler, z_T, norms, deltas, config)
-
-        # 2b. the clean path on the final x̂0 (before this iteration's update)
-        record.iteration(it, norm, loss.evaluate(x0s[-1].detach(), images), train_loss)
+        try:
+            _iteration(it, loop, loss, z_T, cond, deltas, config, optimizer, scheduler, norms,
+                       weights, record)  # fmt: skip
+        except Stopped:
+            if not record.trajectory:
+                raise
+            record.stopped = True
+            break
         if should_stop is not None and it < config.iterations and should_stop():
             record.stopped = True
             break
     return record.result(z_T)
+
+
+def _iteration(it, loop, loss, z_T, cond, deltas, config, optimizer, scheduler, norms, weights,
+               record) -> None:  # fmt: skip
+    """Iteration `it`: the chain, the augmented loss and the update (all but the last
+    iteration), the clean path of its final x̂0 recorded."""
+    b, device = z_T.shape[0], loop.device
+    train = it < config.iterations and optimizer is not None
+    record.start()
+    norm = z_T.detach().flatten(1).norm(dim=1)  # (B,) ‖z_T‖ before this iteration's step
+    with torch.set_grad_enabled(train):
+        x0s = loop(z_T, cond, deltas, keep_last=config.loss_steps if train else 1)
+    record.chain_done()
+
+    # the augmented loss on the last k x̂0, weighted, back-propagated
+    images, train_loss = None, None
+    if train and optimizer is not None:  # train implies an optimiser; this narrows its type
+        total = torch.zeros(b, device=device)
+        for w, x0 in zip(weights, x0s, strict=True):
+            plans = loss.sample_plans()
+            if config.checkpointing:
+                item_loss, images = checkpoint(loss, x0, plans, use_reentrant=False)
+            else:
+                item_loss, images = loss(x0, plans)
+            total = total + w * item_loss
+        train_loss = total.detach().float()
+        descend(total, optimizer, scheduler, z_T, norms, deltas, config)
+
+    # the clean path on the final x̂0 (before this iteration's update)
+    record.iteration(it, norm, loss.evaluate(x0s[-1].detach(), images), train_loss)
 
 
 class Recorder:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from pydantic import BaseModel
@@ -22,21 +22,29 @@ from pydantic import BaseModel
 from digin.core.batching import job_batch
 from digin.core.classes import imagenet_classes, resolve_class
 from digin.core.classifiers import Classifier, ClipTemplates
-from digin.core.context import ProgressFn, RunContext, StopFn
+from digin.core.context import ProgressFn, RunContext, StopFn, Stopped
 from digin.core.diffusion import DiffusionModel
 from digin.core.guidance import DTYPES, GuidanceResult, optimize
+from digin.core.limits import LRU
 from digin.core.loaders import load_classifier, load_diffusion
 from digin.core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
 from digin.core.output import render_generative
 from digin.core.params import DisagreementParams, GuidedParams, NeuronParams, kind_of
 from digin.core.registry import ModelRoots, check_model_roots
 
+DEFAULT_CACHED_MODELS = 8  # a job holds up to 4 entries: diffusion, 2 classifiers, inversions
+
 
 class ModelCache:
-    """Models loaded once per process (and device), keyed by spec and loader options."""
+    """Models loaded once per process (and device), keyed by spec and loader options: at most
+    `max_models` of them (the least recently used is dropped first), since the keys are what
+    clients send (specs, class-name lists of zero-shot classifiers). A job keeps the models it
+    holds even when the cache drops them."""
 
-    def __init__(self, model_roots: ModelRoots | None = None) -> None:
-        self._models: dict[tuple, Any] = {}
+    def __init__(
+        self, model_roots: ModelRoots | None = None, max_models: int = DEFAULT_CACHED_MODELS
+    ) -> None:
+        self._models: LRU[tuple, Any] = LRU(max_models)
         # the folders that specs naming local paths must lie in (a worker: the settings'
         # model_path_roots); None: any path (digin run, the user's machine)
         self.model_roots = model_roots
@@ -48,9 +56,7 @@ class ModelCache:
             raise ValueError(f"model {spec!r} {outside}")
 
     def get(self, key: tuple, load: Callable[[], Any]) -> Any:
-        if key not in self._models:
-            self._models[key] = load()
-        return self._models[key]
+        return self._models.get_or_make(key, load)
 
     def diffusion(self, spec: str, device: str, weights: str = "fp32") -> DiffusionModel:
         """The model of `spec` on `device` with its weights stored in `weights` (fp32, bf16,
@@ -140,11 +146,7 @@ class JobResult(Generic[ItemT]):
                 }
             )
         return {
-            "kind": self.kind,
-            "params": self.params,
-            "seed": self.seed,
-            "models": self.models,
-            "device": self.device,
+            **record_header(self),
             "iterations_done": g.iterations_done,
             "stopped": g.stopped,
             "items": items,
@@ -156,6 +158,18 @@ class JobResult(Generic[ItemT]):
     def render_artifacts(self) -> dict[str, bytes]:
         """name → bytes: result.json, the best and the start image of every item, grid.png."""
         return render_generative(self)
+
+
+def record_header(result: Any) -> dict[str, Any]:
+    """The fields every result.json starts with (a JobResult's, an AnalysisResult's, a
+    CounterfactualResult's): kind, normalised params, seed, model specs by role, device."""
+    return {
+        "kind": result.kind,
+        "params": result.params,
+        "seed": result.seed,
+        "models": result.models,
+        "device": result.device,
+    }
 
 
 def metric_descriptions(kind: str, models: dict[str, str]) -> dict[str, str]:
@@ -303,22 +317,11 @@ def optimize_in_batches(
 ) -> tuple[list[ItemT], GuidanceResult]:
     """Optimise `items` (each with `.index`, `.seed`, `.prompt`) in batches of at most
     `max_batch`, each batch with `objective_for(batch)` and the params' guidance settings,
-    prompt and negative prompt; progress counts (iterations + 1) steps per batch over the whole
-    job. Returns the items that ran (a stop ends after the current batch) and their joined
+    prompt and negative prompt (`run_batches`). Returns the items that ran and their joined
     result."""
-    results: list[GuidanceResult] = []
-    total = (params.guidance.iterations + 1) * -(-len(items) // max_batch)
-    done = 0
-    for start in range(0, len(items), max_batch):
-        chunk = items[start : start + max_batch]
 
-        def chunk_progress(
-            step: int, _total: int, info: dict, _done: int = done, _chunk: list = chunk
-        ) -> None:
-            if progress is not None:
-                progress(_done + step, total, {"items": [it.index for it in _chunk], **info})
-
-        result = optimize(
+    def run_batch(chunk: list[ItemT], chunk_progress: ProgressFn) -> GuidanceResult:
+        return optimize(
             model,
             objective_for(chunk),
             cond=model.encode_text([it.prompt for it in chunk]),
@@ -329,12 +332,56 @@ def optimize_in_batches(
             progress=chunk_progress,
             should_stop=should_stop,
         )
+
+    ran, results = run_batches(items, max_batch, params.guidance.iterations, progress, run_batch)
+    return ran, concat_results(results)
+
+
+class Indexed(Protocol):
+    index: int  # the item's index in its job
+
+
+BatchItem = TypeVar("BatchItem", bound=Indexed)
+
+
+def run_batches(
+    items: list[BatchItem],
+    max_batch: int,
+    iterations: int,
+    progress: ProgressFn | None,
+    run_batch: Callable[[list[BatchItem], ProgressFn], GuidanceResult],
+) -> tuple[list[BatchItem], list[GuidanceResult]]:
+    """The batch loop of every optimisation of a job's items (each with an `.index`):
+    `run_batch(batch, progress)` optimises one batch of at most `max_batch` items and reports
+    its (iterations + 1) steps, which reach `progress` counted over the whole job, with the
+    batch's item indices. Returns the items that ran and the batches' results: a stop ends the
+    loop after the batch that saw it (that batch's iterations so far are kept); a stop inside
+    the first iteration of a batch (`Stopped`) drops that batch, and is raised when it is the
+    first one (there is nothing to return)."""
+    steps = iterations + 1
+    total = steps * -(-len(items) // max_batch)
+    results: list[GuidanceResult] = []
+    for start in range(0, len(items), max_batch):
+        chunk = items[start : start + max_batch]
+        indices = [it.index for it in chunk]
+
+        def chunk_progress(
+            step: int, _total: int, info: dict, _done: int = len(results) * steps,
+            _indices: list[int] = indices,
+        ) -> None:  # fmt: skip
+            if progress is not None:
+                progress(_done + step, total, {"items": _indices, **info})
+
+        try:
+            result = run_batch(chunk, chunk_progress)
+        except Stopped:
+            if not results:
+                raise
+            return items[:start], results
         results.append(result)
-        done += params.guidance.iterations + 1
         if result.stopped:
-            items = items[: start + len(chunk)]
-            break
-    return items, concat_results(results)
+            return items[: start + len(chunk)], results
+    return items, results
 
 
 def concat_results(results: list[GuidanceResult]) -> GuidanceResult:

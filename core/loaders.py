@@ -36,29 +36,51 @@ from digin.core.classifiers import (
     TimmClassifier,
 )
 from digin.core.diffusion import DiffusionModel
-from digin.core.registry import parse_spec
+from digin.core.limits import LRU
+from digin.core.registry import is_hub_id, parse_spec
 
 # --- diffusion models ---------------------------------------------------------------------------
 
 
-def _load_config(path: str, name: str) -> dict:
-    local = Path(path)
-    if local.is_dir():
-        file = local / name
-        return json.loads(file.read_text()) if file.exists() else {}
-    from huggingface_hub import hf_hub_download  # network only where the machine has it
-
-    return json.loads(Path(hf_hub_download(path, name)).read_text())
+# What a diffusers pipeline's hub repository is read for: configs, safetensors weights and
+# tokenizers of the components `load_diffusers` loads (no pickles, no fp16 duplicates).
+HUB_FILES = ["model_index.json", "scheduler/*", "unet/*", "vae/*", "text_encoder/*",
+             "text_encoder_2/*", "tokenizer/*", "tokenizer_2/*"]  # fmt: skip
+HUB_IGNORED = ["*.bin", "*.ckpt", "*.pt", "*.pth", "*.msgpack", "*.onnx", "*.h5", "*.fp16.*",
+               "*non_ema*"]  # fmt: skip
 
 
-def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
-    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id or local folder (safetensors)."""
+def pipeline_folder(name: str) -> Path:
+    """The folder a diffusers spec's pipeline is read from. A hub id ('<owner>/<name>',
+    `digin.core.registry.is_hub_id`) always goes through the hub: its snapshot in the Hugging
+    Face cache (downloaded first where the machine has network), never a folder of that name
+    under the working folder, which the model roots never checked. Any other name is a local
+    folder (write './owner/name' for a relative one)."""
+    if is_hub_id(name):
+        from huggingface_hub import snapshot_download  # network only where the machine has it
+
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, ignore_patterns=HUB_IGNORED))
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"diffusers pipeline folder {name} not found")
+    return folder
+
+
+def _load_config(folder: Path, name: str) -> dict:
+    file = folder / name
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+def load_diffusers(name: str, *, device: torch.device | str = "cpu") -> DiffusionModel:
+    """A Stable Diffusion 1.x/2.x or SDXL pipeline from a hub id or local folder (safetensors;
+    `pipeline_folder`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    if Path(path).exists() and not (Path(path) / "unet").is_dir():
-        raise ValueError(f"{path} is not a diffusers pipeline folder (no unet/ subfolder)")
+    path = pipeline_folder(name)
+    if not (path / "unet").is_dir():
+        raise ValueError(f"{name} is not a diffusers pipeline folder (no unet/ subfolder)")
     index = _load_config(path, "model_index.json")
     scheduler_config = _load_config(path, "scheduler/scheduler_config.json")
     # fp32 weights whatever the checkpoint stores (fp16 variants included); lower precision is
@@ -79,7 +101,7 @@ def load_diffusers(path: str, *, device: torch.device | str = "cpu") -> Diffusio
         tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2"))
     vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
     model = DiffusionModel(
-        spec=f"diffusers:{path}",
+        spec=f"diffusers:{name}",
         unet=unet,
         vae=vae,
         text_encoders=encoders,
@@ -241,8 +263,10 @@ def _read_sidecar(weights: Path) -> dict[str, Any]:
 
 # --- open_clip -------------------------------------------------------------------------------
 
-# (spec, weights file mtime, class names, templates) → (K, D) unit class text embeddings, on CPU
-_TEXT_EMBEDDINGS: dict[tuple, Tensor] = {}
+# (spec, weights file mtime, class names, templates) → (K, D) unit class text embeddings, on CPU;
+# keyed by the class names jobs send: the most recently used only (ImageNet's 1000 x 512 is 2 MB)
+TEXT_EMBEDDINGS_CACHED = 64
+_TEXT_EMBEDDINGS: LRU[tuple, Tensor] = LRU(TEXT_EMBEDDINGS_CACHED)
 
 
 def _load_open_clip(
@@ -273,16 +297,18 @@ def _load_open_clip(
     model.eval()
 
     names = imagenet_class_names() if class_names is None else _class_names(spec, None, class_names)
-    key = (spec, stamp, tuple(names), templates)
-    if key not in _TEXT_EMBEDDINGS:
+
+    def embed() -> Tensor:
         prompts = (
             open_clip.OPENAI_IMAGENET_TEMPLATES if templates == "openai" else [SIMPLE_TEMPLATE]
         )
         weights = open_clip.build_zero_shot_classifier(
             model, open_clip.get_tokenizer(arch), names, prompts, device=device
         )  # (D, K)
-        _TEXT_EMBEDDINGS[key] = weights.T.float().cpu()  # (K, D)
-    text = _TEXT_EMBEDDINGS[key].to(device)
+        return weights.T.float().cpu()  # (K, D)
+
+    key = (spec, stamp, tuple(names), templates)
+    text = _TEXT_EMBEDDINGS.get_or_make(key, embed).to(device)
 
     pp = open_clip.get_model_preprocess_cfg(model)  # size (int or (H, W)), mean, std
     size = pp["size"]

@@ -24,12 +24,15 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 
 from digin.core.config import GuidanceConfig, apply_preset
 from digin.core.counterfactual.config import CounterfactualConfig
 from digin.core.digits import settings as digits_settings
+from digin.core.registry import max_resolution
 
 ClassRef = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)]
 ModelSpec = Annotated[str, Field(min_length=1, max_length=500)]
@@ -43,6 +46,22 @@ DEFAULT_CLASSIFIER = "digits:cnn"
 def is_digits_diffusion(spec: str) -> bool:
     """Whether `spec` names the zoo's diffusion model ('digits' or 'digits@<dir>')."""
     return spec == "digits" or spec.startswith("digits@")
+
+
+def resolution_for_model(value: int | None, info: ValidationInfo) -> int | None:
+    """A `resolution` validator: at most the largest side the params' diffusion model may be
+    asked for (`digin.core.registry.max_resolution`: a multiple of its native side per family,
+    else the general bound; docs/architecture.md §9.7)."""
+    spec = info.data.get("diffusion")
+    if value is None or not isinstance(spec, str):
+        return value
+    bound = max_resolution(spec)
+    if value > bound.side:
+        raise ValueError(
+            f"resolution {value} is above {bound.side}, the largest image side for the "
+            f"diffusion model {spec!r} ({bound.rule()})"
+        )
+    return value
 
 
 class _Generative(BaseModel):
@@ -78,6 +97,8 @@ class _Generative(BaseModel):
         "defaults (the digits zoo's "
         "for a digits diffusion model)",
     )
+
+    _resolution = field_validator("resolution")(resolution_for_model)
 
     @model_validator(mode="before")
     @classmethod
@@ -405,6 +426,8 @@ class CounterfactualParams(BaseModel):
         description="inversion, prompt-to-prompt, mask and regulariser settings "
         "(docs/architecture.md §5)",
     )
+
+    _resolution = field_validator("resolution")(resolution_for_model)
 
     @model_validator(mode="before")
     @classmethod

@@ -24,17 +24,24 @@ import torch
 from torch import Tensor
 
 from digin.core.classifiers import Classifier
+from digin.core.context import StopFn, check_stop
 
 
 @torch.no_grad()
 def class_contributions(
-    classifier: Classifier, images: Tensor, class_index: int, batch_size: int = 256
+    classifier: Classifier,
+    images: Tensor,
+    class_index: int,
+    batch_size: int = 256,
+    should_stop: StopFn | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """images (N, 3, r, r) in [0, 1] → (contrib a ⊙ w_k (N, F), logits (N, K)), on the CPU."""
+    """images (N, 3, r, r) in [0, 1] → (contrib a ⊙ w_k (N, F), logits (N, K)), on the CPU;
+    `should_stop` is polled before every mini-batch (`Stopped`)."""
     device = next(classifier.parameters()).device
     w = classifier.last_layer_weight[class_index].float()  # (F,)
     contribs, logits = [], []
     for i in range(0, len(images), batch_size):
+        check_stop(should_stop)
         out, feats = classifier.forward_features(images[i : i + batch_size].to(device))
         contribs.append((feats * w).cpu())
         logits.append(out.cpu())

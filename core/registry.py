@@ -222,11 +222,11 @@ def weights_source(spec: str | ModelSpec) -> str | None:
         if entry["spec"] == str(parsed):
             return entry["source"]
     if parsed.scheme == "diffusers":
-        # A local folder wins over a hub id of the same name (as the loader does).
-        local = Path(parsed.name).expanduser()
-        if local.exists() or parsed.name.startswith((".", "/", "~")) or parsed.name.count("/") != 1:
-            return str(local)
-        return f"hf-hub:{parsed.name}"
+        # A hub id always comes from the hub (as the loader reads it), whatever folders of that
+        # name exist here; any other name is a local folder.
+        if is_hub_id(parsed.name):
+            return f"hf-hub:{parsed.name}"
+        return str(Path(parsed.name).expanduser())
     if parsed.scheme == "timm":
         if parsed.weights is not None:
             return parsed.weights
@@ -341,3 +341,81 @@ def is_allowed(spec: str, allow_list: Sequence[str] | None) -> bool:
         spec.startswith(entry[:-1]) if entry.endswith("*") else spec == entry
         for entry in allow_list
     )
+
+
+# --- what a job may ask of a model (docs/architecture.md §9.7) ---------------------------------
+
+# The largest image side a job may ask of a diffusion model, as a multiple of the side it was
+# trained at, per family. Latent diffusion (Stable Diffusion 1.x/2.x, SDXL): 2x. These UNets lose
+# the image's global layout beyond about twice their side (subjects repeat and tile), while the
+# cost grows with the pixel count and the self-attention of the first UNet level with its
+# square: 2x is 4x the pixels and 16x the attention of the native side, the last size that
+# still gives a useful image. The digits zoo's 16 px pixel-space model: 4x (64 px), a small
+# multiple; its images only get blurrier beyond, at 16x the pixels per 2x more side.
+RESOLUTION_FACTORS: dict[Scheme, int] = {"diffusers": 2, "digits": 4}
+# The bound of a diffusion model whose native side is not known without loading it (a local
+# diffusers folder, a hub id that is not curated): the params' own limit.
+GENERAL_MAX_RESOLUTION = 2048
+
+
+@dataclass(frozen=True)
+class ResolutionBound:
+    """The largest image side (`side`) a job may ask of a diffusion model, and why."""
+
+    side: int
+    native: int | None  # the model's native image side, if the registry knows it
+    factor: int | None  # side = factor x native (None: the general bound)
+
+    def rule(self) -> str:
+        if self.native is None or self.factor is None:
+            return (
+                f"the general bound {self.side}: the model's native resolution is not known "
+                "without loading it"
+            )
+        return f"{self.factor}x its native {self.native} px"
+
+
+def _curated_entry(spec: str | ModelSpec) -> dict[str, Any] | None:
+    """The registry's entry of `spec` (a digits model in any zoo folder: the bundled zoo's
+    entry of that model, the whole zoo being 16 px); None for a model it does not list or a
+    malformed spec."""
+    try:
+        parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    except ValueError:
+        return None
+    key = str(parsed)
+    if parsed.scheme == "digits":
+        key = DIGITS_DIFFUSION if parsed.kind == "diffusion" else f"digits:{parsed.arch}"
+    for entry in _registry()["models"]:
+        if entry["spec"] == key and entry["kind"] == parsed.kind:
+            return dict(entry)
+    return None
+
+
+def native_resolution(spec: str | ModelSpec) -> int | None:
+    """The native image side of a diffusion model as the registry records it (a curated
+    diffusers pipeline's, the digits zoo's for every `digits[@<dir>]`); None when unknown (a
+    local folder, an uncurated hub id, a malformed spec, a classifier)."""
+    entry = _curated_entry(spec)
+    return entry["resolution"] if entry is not None and entry["kind"] == "diffusion" else None
+
+
+def max_resolution(spec: str | ModelSpec) -> ResolutionBound:
+    """The largest image side a job may ask of the diffusion model `spec`: its family's factor
+    (`RESOLUTION_FACTORS`) times its native side where the registry knows it, never above
+    GENERAL_MAX_RESOLUTION; else that general bound."""
+    native = native_resolution(spec)
+    if native is None:
+        return ResolutionBound(GENERAL_MAX_RESOLUTION, None, None)
+    parsed = parse_spec(spec) if isinstance(spec, str) else spec
+    factor = RESOLUTION_FACTORS[parsed.scheme]
+    return ResolutionBound(min(factor * native, GENERAL_MAX_RESOLUTION), native, factor)
+
+
+def classifier_facts(spec: str | ModelSpec) -> tuple[int | None, int | None]:
+    """A classifier's (input side, class count) as the registry records them (the digits zoo's
+    classifiers in any zoo folder included); None for what it does not know."""
+    entry = _curated_entry(spec)
+    if entry is None or entry["kind"] != "classifier":
+        return None, None
+    return entry["resolution"], entry["num_classes"]

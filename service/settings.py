@@ -22,6 +22,14 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 Mode = Literal["embedded", "production"]
 
 KNOWN_IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
+# The default of DIGIN_MAX_JOB_COST, in pixel-steps (digin.core.limits.estimate_cost): e.g. 90
+# images of SD 1.5 at 512 px with the default 20 iterations of 20 DDIM steps (about 20 minutes on
+# an H200 with the optimised preset, BENCHMARKS.md), 22 of SDXL at 1024 px, or 350,000 of the
+# digits zoo's 16 px images at its 10 iterations of 5 steps. Every example job costs < 3e8.
+DEFAULT_MAX_JOB_COST = 10**10
+# The share of the machine's memory that the pool processes of a CPU worker may use together
+# when DIGIN_WORKER_MEMORY_LIMIT_MB is unset.
+WORKER_MEMORY_SHARE = 0.75
 # Values of the .env.example file: refused as secrets in production mode.
 PLACEHOLDER_SECRETS = {"", "changethis", "changeme", "secret", "password", "minioadmin", "example"}
 
@@ -111,6 +119,13 @@ class Settings(BaseSettings):
         description="where the counts of refused keys live (redis://…, or memory://); default: "
         "the broker's Redis when the broker is Redis, else this process's memory",
     )
+    max_job_cost: int = Field(
+        DEFAULT_MAX_JOB_COST,
+        ge=0,
+        description="the largest estimated cost of one job (pixel-steps: items x passes x DDIM "
+        "steps x pixels, digin.core.limits); a job or batch item above it is refused with a 422 "
+        "naming its estimate; 0: no cap",
+    )
     model_allow_list: Annotated[list[str] | None, NoDecode] = None
     model_roots: Annotated[list[Path] | None, NoDecode] = Field(
         None,
@@ -131,6 +146,20 @@ class Settings(BaseSettings):
         description="worker device: auto (cuda if the worker sees a GPU, else cpu), cpu, cuda[:N]",
     )
     max_batch: int = Field(8, ge=1, le=256, description="items a worker optimises in one run")
+    worker_memory_limit_mb: int | None = Field(
+        None,
+        ge=0,
+        description="memory (MB of data segment) each worker pool process may use: a job that "
+        "needs more fails with resource_limit and the process takes the next job. Unset: on "
+        "CPU workers a share of the machine's (or container's) memory, "
+        f"{WORKER_MEMORY_SHARE:.0%} divided among the pool processes; off on GPU workers. 0: off",
+    )
+    model_cache_size: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="models a worker process keeps loaded (least recently used dropped first)",
+    )
 
     # --- sweeps and webhooks (docs/architecture.md §9.9, §9.10) ---------------------------------
     max_items_per_batch: int = Field(100_000, ge=1, description="items of one batch")

@@ -30,6 +30,7 @@ TORCH_FREE = [
     "digin.core.registry",
     "digin.core.classes",
     "digin.core.imagefiles",
+    "digin.core.limits",
 ]
 
 

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from digin.service import repo
 from digin.service.db import QUEUED, Job, session_scope
 from digin.service.storage import Storage, artifact_key
+from digin.worker.memory import current_limit_mb, is_memory_exhausted, pool_device
 
 if TYPE_CHECKING:
     from digin.service.settings import Settings
@@ -76,20 +77,17 @@ class WorkerContext:
     def resolve_device(self) -> str:
         """Decided in the worker process itself: CUDA is never touched in a parent that forks."""
         if self.device is None:
-            wanted = self.settings.device  # DIGIN_DEVICE
-            if wanted and wanted != "auto":
-                self.device = str(wanted)
-            else:
-                import torch
-
-                self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.device = pool_device(self.settings)
         return self.device
 
     def model_cache(self) -> Any:
         if self.cache is None:
             from digin.core.jobs import ModelCache
 
-            self.cache = ModelCache(model_roots=self.settings.model_path_roots)
+            self.cache = ModelCache(
+                model_roots=self.settings.model_path_roots,
+                max_models=self.settings.model_cache_size,
+            )
         return self.cache
 
     def identity(self) -> dict[str, Any]:
@@ -226,6 +224,19 @@ def classify(exc: BaseException, job: ClaimedJob) -> JobFailure:
     if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
         _free_gpu_memory()
         return JobFailure("fail", "gpu_oom", f"the GPU ran out of memory: {text}")
+    if is_memory_exhausted(exc):  # host memory: the process's limit (digin.worker.memory)
+        limit = current_limit_mb()
+        where = (
+            f"this worker process's memory limit ({limit} MB, DIGIN_WORKER_MEMORY_LIMIT_MB)"
+            if limit is not None
+            else "the memory of this worker's machine"
+        )
+        return JobFailure(
+            "fail",
+            "resource_limit",
+            f"the job needs more memory than {where}; give it fewer items per run "
+            f"(guidance.max_batch), a smaller resolution or fewer cutouts: {text}",
+        )
     if isinstance(exc, ParamsError):
         return JobFailure("fail", "invalid_params", text)
     if isinstance(exc, FileNotFoundError):

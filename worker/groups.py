@@ -29,6 +29,7 @@ from typing import Any
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
 
+from digin.core.limits import LRU
 from digin.service import repo
 from digin.service.db import session_scope
 from digin.service.repo.batches import claim_group_peers
@@ -44,11 +45,14 @@ from digin.worker.execution import (
     upload,
     write,
 )
+from digin.worker.memory import release_memory
 
 log = logging.getLogger("digin.worker")
 
-# peak GPU memory per image of a group key, measured by this process (MB)
-_MEASURED_MB: dict[str, float] = {}
+# peak GPU memory per image of a group key, measured by this process (MB); keyed by what
+# clients send (a hash of their settings), so only the most recently measured are kept
+MEASURED_KEYS = 256
+_MEASURED_MB: LRU[str, float] = LRU(MEASURED_KEYS)
 
 
 def job_items(job: ClaimedJob) -> int:
@@ -176,12 +180,17 @@ def execute_group(leader: ClaimedJob, ctx: WorkerContext) -> Outcome:
     pulse.beat()
     pulse.start()
     outcomes: dict[uuid.UUID, Outcome] = {}
+    results: list[Any] = []
+    failures: list[JobFailure] = []
     try:
         results = _run(jobs, ctx, pulse)
     except (Exception, SoftTimeLimitExceeded) as exc:
+        failures = [exc if isinstance(exc, JobFailure) else classify(exc, job) for job in jobs]
+    if failures:
         pulse.stop()
-        for job in jobs:
-            failure = exc if isinstance(exc, JobFailure) else classify(exc, job)
+        if any(f.code == "resource_limit" for f in failures):
+            release_memory()  # the run's frames are gone: so are its tensors
+        for job, failure in zip(jobs, failures, strict=True):
             outcomes[job.id] = _settle(job, ctx, pulse, failure)
         return outcomes[leader.id]
     try:
@@ -221,7 +230,9 @@ def _claim_peers(leader: ClaimedJob, ctx: WorkerContext) -> list[ClaimedJob]:
 
 
 def _run(jobs: list[ClaimedJob], ctx: WorkerContext, pulse: GroupPulse) -> list[Any]:
-    """The shared optimisation; one JobResult per job."""
+    """The shared optimisation; one JobResult per job (None for each when every job stopped
+    before the run had anything to show)."""
+    from digin.core.context import Stopped
     from digin.core.groups import run_group
 
     device = ctx.resolve_device()
@@ -234,14 +245,17 @@ def _run(jobs: list[ClaimedJob], ctx: WorkerContext, pulse: GroupPulse) -> list[
     def progress(step: int, total: int, _info: dict[str, Any]) -> None:
         pulse.update_all({"step": step, "total": total, "stage": "optimizing"})
 
-    results = run_group(
-        jobs[0].kind,
-        [(job.params, job.seed) for job in jobs],
-        device=device,
-        cache=ctx.model_cache(),
-        progress=progress,
-        should_stop=pulse.all_stopped,
-    )
+    try:
+        results = run_group(
+            jobs[0].kind,
+            [(job.params, job.seed) for job in jobs],
+            device=device,
+            cache=ctx.model_cache(),
+            progress=progress,
+            should_stop=pulse.all_stopped,
+        )
+    except Stopped:  # every job stopped inside the first iteration: nothing to show
+        return [None] * len(jobs)
     if cuda and jobs[0].group_key is not None:
         import torch
 
@@ -251,7 +265,8 @@ def _run(jobs: list[ClaimedJob], ctx: WorkerContext, pulse: GroupPulse) -> list[
 
 
 def _finish_one(job: ClaimedJob, ctx: WorkerContext, pulse: GroupPulse, result: Any) -> Outcome:
-    """Render, upload under the job's own keys, and finish one job of the group."""
+    """Render, upload under the job's own keys, and finish one job of the group (`result`
+    None: the run stopped before it had anything, which only a stop of every job does)."""
     from digin.core.output import render_artifacts
 
     view = pulse.view(job)
@@ -260,6 +275,9 @@ def _finish_one(job: ClaimedJob, ctx: WorkerContext, pulse: GroupPulse, result: 
             log.info("canceled", extra={"job_id": str(job.id), "event": "canceled"})
             return "canceled"
         return stopped(job, ctx, view, uploaded=False)
+    if result is None:
+        failure = JobFailure("fail", "internal", "the batched run stopped with this job running")
+        return _settle(job, ctx, pulse, failure)
     try:
         artifacts: dict[str, Any] = dict(render_artifacts(result))
         artifacts["__summary__"] = json_safe(result.summary())

@@ -44,6 +44,7 @@ from digin.worker.execution import (
     upload,
     write,
 )
+from digin.worker.memory import release_memory
 
 log = logging.getLogger("digin.worker")
 
@@ -90,7 +91,10 @@ class Pulse:
 
     def _run(self) -> None:
         while not self._done.wait(self.interval):
-            self.beat()
+            try:
+                self.beat()
+            except MemoryError:  # the job took the process's memory: beat again next time
+                log.warning("heartbeat: out of memory", extra={"job_id": str(self.job_id)})
 
     def update(self, progress: dict[str, Any], *, now: bool = False) -> None:
         """Record progress ({step, total, stage}); written at once if the stage changed (or
@@ -143,14 +147,15 @@ def execute_job(job_id: str | uuid.UUID, *, ctx: WorkerContext) -> Outcome:
     pulse.start()
     try:
         return _run_attempt(job, ctx, pulse)
-    except JobFailure as failure:
-        pulse.stop()
-        return settle_failure(job, ctx, failure, pulse)
+    except JobFailure as exc:
+        failure = exc
     except (Exception, SoftTimeLimitExceeded) as exc:  # classified; no stack trace on the row
-        pulse.stop()
-        return settle_failure(job, ctx, classify(exc, job), pulse)
+        failure = classify(exc, job)
     finally:  # KeyboardInterrupt/SystemExit pass through: the reaper recovers the job
         pulse.stop()
+    if failure.code == "resource_limit":  # the run's frames are gone: so are its tensors
+        release_memory()
+    return settle_failure(job, ctx, failure, pulse)
 
 
 def _run_attempt(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> Outcome:
@@ -230,6 +235,7 @@ def _total_iterations(job: ClaimedJob, max_batch: int) -> int | None:
 def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any] | None:
     """Run the core job; returns the rendered artifacts (name → bytes) plus '__summary__', or
     None if it was stopped (cancel or lost)."""
+    from digin.core.context import Stopped
     from digin.core.kinds import run_job
     from digin.core.output import render_artifacts
     from digin.core.params import validate_params
@@ -239,17 +245,20 @@ def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any
     def progress(step: int, total: int, _info: dict[str, Any]) -> None:
         pulse.update({"step": step, "total": total, "stage": "optimizing"})
 
-    result = run_job(
-        job.kind,
-        params,
-        seed=job.seed,
-        device=ctx.resolve_device(),
-        cache=ctx.model_cache(),
-        max_batch=ctx.max_batch,
-        progress=progress,
-        should_stop=pulse.should_stop,
-        image_resolver=image_resolver(job, ctx),
-    )
+    try:
+        result = run_job(
+            job.kind,
+            params,
+            seed=job.seed,
+            device=ctx.resolve_device(),
+            cache=ctx.model_cache(),
+            max_batch=ctx.max_batch,
+            progress=progress,
+            should_stop=pulse.should_stop,
+            image_resolver=image_resolver(job, ctx),
+        )
+    except Stopped:  # stopped before the run had anything to show
+        return None
     if pulse.should_stop():
         return None
     artifacts: dict[str, Any] = dict(render_artifacts(result))

@@ -2,6 +2,7 @@
 
 - worker start (main process, before the pool forks): with `DIGIN_WORKER_METRICS_PORT` set,
   the multiprocess metrics folder and the `/metrics` server; removed at worker shutdown;
+- a pool process starts: its memory limit (`digin.worker.memory`; CPU workers by default);
 - before a `digin.run_job` task: read the job's kind, queue, batch and enqueue time (one small
   query; nothing if the database is away) and tag the process's log lines with the job and
   batch ids;
@@ -23,6 +24,7 @@ from celery.signals import (
     task_postrun,
     task_prerun,
     worker_init,
+    worker_process_init,
     worker_process_shutdown,
     worker_shutdown,
 )
@@ -34,6 +36,7 @@ from digin.service.dispatch import TASK_RUN_JOB
 from digin.service.settings import get_settings
 from digin.worker import metrics
 from digin.worker.logs import clear_job_context, set_job_context
+from digin.worker.memory import limit_this_process, pool_device
 
 log = logging.getLogger("digin.worker")
 
@@ -48,14 +51,16 @@ class _Running:
 
 _running: dict[str, _Running] = {}  # task id → what prerun saw
 _metrics_folder: str | None = None
+_worker: list[Any] = []  # the worker (WorkController) whose pool this process belongs to
 
 
 def connect(app: Celery) -> None:
     """Connect the handlers for the workers of `app` (the shared `digin.worker.app`)."""
     from digin.worker.tasks import worker_context
 
-    def on_worker_init(**_: Any) -> None:
+    def on_worker_init(sender: Any = None, **_: Any) -> None:
         global _metrics_folder
+        _worker[:] = [sender]  # its concurrency is resolved by the time the pool forks
         port = get_settings().worker_metrics_port
         if port is not None and _metrics_folder is None:
             _metrics_folder = metrics.start_worker_metrics(port)
@@ -110,6 +115,13 @@ def connect(app: Celery) -> None:
         finally:
             clear_job_context()
 
+    def on_process_init(**_: Any) -> None:
+        """A pool process starts: limit its memory (a CPU worker's by default)."""
+        concurrency = getattr(_worker[0], "concurrency", None) if _worker else None
+        processes = concurrency if isinstance(concurrency, int) else (os.cpu_count() or 1)
+        settings = get_settings()
+        limit_this_process(settings, device=pool_device(settings), processes=processes)
+
     def on_process_shutdown(pid: int | None = None, **_: Any) -> None:
         metrics.process_exited(pid or os.getpid())
 
@@ -118,4 +130,5 @@ def connect(app: Celery) -> None:
     worker_shutdown.connect(on_worker_shutdown, weak=False)
     task_prerun.connect(on_prerun, weak=False)
     task_postrun.connect(on_postrun, weak=False)
+    worker_process_init.connect(on_process_init, weak=False)
     worker_process_shutdown.connect(on_process_shutdown, weak=False)

@@ -295,6 +295,7 @@ def edit(
         background=1.0 - start.latent_mask,
         blend_steps=steps_before(cf.blend_fraction, steps),
     )
+    loop.should_stop = should_stop  # the search's chains too (`run` sets it again)
     loss = EditLoss(model, classifier, targets, start_class, Regularizers(cf, start), config,
                     rngs, resolution)  # fmt: skip
 

@@ -28,16 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from digin.core.config import GuidanceConfig
+from digin.core.context import StopFn, check_stop
 from digin.core.counterfactual.config import CounterfactualConfig
 from digin.core.diffusion import DiffusionModel, TextEmbeddings
 from digin.core.guidance import DenoisingLoop, autocast, guided_eps
 
-StopFn = Callable[[], bool]
 EARLY_STOP_SLOPE = 2e-5  # the early-stop threshold grows by this per DDIM step (official code)
-
-
-class Stopped(Exception):
-    """should_stop() said stop during the inversion."""
 
 
 @dataclass
@@ -117,8 +113,7 @@ def null_text_inversion(
     per_step_hidden, per_step_pooled, inner = [], [], []
     z = latents[-1]
     for i, t in enumerate(scheduler.timesteps):
-        if should_stop is not None and should_stop():
-            raise Stopped
+        check_stop(should_stop)
         target = latents[steps - i - 1]  # the inversion's latent one level less noisy
         with torch.no_grad(), autocast(model.device, precision):
             out_cond = model.eps(z, t, cond, time_ids).float()
@@ -127,6 +122,7 @@ def null_text_inversion(
         threshold = config.null_text_early_stop + i * EARLY_STOP_SLOPE
         done = 0
         for _ in range(config.null_text_steps):
+            check_stop(should_stop)  # each inner step is a UNet call forward and backward
             with autocast(model.device, precision):
                 out_uncond = model.eps(z, t, TextEmbeddings(hidden, pooled), time_ids).float()
             out = guided_eps(out_uncond, out_cond, guidance_scale)

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from digin.core.batching import job_batch
 from digin.core.classifiers import Classifier
-from digin.core.context import RunContext
+from digin.core.context import ProgressFn, RunContext, Stopped
 from digin.core.counterfactual.attention import (
     CrossAttentionControl,
     attention_map,
@@ -39,16 +39,17 @@ from digin.core.counterfactual.attention import (
 )
 from digin.core.counterfactual.edit import EditStart, edit, reconstruct, steps_before
 from digin.core.counterfactual.images import StartImage, load_start_image
-from digin.core.counterfactual.inversion import (
-    Inversion,
-    InversionCache,
-    Stopped,
-    cache_key,
-    invert,
-)
+from digin.core.counterfactual.inversion import Inversion, InversionCache, cache_key, invert
 from digin.core.counterfactual.output import render_counterfactual
 from digin.core.guidance import GuidanceResult
-from digin.core.jobs import ModelCache, class_index, concat_results, software_versions
+from digin.core.jobs import (
+    DEFAULT_CACHE,
+    class_index,
+    concat_results,
+    record_header,
+    run_batches,
+    software_versions,
+)
 from digin.core.params import CounterfactualParams
 
 KIND = "counterfactual"
@@ -162,11 +163,7 @@ class CounterfactualResult:
         if self.inversion is not None:
             inversion = {**self.inversion.describe(), "cached": self.inversion_cached}
         return {
-            "kind": self.kind,
-            "params": self.params,
-            "seed": self.seed,
-            "models": self.models,
-            "device": self.device,
+            **record_header(self),
             "image": self.image.describe(),
             "start_class": {
                 "index": self.start_index,
@@ -216,7 +213,7 @@ def class_probs(classifier: Classifier, images: Tensor) -> Tensor:
 def run_counterfactual(params: CounterfactualParams, ctx: RunContext) -> CounterfactualResult:
     """Counterfactuals of one image towards every target; see the module docstring."""
     seed, device, max_batch = ctx.seed, ctx.device, ctx.max_batch
-    cache, progress, should_stop = ctx.cache or ModelCache(), ctx.progress, ctx.should_stop
+    cache, progress, should_stop = ctx.cache or DEFAULT_CACHE, ctx.progress, ctx.should_stop
     image_resolver = ctx.image_resolver
     t_start = time.perf_counter()
     guidance = params.guidance
@@ -252,35 +249,35 @@ def run_counterfactual(params: CounterfactualParams, ctx: RunContext) -> Counter
         guidance=None,
         probs=probs,
     )
-    total = math.ceil(len(plan.items) / max_batch) * (guidance.iterations + 1)
     if progress is not None:
+        total = math.ceil(len(plan.items) / max_batch) * (guidance.iterations + 1)
         progress(0, total, {"stage": "inverting", "clean_loss": []})
 
-    # 3. inversion, cached per process
+    # 3. inversion, cached per process; 4. reconstruction with stored cross-attention maps →
+    # templates and masks; 5. the edits. A stop before the first edit iteration was recorded
+    # (during the inversion, or inside that iteration) leaves no counterfactual to show.
     cond = model.encode_text([plan.caption])
     t0 = time.perf_counter()
     try:
         inversion, cached = _inversion(
             params, model, cache, image, original, plan.caption, cond, should_stop
         )
+        t_inverted = time.perf_counter()
+        result.inversion, result.inversion_cached = inversion, cached
+        control = CrossAttentionControl()
+        with controlled_cross_attention(model.unet, control):
+            start_point = _edit_start(params, model, classifier, inversion, original, cond, plan,
+                                      control, result, resolution)  # fmt: skip
+            t_masked = time.perf_counter()
+            results, search_s = _edit_in_batches(
+                params, model, classifier, start_point, cond, plan, control, result, resolution,
+                max_batch, progress, should_stop,
+            )  # fmt: skip
     except Stopped:
         result.stopped = True
         result.items = []
         result.timings = {"total_s": time.perf_counter() - t_start}
         return result
-    t_inverted = time.perf_counter()
-    result.inversion, result.inversion_cached = inversion, cached
-
-    # 4. reconstruction with stored cross-attention maps → templates and masks; 5. the edits
-    control = CrossAttentionControl()
-    with controlled_cross_attention(model.unet, control):
-        start_point = _edit_start(params, model, classifier, inversion, original, cond, plan,
-                                  control, result, resolution)  # fmt: skip
-        t_masked = time.perf_counter()
-        results, search_s = _edit_in_batches(
-            params, model, classifier, start_point, cond, plan, control, result, resolution,
-            max_batch, total, progress, should_stop,
-        )  # fmt: skip
 
     # 6. the result
     result.guidance = concat_results(results)
@@ -395,17 +392,17 @@ def _edit_start(params, model, classifier, inversion, original, cond, plan, cont
 
 
 def _edit_in_batches(params, model, classifier, start_point, cond, plan, control, result,
-                     resolution, max_batch, total, progress, should_stop):  # fmt: skip
-    """The edits, in batches of at most `max_batch` targets: (their GuidanceResults, seconds of
-    the prompt-to-prompt fraction search). A stop keeps the items done so far."""
+                     resolution, max_batch, progress, should_stop):  # fmt: skip
+    """The edits, in batches of at most `max_batch` targets (`digin.core.jobs.run_batches`):
+    (their GuidanceResults, seconds of the prompt-to-prompt fraction search). A stop keeps the
+    items done so far."""
     guidance = params.guidance
     length = cond.hidden.shape[1]
     tokenizer, word = model.tokenizers[0], plan.words[0]
-    items = plan.items
-    results: list[GuidanceResult] = []
-    search_s, done = 0.0, 0
-    for first in range(0, len(items), max_batch):
-        chunk = items[first : first + max_batch]
+    search_s = 0.0
+
+    def run_batch(chunk: list[CounterfactualItem], chunk_progress: ProgressFn) -> GuidanceResult:
+        nonlocal search_s
         mixing = torch.stack(
             [
                 token_alignment(
@@ -416,13 +413,6 @@ def _edit_in_batches(params, model, classifier, start_point, cond, plan, control
                 for it in chunk
             ]
         ).to(model.device)
-
-        def chunk_progress(
-            step: int, _total: int, info: dict, _done: int = done, _chunk: list = chunk
-        ) -> None:
-            if progress is not None:
-                progress(_done + step, total, {"items": [it.index for it in _chunk], **info})
-
         out = edit(
             model,
             classifier,
@@ -443,10 +433,9 @@ def _edit_in_batches(params, model, classifier, start_point, cond, plan, control
             it.p2p_fraction = out.fractions[b]
             it.p2p_search = {str(f): losses[b] for f, losses in out.search.items()}
         search_s += out.timings["p2p_search_s"]
-        results.append(out.guidance)
-        done += guidance.iterations + 1
-        if out.guidance.stopped:
-            result.items = items[: first + len(chunk)]
-            result.stopped = True
-            break
+        return out.guidance
+
+    items, results = run_batches(plan.items, max_batch, guidance.iterations, progress, run_batch)
+    if len(items) < len(plan.items) or results[-1].stopped:
+        result.items, result.stopped = items, True
     return results, search_s
