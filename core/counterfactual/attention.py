@@ -194,26 +194,6 @@ def token_span(tokenizer, text: str, span: tuple[int, int]) -> tuple[int, int]:
     return first, stop
 
 
-def token_alignment(length: int, source: tuple[int, int], target: tuple[int, int]) -> Tensor:
-    """Positional (L, L) mixing matrix, without text embeddings: the replaced words at token
-    positions `source` and `target` (same prefix) are aligned by position only (one to one where
-    both have as many tokens, else every target token takes the mean of the source tokens).
-    `prompt_alignment` supersedes it: position says nothing about which word corresponds to
-    which once words are inserted, removed or reordered."""
-    (s0, s1), (t0, t1) = source, target
-    if s0 != t0:
-        raise ValueError(f"the replaced words must start at the same token, got {s0} and {t0}")
-    a = torch.zeros(length, length)
-    for j in range(length):
-        if j < t0 or (j < t1 and s1 - s0 == t1 - t0):  # as many tokens: one to one, in order
-            a[j, j] = 1.0
-        elif j < t1:
-            a[s0:s1, j] = 1.0 / (s1 - s0)
-        else:
-            a[min(j - t1 + s1, length - 1), j] = 1.0
-    return a
-
-
 def word_spans(tokenizer, text: str, span: tuple[int, int]) -> list[tuple[int, int]]:
     """Token positions [first, stop) of each whitespace-separated word of text[span], in order
     (`token_span` of each word)."""

@@ -33,8 +33,8 @@ from digin.core.counterfactual.attention import (
     controlled_cross_attention,
     find_words,
     foreground_masks,
+    prompt_alignment,
     replace_words,
-    token_alignment,
     token_span,
 )
 from digin.core.counterfactual.edit import EditStart, edit, reconstruct, steps_before
@@ -397,27 +397,31 @@ def _edit_in_batches(params, model, classifier, start_point, cond, plan, control
     (their GuidanceResults, seconds of the prompt-to-prompt fraction search). A stop keeps the
     items done so far."""
     guidance = params.guidance
-    length = cond.hidden.shape[1]
     tokenizer, word = model.tokenizers[0], plan.words[0]
     search_s = 0.0
 
     def run_batch(chunk: list[CounterfactualItem], chunk_progress: ProgressFn) -> GuidanceResult:
         nonlocal search_s
+        prompts = model.encode_text([it.prompt for it in chunk])
         mixing = torch.stack(
             [
-                token_alignment(
-                    length,
-                    plan.source,
-                    token_span(tokenizer, it.prompt, (word, word + len(it.target_name))),
+                prompt_alignment(
+                    tokenizer,
+                    plan.caption,
+                    plan.words,
+                    cond.hidden[0],
+                    it.prompt,
+                    (word, word + len(it.target_name)),
+                    prompts.hidden[b],
                 )
-                for it in chunk
+                for b, it in enumerate(chunk)
             ]
         ).to(model.device)
         out = edit(
             model,
             classifier,
             start=start_point,
-            cond=model.encode_text([it.prompt for it in chunk]),
+            cond=prompts,
             targets=torch.tensor([it.target_index for it in chunk]),
             start_class=plan.start,
             seeds=[it.seed for it in chunk],

@@ -17,7 +17,6 @@ from digin.core.counterfactual.attention import (
     CrossAttentionControl,
     controlled_cross_attention,
     find_words,
-    token_alignment,
     token_span,
 )
 from digin.core.counterfactual.config import CounterfactualConfig
@@ -213,10 +212,6 @@ def test_token_spans_and_alignment(tiny_models, cache):
     first, stop = token_span(tokenizer, caption, words)
     ids = tokenizer(caption).input_ids
     assert first == 5 and tokenizer.decode(ids[first:stop]).strip() == "great white shark"
-    a = token_alignment(10, (2, 5), (2, 3))  # three tokens replaced by one
-    assert torch.allclose(a.sum(0), torch.ones(10))  # every target token takes one unit
-    assert torch.allclose(a[2:5, 2], torch.full((3,), 1 / 3)) and a[5, 3] == 1 and a[1, 1] == 1
-    assert torch.equal(token_alignment(10, (2, 4), (2, 4)), torch.eye(10))
 
 
 def test_cross_attention_control_stores_injects_and_restores(tiny_models, cache):
@@ -301,4 +296,7 @@ def test_cooperative_stop_in_the_inversion_and_in_the_edit(tiny_models, image_fi
     run_job("counterfactual", params, cache=cache)  # inverts and caches
     again = run_job("counterfactual", params, cache=cache, should_stop=lambda: True)
     assert again.inversion_cached and again.stopped
-    assert again.guidance.trajectory.shape[0] == 1  # stopped after iteration 0, as optimize()
+    # polled at every DDIM step: the edit stops in its first chain, before any iteration
+    assert again.guidance is None and again.items == []
+    shown = {"original.png", "reconstruction.png", "mask.png", "grid.png", "result.json"}
+    assert set(render_artifacts(again)) == shown  # what the steps before the edits made
