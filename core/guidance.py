@@ -125,8 +125,9 @@ class DenoisingLoop:
     """The DDIM chain of one iteration, with gradients (and checkpointing) when asked.
 
     `should_stop` (set by `run`) is polled at every step, in the forward chain and in the
-    recompute of the backward pass: a cancel takes effect within one UNet call, whatever T and
-    the image size, by raising `digin.core.context.Stopped` out of the iteration."""
+    backward pass (in its recompute with checkpointing, else by a gradient hook on each step's
+    latent): a cancel takes effect within one step, whatever T and the image size, by raising
+    `digin.core.context.Stopped` out of the iteration."""
 
     should_stop: StopFn | None = None
 
@@ -181,6 +182,10 @@ class DenoisingLoop:
         out = self.scheduler.step(eps, t, z, eta=0.0)
         return out.prev_sample, out.pred_original_sample
 
+    def _poll(self, grad: Tensor) -> None:
+        """A gradient hook: poll `should_stop` as the backward pass reaches a step."""
+        check_stop(self.should_stop)
+
     def __call__(
         self, z: Tensor, cond: TextEmbeddings, deltas: Deltas | None, keep_last: int
     ) -> list[Tensor]:
@@ -201,6 +206,8 @@ class DenoisingLoop:
                 z, x0 = checkpoint(self.step, z, i, text, time_ids, use_reentrant=False)
             else:
                 z, x0 = self.step(z, i, text, time_ids)
+                if self.should_stop is not None and z.requires_grad:  # no recompute: the
+                    z.register_hook(self._poll)  # backward pass polls at each step's z
             if i >= steps - keep_last:
                 x0s.append(x0)
         return x0s

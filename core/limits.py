@@ -155,15 +155,10 @@ def _counterfactual(params: Mapping[str, Any]) -> JobCost:
     )
 
 
-COST_BY_KIND: dict[str, Callable[[Mapping[str, Any]], JobCost]] = {
-    "guided": _generative,
-    "disagreement": _generative,
-    "neuron": _generative,
-    "pca_component": _pca_component,
-    "neural_pca": _neural_pca,
-    "spurious_score": _spurious_score,
-    "counterfactual": _counterfactual,
-}
+CostFn = Callable[[Mapping[str, Any]], JobCost]
+COST_BY_KIND: dict[str, CostFn] = dict.fromkeys(("guided", "disagreement", "neuron"), _generative)
+COST_BY_KIND |= {"pca_component": _pca_component, "neural_pca": _neural_pca,
+                 "spurious_score": _spurious_score, "counterfactual": _counterfactual}  # fmt: skip
 if set(COST_BY_KIND) != set(PARAMS_BY_KIND):
     raise RuntimeError(f"kinds without a cost estimate: {set(COST_BY_KIND) ^ set(PARAMS_BY_KIND)}")
 

@@ -193,6 +193,19 @@ class Settings(BaseSettings):
         description="port of the Prometheus metrics of a worker or reaper process (unset: none)",
     )
 
+    @field_validator("max_job_cost", mode="before")
+    @classmethod
+    def _whole_number(cls, value: Any) -> Any:
+        """'1e10' as well as '10000000000'."""
+        if isinstance(value, str | float):
+            try:
+                number = float(value)
+            except ValueError:
+                return value  # the int validation names it
+            if number.is_integer():
+                return int(number)
+        return value
+
     @field_validator(
         "image_formats", "model_allow_list", "model_roots", "frame_ancestors", mode="before"
     )

@@ -5,9 +5,9 @@
 number (`digin.service.repo`), so a duplicate or late delivery, or a stale worker, changes nothing:
 
     claim (queued → running; anything else → "skipped", nothing runs)
-      ├─ cancel requested ─────────────────────────→ canceled   (within one iteration)
+      ├─ cancel requested ─────────────────────────→ canceled   (at the next DDIM step)
       ├─ attempt lost (the reaper gave the job away) → nothing written
-      ├─ bad params / unknown model / OOM / time limit / bug → failed {code, message}
+      ├─ bad params / unknown model / out of memory / time limit / bug → failed {code, message}
       ├─ storage or database unavailable ──→ queued again with backoff (failed after the cap)
       └─ artifacts uploaded under deterministic keys, then → succeeded {summary, artifacts}
 """

@@ -58,7 +58,8 @@ def test_a_job_above_the_cost_cap_is_a_422_naming_the_cap_and_its_estimate(
     )  # fmt: skip
     assert problem["type"].endswith("invalid-params")
     assert job_count(sessions) == 1 and len(broker.job_ids()) == 1
-    # 0: no cap
+    # 0: no cap; the setting reads '1e10' too
+    assert make_client(max_job_cost="1e10").app.state.services.settings.max_job_cost == 10**10
     uncapped = make_client(max_job_cost=0)
     assert uncapped.post("/v1/jobs", json=body, headers=headers).status_code == 202
 

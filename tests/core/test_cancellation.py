@@ -47,8 +47,9 @@ def unet_calls(cache: ModelCache) -> Iterator[UNetCalls]:
         handle.remove()
 
 
-def guided(iterations: int, **extra: Any) -> dict[str, Any]:
-    guidance = {"iterations": iterations, "ddim_steps": STEPS, "loss_steps": 1}
+def guided(iterations: int, checkpointing: bool = True, **extra: Any) -> dict[str, Any]:
+    guidance = {"iterations": iterations, "ddim_steps": STEPS, "loss_steps": 1,
+                "checkpointing": checkpointing}  # fmt: skip
     return {"classes": [3], "guidance": guidance, **extra}
 
 
@@ -60,6 +61,14 @@ def test_a_stop_inside_the_first_iteration_ends_the_run_at_once(cache, unet_call
     with pytest.raises(Stopped):
         run_job("guided", guided(3), cache=cache, should_stop=lambda: unet_calls.count >= stop_at)
     assert unet_calls.count == stop_at, where  # not one UNet call after the stop
+
+
+def test_without_checkpointing_the_backward_pass_polls_at_every_step(cache, unet_calls):
+    """No recompute in backward: a gradient hook on each step's latent polls instead."""
+    polls = Polls(at=STEPS + 50)  # 100 polls in the chain, then 50 steps into the backward
+    with pytest.raises(Stopped):
+        run_job("guided", guided(3, checkpointing=False), cache=cache, should_stop=polls)
+    assert polls.calls == STEPS + 50 and unet_calls.count == STEPS
 
 
 def test_a_stop_inside_a_later_iteration_keeps_the_iterations_done(cache, unet_calls):

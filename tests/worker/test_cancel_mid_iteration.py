@@ -22,13 +22,13 @@ from tests.worker.test_runner import (  # noqa: F401 - fixtures
 
 @pytest.mark.parametrize("cancel_at", [30, 150])  # in the chain; in the backward pass
 def test_a_cancel_inside_an_iteration_stops_at_the_next_ddim_step(
-    ctx,
+    ctx,  # noqa: F811 - the fixture imported above
     sessions,
     session,
     tenant,
     model_cache,
     monkeypatch,
-    cancel_at,  # noqa: F811 - fixture
+    cancel_at,
 ):
     # one iteration of 100 DDIM steps: 100 UNet calls forward, 100 more in the backward pass
     job = submit(session, tenant, {"classes": ["seven"],
