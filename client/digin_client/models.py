@@ -67,6 +67,7 @@ class Job(_Response):
     metadata: dict[str, Any] | None = None
     attempts: int = 0
     max_attempts: int | None = None
+    cost: int | None = None  # estimated pixel-steps (the deployment caps it: DIGIN_MAX_JOB_COST)
     progress: Progress | None = None
     result: JobResult | None = None
     error: JobError | None = None

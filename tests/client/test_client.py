@@ -64,6 +64,7 @@ def test_submit_get_cancel_and_list(client: Client):
     assert job.status == "queued" and job.seed == 7 and job.priority == 3
     assert job.metadata == {"run": "a"}
     assert job.params["guidance"]["iterations"] == 2  # stored normalised, defaults filled in
+    assert isinstance(job.cost, int) and job.cost > 0  # the estimate the deployment caps
 
     again = client.get(job.id)
     assert again.id == job.id and again.params == job.params and not again.done
