@@ -42,12 +42,11 @@ from tests.adversarial.instance import (
     Instance,
     ProbeClass,
     Tally,
-    free_port,
     png,
-    wait_until,
 )
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
 from tests.e2e.conftest import Worker, s3_endpoint  # noqa: F401 - fixtures
+from tests.reliability.stack import free_port, wait_until
 
 REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_ADVERSARIAL_URL", "redis://127.0.0.1:6379/14")
 RESULTS_ENV = "DIGIN_TEST_ADVERSARIAL_JSON"

@@ -46,6 +46,8 @@ from typing import Any
 
 import httpx
 
+from tests.reliability.stack import wait_until
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 DNS_LOG_ENV = "DIGIN_TEST_DNS_LOG"  # read by dns_audit/sitecustomize.py in the API process
@@ -57,24 +59,6 @@ MAX_ITEMS_PER_BATCH = 50
 MAX_BODY_BYTES = 256 * 1024
 PUBLIC_HOOK = "https://93.184.215.14/hooks/digin"  # a public address literal: no lookup
 JOB_TIMEOUT_S = 240.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float = 0.1) -> Any:
-    """Poll `check()` until it returns something truthy; fail naming `what` after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(every)
 
 
 _addresses = itertools.count(1)
