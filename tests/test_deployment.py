@@ -481,7 +481,13 @@ def test_images_copy_every_package_and_the_migrations(name: str):
     for value in values(dockerfile(name).structure, "COPY"):
         sources = value.split()[:-1]
         copied |= {s.rstrip("/") for s in sources}
-    needed = packages | {"migrations", "alembic.ini", "pyproject.toml", "README.md", "constraints.txt"}
+    needed = packages | {
+        "migrations",
+        "alembic.ini",
+        "pyproject.toml",
+        "README.md",
+        "constraints.txt",
+    }
     assert needed <= copied, needed - copied
     ignored = {
         line.strip().rstrip("/")

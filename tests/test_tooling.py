@@ -56,7 +56,9 @@ def install_lines(text: str) -> list[str]:
     return re.findall(r"pip install ([^&;\n]+)", text)
 
 
-@pytest.mark.parametrize("path", ["README.md", ".ci/run", "Makefile", "Dockerfile", "Dockerfile.gpu"])
+@pytest.mark.parametrize(
+    "path", ["README.md", ".ci/run", "Makefile", "Dockerfile", "Dockerfile.gpu"]
+)
 def test_every_install_command_uses_the_constraints(path):
     text = (ROOT / path).read_text().replace("\\\n", " ")
     installs = [i for i in install_lines(text) if "torch" in i or "-e " in i]
@@ -70,7 +72,9 @@ def test_pre_commit_runs_the_lint_of_ci():
     hooks = {h["id"]: (repo, h) for repo in config["repos"] for h in repo["hooks"]}
     assert {"ruff", "ruff-format", "mypy"} <= set(hooks)
     ruff_repo, _ = hooks["ruff"]
-    assert ruff_repo["rev"] == "v" + constraints()["ruff"], "pre-commit's ruff is not the pinned one"
+    assert ruff_repo["rev"] == "v" + constraints()["ruff"], (
+        "pre-commit's ruff is not the pinned one"
+    )
     assert "tools/typecheck.py" in hooks["mypy"][1]["entry"]
     ci = (ROOT / ".ci" / "run").read_text()
     for command in ("ruff check .", "ruff format --check .", "python tools/typecheck.py"):
