@@ -7,6 +7,7 @@ only in the I/O that performs an operation's steps (`_drive`).
 
 from __future__ import annotations
 
+import abc
 import builtins
 import functools
 import inspect
@@ -123,7 +124,7 @@ def stream(
     return Method(items, items_async)
 
 
-class BaseClient(Generic[H]):
+class BaseClient(abc.ABC, Generic[H]):
     """The constructor and the methods of both clients (see `Client` for the arguments)."""
 
     _asynchronous: ClassVar[bool]
@@ -148,9 +149,9 @@ class BaseClient(Generic[H]):
             base_url=self.url, headers=headers, timeout=timeout, **httpx_options
         )
 
+    @abc.abstractmethod
     def _connect(self, **options: Any) -> H:
         """The httpx client (sync or async) built with these options."""
-        raise NotImplementedError
 
     # --- jobs -------------------------------------------------------------------------------------
     @operation

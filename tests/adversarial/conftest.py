@@ -45,7 +45,7 @@ from tests.adversarial.instance import (
     png,
 )
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
-from tests.e2e.conftest import Worker, s3_endpoint  # noqa: F401 - fixtures
+from tests.e2e.conftest import Worker, flushed_redis, s3_endpoint  # noqa: F401 - fixtures
 from tests.reliability.stack import free_port, wait_until
 
 REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_ADVERSARIAL_URL", "redis://127.0.0.1:6379/14")
@@ -172,20 +172,7 @@ def tally() -> Tally:
 
 @pytest.fixture(scope="package")
 def adversarial_redis() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
-    client.flushdb()
-    try:
-        yield REDIS_URL
-    finally:
-        client.flushdb()
-        client.close()
+    yield from flushed_redis(REDIS_URL)
 
 
 def model_layout(folder: Path) -> dict[str, Path]:

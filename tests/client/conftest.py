@@ -25,7 +25,13 @@ import pytest
 
 from digin.service.settings import Settings, fresh_settings
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
-from tests.e2e.conftest import Service, make_service, s3_endpoint, wait_until  # noqa: F401
+from tests.e2e.conftest import (  # noqa: F401
+    Service,
+    flushed_redis,
+    make_service,
+    s3_endpoint,
+    wait_until,
+)
 
 REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_CLIENT_URL", "redis://127.0.0.1:6379/15")
 
@@ -106,20 +112,7 @@ def lite(lite_dir: Path) -> Iterator[LiveAPI]:
 
 @pytest.fixture(scope="module")
 def redis_client_url() -> Iterator[str]:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        client.close()
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
-    client.flushdb()
-    try:
-        yield REDIS_URL
-    finally:
-        client.flushdb()
-        client.close()
+    yield from flushed_redis(REDIS_URL)
 
 
 @pytest.fixture(scope="module")

@@ -48,22 +48,27 @@ def wait_until(what: str, check: Callable[[], Any], timeout: float, every: float
         time.sleep(every)
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
+def flushed_redis(url: str) -> Iterator[str]:
+    """A Redis database of the tests' own, emptied before and after (skips without Redis)."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
     try:
         client.ping()
     except redis.RedisError as exc:
         client.close()
-        pytest.skip(f"Redis not reachable at {REDIS_URL}: {exc}")
+        pytest.skip(f"Redis not reachable at {url}: {exc}")
     client.flushdb()
     try:
-        yield REDIS_URL
+        yield url
     finally:
         client.flushdb()
         client.close()
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    yield from flushed_redis(REDIS_URL)
 
 
 @pytest.fixture(scope="session")
