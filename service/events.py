@@ -367,6 +367,7 @@ class Feed:
     snapshot: Callable[[Session], dict[str, Any]]
     finished: Callable[[Session], bool]
     base: str = ""  # the root path the API is served under (for the URLs events name)
+    refresh_s: float | None = None  # a fresh snapshot at most this often while events come
 
 
 def sse(event: str, data: dict[str, Any], ident: int | None = None) -> bytes:
@@ -416,6 +417,7 @@ class EventStream:
         self.sub, self.feed, self.sessions = sub, feed, sessions
         self.heartbeat_s, self.allowed = heartbeat_s, allowed
         self.sent = _Sent()
+        self.changed_since: float | None = None  # the first stored event since the snapshot
 
     def _read(self, fn: Callable[[Session], Any]) -> Any:
         with self.sessions() as session:
@@ -433,6 +435,8 @@ class EventStream:
         if event.id is not None and not self.sent.first_time(event.id):
             return []
         frames = [sse(event.type, public_data(event), event.id)]
+        if event.id is not None and self.changed_since is None and self.feed.refresh_s:
+            self.changed_since = time.monotonic()
         if event.type == "status" and event.data.get("status") == "succeeded":
             url = f"{self.feed.base}/v1/jobs/{event.job_id}/artifacts"
             count = event.data.get("artifacts")
@@ -457,6 +461,20 @@ class EventStream:
         snapshot = await self.read(self.feed.snapshot)
         return sse("snapshot", snapshot, self.sent.cursor or None)
 
+    def wait_s(self) -> float:
+        """How long to wait for the next live event: until the next heartbeat, or the next
+        refresh of the snapshot when events came since the last one."""
+        if self.feed.refresh_s is None or self.changed_since is None:
+            return self.heartbeat_s
+        due = self.changed_since + self.feed.refresh_s - time.monotonic()
+        return max(min(due, self.heartbeat_s), 0.0)
+
+    async def refresh(self) -> AsyncIterator[bytes]:
+        """A fresh snapshot once `refresh_s` passed since the first event it would include."""
+        if self.wait_s() <= 0 and self.changed_since is not None:
+            self.changed_since = None
+            yield await self.final()
+
     async def run(self, last_event_id: int | None) -> AsyncIterator[bytes]:
         # 1. The start: a resume replays what was stored after Last-Event-ID; a new stream
         #    gets the current state (its id: the newest stored event it includes)
@@ -473,22 +491,26 @@ class EventStream:
                 return
         # 2. Live events until the feed is finished; a comment line when idle
         while not finished:
-            event = await self.sub.next(self.heartbeat_s)
-            if event is None and self.sub.lagged:
+            event = await self.sub.next(self.wait_s())
+            async for frame in self.refresh():
+                yield frame
+            if event is not None:
+                for frame in self.render(event):
+                    yield frame
+                if event.id is None:  # progress never ends a stream
+                    continue
+            elif self.sub.lagged:
                 self.sub.lagged = False
                 async for frame in self.catch_up():
                     yield frame
-            elif event is None:
+            elif self.changed_since is not None:
+                continue  # a fresh snapshot is due, not a heartbeat
+            else:
                 if not await self.allowed():
                     yield sse("error", {"detail": "the API key is invalid or revoked"})
                     return
                 yield b": keepalive\n\n"
                 continue
-            else:
-                for frame in self.render(event):
-                    yield frame
-                if event.id is None:  # progress never ends a stream
-                    continue
             finished = await self.read(self.feed.finished)
         # 3. What the end's transaction also stored (a batch's last items, its end), then the
         #    state as it ended

@@ -38,6 +38,7 @@ router = APIRouter(tags=["events"])
 
 MEDIA_TYPE = "text/event-stream"
 RETRY_AFTER_S = 5  # a tenant at its stream cap
+BATCH_REFRESH_S = 1.0  # a batch stream's snapshot (counts, ETA) at most this often
 LastEventId = Annotated[
     str | None,
     Header(
@@ -83,7 +84,7 @@ def batch_feed(tenant: Tenant, batch_id: uuid.UUID, *, base: str = "") -> Feed:
         return ended is not None
 
     scope = EventScope(tenant.id, batch_ids=frozenset({batch_id}))
-    return Feed(scope, snapshot, finished, base)
+    return Feed(scope, snapshot, finished, base, refresh_s=BATCH_REFRESH_S)
 
 
 def jobs_feed(tenant: Tenant, job_ids: frozenset[uuid.UUID], *, base: str = "") -> Feed:
