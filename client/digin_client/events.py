@@ -97,16 +97,20 @@ class Parser:
         return Event(kind, data, int(ident) if ident.isdigit() else None)
 
 
-def follow(path: str, *, last_event_id: int | None, policy: Policy) -> Stream[Event]:
+def follow(
+    path: str, *, last_event_id: int | None, policy: Policy, deadline: float | None = None
+) -> Stream[Event]:
     """Emit the events of `GET path` until the server ends the stream; reconnect with
-    `Last-Event-ID` after a dropped connection (up to `policy.max_retries` in a row)."""
+    `Last-Event-ID` after a dropped connection (up to `policy.max_retries` in a row). With a
+    `deadline` (time.monotonic()), no read waits past it."""
     failures = 0
     while True:
         headers = {"Accept": "text/event-stream"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = str(last_event_id)
+        left = None if deadline is None else max(deadline - time.monotonic(), 0.05)
         try:
-            body: Body = yield Call("GET", path, headers=headers, stream=True)
+            body: Body = yield Call("GET", path, headers=headers, stream=True, timeout=left)
             check(body.response)
             parser = Parser()
             while (chunk := (yield Read(body))) is not None:
@@ -161,7 +165,7 @@ def wait_following(
     events and heartbeats)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     state: M | None = None
-    stream = follow(events_path, last_event_id=None, policy=policy)
+    stream = follow(events_path, last_event_id=None, policy=policy, deadline=deadline)
     reply: Any = None
     error: DiginConnectionError | None = None
     try:
@@ -185,8 +189,8 @@ def wait_following(
     except StopIteration:
         pass  # the server ended the stream: the state is read again below
     except (APIError, DiginConnectionError) as exc:
-        if isinstance(exc, APIError) and not transient(exc) and exc.status not in (404, 405, 406):
-            raise  # a 401 or 429 holds for polling too
+        if isinstance(exc, APIError) and exc.status in (401, 403):
+            raise  # holds for polling too (a 404 is checked by the poll; a 429 is the stream cap)
     finally:
         stream.close()
     left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
