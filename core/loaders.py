@@ -1,6 +1,6 @@
-"""Loaders: a model spec → a `DiffusionModel` or a `Classifier` (the factory, apart from the
-interfaces in `digin.core.diffusion` and `digin.core.classifiers`, as timm keeps `_factory.py` apart
-from its models).
+"""Loaders: a model spec → a `DiffusionModel`, a `Classifier`, a `Captioner` or a `Segmenter`
+(the factory, apart from the interfaces in `digin.core.diffusion`, `digin.core.classifiers` and
+`digin.core.counterfactual`, as timm keeps `_factory.py` apart from its models).
 
 Specs (parsed by `digin.core.registry.parse_spec`):
 
@@ -13,6 +13,9 @@ Specs (parsed by `digin.core.registry.parse_spec`):
     open_clip:<arch>/<pretrained tag|file>   zero-shot CLIP over the class names; a local file may
                                              bring its model config as <arch>.json beside it
     digits:<name>[@<zoo folder>]             the bundled digits zoo's classifiers
+    blip:<hub id | folder>                   BLIP captioner (transformers), safetensors only
+    sam:<hub id | folder>                    SAM or SAM-HQ segmenter (transformers), by the
+                                             config's model_type; safetensors only
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from digin.core.classifiers import (
     ClipTemplates,
     TimmClassifier,
 )
+from digin.core.counterfactual.captions import Captioner
+from digin.core.counterfactual.masks import Segmenter
 from digin.core.diffusion import DiffusionModel
 from digin.core.limits import LRU
 from digin.core.registry import is_hub_id, parse_spec
@@ -56,13 +61,21 @@ def pipeline_folder(name: str) -> Path:
     Face cache (downloaded first where the machine has network), never a folder of that name
     under the working folder, which the model roots never checked. Any other name is a local
     folder (write './owner/name' for a relative one)."""
+    return model_folder(name, "diffusers pipeline", HUB_FILES)
+
+
+def model_folder(name: str, what: str, allow_patterns: list[str]) -> Path:
+    """The folder of a model named by a hub id (its snapshot of the files `allow_patterns`
+    match, in the Hugging Face cache) or a local folder (any other name)."""
     if is_hub_id(name):
         from huggingface_hub import snapshot_download  # network only where the machine has it
 
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES, ignore_patterns=HUB_IGNORED))
+        return Path(
+            snapshot_download(name, allow_patterns=allow_patterns, ignore_patterns=HUB_IGNORED)
+        )
     folder = Path(name).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"diffusers pipeline folder {name} not found")
+        raise FileNotFoundError(f"{what} folder {name} not found")
     return folder
 
 
@@ -118,7 +131,7 @@ def load_diffusion(spec: str, *, device: torch.device | str = "cpu") -> Diffusio
     """Dispatch on the spec's scheme (docs/architecture.md §6.1)."""
     parsed = parse_spec(spec)
     if parsed.kind != "diffusion":
-        raise ValueError(f"{spec!r} names a classifier, not a diffusion model")
+        raise ValueError(f"{spec!r} names a {parsed.kind}, not a diffusion model")
     if parsed.scheme == "digits":
         from digin.core.digits.zoo import load_digits_diffusion
 
@@ -145,7 +158,7 @@ def load_classifier(
     """
     parsed = parse_spec(spec)
     if parsed.kind != "classifier":
-        raise ValueError(f"{spec!r} names a diffusion model, not a classifier")
+        raise ValueError(f"{spec!r} names a {parsed.kind} model, not a classifier")
     # parse_spec sets arch for every classifier, weights for open_clip (the tag or file)
     assert parsed.arch is not None
     classifier: Classifier
@@ -318,6 +331,62 @@ def _load_open_clip(
     return ClipClassifier(
         spec, model, text, class_names=names, input_size=h, mean=pp["mean"], std=pp["std"]
     )
+
+
+# --- captioners and segmenters (counterfactuals, docs/architecture.md §5.3, §5.6) ---------------
+
+# What a transformers model's hub repository is read for: configs, processor and tokenizer files,
+# safetensors weights (no pickles).
+TRANSFORMERS_HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+# config.json's model_type → the transformers model and processor classes of a segmenter
+SEGMENTER_TYPES = {"sam": ("SamModel", "SamProcessor"), "sam_hq": ("SamHQModel", "SamHQProcessor")}
+
+
+def _transformers_folder(spec: str, kind: str, what: str) -> tuple[Path, str]:
+    """(the model's folder, its config's model_type) for a `kind` spec."""
+    parsed = parse_spec(spec)
+    if parsed.kind != kind:
+        raise ValueError(f"{spec!r} names a {parsed.kind} model, not a {kind}")
+    folder = model_folder(parsed.name, what, TRANSFORMERS_HUB_FILES)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{spec}: {folder} has no config.json (not a transformers model folder)")
+    model_type = _read_json(config).get("model_type")
+    return folder, str(model_type)
+
+
+def load_captioner(spec: str, *, device: torch.device | str = "cpu") -> Captioner:
+    """A BLIP captioner (`blip:<hub id | folder>`, BlipForConditionalGeneration) in fp32."""
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    folder, model_type = _transformers_folder(spec, "captioner", "captioner")
+    if model_type != "blip":
+        raise ValueError(
+            f"{spec}: model_type {model_type!r} is not a BLIP captioner (expected 'blip', "
+            "e.g. Salesforce/blip-image-captioning-large)"
+        )
+    kw: dict[str, Any] = {"use_safetensors": True, "dtype": torch.float32}
+    model = BlipForConditionalGeneration.from_pretrained(folder, **kw)
+    processor = BlipProcessor.from_pretrained(folder)
+    return Captioner(spec, model.eval().requires_grad_(False).to(device), processor)
+
+
+def load_segmenter(spec: str, *, device: torch.device | str = "cpu") -> Segmenter:
+    """A SAM or SAM-HQ segmenter (`sam:<hub id | folder>`, by config.json's model_type)."""
+    import transformers
+
+    folder, model_type = _transformers_folder(spec, "segmenter", "segmenter")
+    if model_type not in SEGMENTER_TYPES:
+        raise ValueError(
+            f"{spec}: model_type {model_type!r} is not a segmenter; known: "
+            f"{', '.join(SEGMENTER_TYPES)} (SAM, SAM-HQ)"
+        )
+    model_class, processor_class = (getattr(transformers, n) for n in SEGMENTER_TYPES[model_type])
+    kw: dict[str, Any] = {"use_safetensors": True, "dtype": torch.float32}
+    model = model_class.from_pretrained(folder, **kw)
+    processor = processor_class.from_pretrained(folder)
+    hq = model_type == "sam_hq"
+    return Segmenter(spec, model.eval().requires_grad_(False).to(device), processor, hq=hq)
 
 
 # --- shared ----------------------------------------------------------------------------------

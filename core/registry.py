@@ -11,6 +11,9 @@ model allow-list. Spec grammar, one scheme per loader:
     open_clip:<arch>/<pretrained tag | file> zero-shot CLIP classifier over class names
     digits[@<dir>] | digits:<name>[@<dir>]   the bundled digits zoo (diffusion | classifier);
                                              `@<dir>` reads another zoo folder
+    blip:<hub id or local dir>               BLIP captioner (transformers), for counterfactuals
+    sam:<hub id or local dir>                SAM or SAM-HQ segmenter (transformers), for
+                                             counterfactuals' foreground masks
 
 The curated models live in ``core/data/registry.json``; any other well-formed spec is allowed too
 (unless the service's allow-list says otherwise). A service also confines the specs that name
@@ -31,10 +34,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-Scheme = Literal["diffusers", "timm", "open_clip", "digits"]
-Kind = Literal["diffusion", "classifier"]
+Scheme = Literal["diffusers", "timm", "open_clip", "digits", "blip", "sam"]
+Kind = Literal["diffusion", "classifier", "captioner", "segmenter"]
 
-SCHEMES: tuple[Scheme, ...] = ("diffusers", "timm", "open_clip", "digits")
+SCHEMES: tuple[Scheme, ...] = ("diffusers", "timm", "open_clip", "digits", "blip", "sam")
+# Schemes of models that are one transformers folder (a hub id or a local folder), by kind.
+FOLDER_SCHEMES: dict[Scheme, Kind] = {"blip": "captioner", "sam": "segmenter"}
 SPEC_FORMS = (
     "diffusers:<hub id or local dir>",
     "timm:<name>",
@@ -42,6 +47,8 @@ SPEC_FORMS = (
     "open_clip:<arch>/<pretrained tag>",
     "digits[@<zoo dir>]",
     "digits:<name>[@<zoo dir>]",
+    "blip:<hub id or local dir>",
+    "sam:<hub id or local dir>",
 )
 ZOO_DIR = Path(__file__).parent / "zoo"  # the bundled digits zoo (docs/architecture.md §6.4)
 ZOO_ENV = "DIGIN_ZOO_DIR"  # setting: another zoo folder for every digits spec without '@'
@@ -73,6 +80,8 @@ class ModelSpec:
 
     @property
     def kind(self) -> Kind:
+        if self.scheme in FOLDER_SCHEMES:
+            return FOLDER_SCHEMES[self.scheme]
         if self.scheme == "diffusers" or self.arch == DIGITS_DIFFUSION:
             return "diffusion"
         return "classifier"
@@ -108,8 +117,8 @@ def parse_spec(spec: str) -> ModelSpec:
     if not rest:
         raise invalid(f"nothing after '{scheme}:'")
 
-    if scheme == "diffusers":
-        return ModelSpec("diffusers", rest)
+    if scheme == "diffusers" or scheme in FOLDER_SCHEMES:
+        return ModelSpec(scheme, rest)
     if scheme == "timm":
         arch, at, weights = rest.partition("@")
         if not arch:
@@ -164,7 +173,7 @@ class ModelInfo(BaseModel):
     kind: Kind
     description: str
     source: str | None  # 'hf-hub:<repo id>', a URL or a local path; None: the library's default
-    resolution: int | None  # diffusion: native image side; classifier: input side (pixels)
+    resolution: int | None  # diffusion: native image side; others: input side (pixels)
     num_classes: int | None
     available: bool  # the weights are present locally (no download needed)
 
@@ -221,7 +230,7 @@ def weights_source(spec: str | ModelSpec) -> str | None:
     for entry in _registry()["models"]:
         if entry["spec"] == str(parsed):
             return entry["source"]
-    if parsed.scheme == "diffusers":
+    if parsed.scheme == "diffusers" or parsed.scheme in FOLDER_SCHEMES:
         # A hub id always comes from the hub (as the loader reads it), whatever folders of that
         # name exist here; any other name is a local folder.
         if is_hub_id(parsed.name):
@@ -246,7 +255,7 @@ def names_server_path(spec: str | ModelSpec) -> bool:
 
 
 def is_hub_id(name: str) -> bool:
-    """Whether a diffusers name is a hub id ('<owner>/<name>') rather than a local folder."""
+    """Whether a diffusers, blip or sam name is a hub id ('<owner>/<name>'), not a local folder."""
     return _HUB_ID.fullmatch(name) is not None
 
 
@@ -265,7 +274,7 @@ def local_paths(spec: str | ModelSpec) -> list[str]:
         if parsed.kind == "diffusion":
             files.append(TOKENIZER_FOLDER)
         return [folder, *(os.path.join(folder, name) for name in files)]
-    if parsed.scheme == "diffusers":
+    if parsed.scheme == "diffusers" or parsed.scheme in FOLDER_SCHEMES:
         return [] if is_hub_id(parsed.name) else [parsed.name]
     file = parsed.weights or ""
     if "://" in file:
@@ -419,3 +428,10 @@ def classifier_facts(spec: str | ModelSpec) -> tuple[int | None, int | None]:
     if entry is None or entry["kind"] != "classifier":
         return None, None
     return entry["resolution"], entry["num_classes"]
+
+
+def input_side(spec: str | ModelSpec) -> int | None:
+    """The image side a curated model works at (a classifier's input, a diffusion model's native
+    side, a captioner's or segmenter's input) as the registry records it; None when unknown."""
+    entry = _curated_entry(spec)
+    return None if entry is None else entry["resolution"]

@@ -7,6 +7,9 @@ formats real checkpoints use, so tests go through the real loaders (never a mock
     out_dir/sdxl/                     SDXL-style diffusers folder (two text encoders)
     out_dir/classifier.safetensors    timm `test_resnet`, 10 classes, + classifier.json sidecar
     out_dir/open_clip/tiny-clip.*     open_clip model config + weights (32 px ViT)
+    out_dir/captioner/                BLIP captioner in transformers layout (32 px ViT, BERT
+                                      tokenizer from a small word-piece vocabulary)
+    out_dir/segmenter/                SAM-HQ segmenter in transformers layout (64 px input)
     out_dir/specs.json                the model specs that load them
 
 The diffusion components follow diffusers' own fast-test dummies (`get_dummy_components` in
@@ -36,7 +39,8 @@ _TEXT_VOCAB_SIZE = 1000  # text-encoder embedding rows; covers the tokenizer's ~
 
 def make_tiny_models(out_dir: Path | str, seed: int = 0) -> dict[str, str]:
     """Write the tiny models under ``out_dir`` (overwriting) and return their specs by role:
-    'sd', 'sdxl' (diffusion), 'classifier' (timm with own weights), 'open_clip' (zero-shot)."""
+    'sd', 'sdxl' (diffusion), 'classifier' (timm with own weights), 'open_clip' (zero-shot),
+    'captioner' (BLIP), 'segmenter' (SAM-HQ)."""
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
@@ -44,11 +48,15 @@ def make_tiny_models(out_dir: Path | str, seed: int = 0) -> dict[str, str]:
         _save_sdxl(out / "sdxl", seed)
         _save_timm_classifier(out, seed)
         _save_open_clip(out / "open_clip", seed)
+        _save_blip(out / "captioner", seed)
+        save_tiny_sam(out / "segmenter", seed)
     specs = {
         "sd": f"diffusers:{out / 'sd'}",
         "sdxl": f"diffusers:{out / 'sdxl'}",
         "classifier": f"timm:test_resnet@{out / 'classifier.safetensors'}",
         "open_clip": f"open_clip:tiny-clip/{out / 'open_clip' / 'tiny-clip.safetensors'}",
+        "captioner": f"blip:{out / 'captioner'}",
+        "segmenter": f"sam:{out / 'segmenter'}",
     }
     (out / "specs.json").write_text(json.dumps(specs, indent=2) + "\n", encoding="utf-8")
     return specs
@@ -284,3 +292,78 @@ def _save_open_clip(folder: Path, seed: int) -> None:
     save_file(model.state_dict(), folder / "tiny-clip.safetensors")
     text = json.dumps(TINY_CLIP_CONFIG, indent=2) + "\n"
     (folder / "tiny-clip.json").write_text(text, encoding="utf-8")
+
+
+# --- captioner and segmenter (counterfactuals) ---------------------------------------------------
+
+# BERT word pieces: the special tokens (BLIP's decoder starts from [DEC]), whole words, then
+# single characters and their '##' continuations, so that any lower-case text has tokens.
+_BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
+_CAPTION_WORDS = ("on", "in", "with", "and", "water", "grass", "background", "white", "small")
+
+
+def _bert_vocab() -> dict[str, int]:
+    words = [*_WORDS, *_CAPTION_WORDS, *" ".join(imagenet_class_names()[:10]).split()]
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    pieces = [*_BERT_SPECIAL, *dict.fromkeys(w for w in words if len(w) > 1), *chars]
+    pieces += [f"##{c}" for c in chars if c.isalnum()]
+    return {piece: i for i, piece in enumerate(dict.fromkeys(pieces))}
+
+
+def _save_blip(folder: Path, seed: int) -> None:
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    shutil.rmtree(folder, ignore_errors=True)
+    vocab = _bert_vocab()
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=64)
+    ids = {"bos_token_id": vocab["[DEC]"], "sep_token_id": vocab["[SEP]"],
+           "eos_token_id": vocab["[SEP]"], "pad_token_id": vocab["[PAD]"]}  # fmt: skip
+    text = {"vocab_size": len(vocab), "hidden_size": 32, "encoder_hidden_size": 32,
+            "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "max_position_embeddings": 64, "initializer_range": 0.2, **ids}  # fmt: skip
+    vision = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 32,
+              "initializer_range": 0.02}  # not 1e-10: the image must matter  # fmt: skip
+    torch.manual_seed(seed)
+    config = BlipConfig(text_config=text, vision_config=vision, projection_dim=32)
+    BlipForConditionalGeneration(config).save_pretrained(folder, safe_serialization=True)
+    image_processor = BlipImageProcessor(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+
+
+def save_tiny_sam(folder: Path, seed: int = 0, *, hq: bool = True) -> None:
+    """A tiny SAM-HQ (`hq`) or SAM in transformers layout, 64 px input."""
+    import transformers
+    from transformers import SamImageProcessor
+
+    kind = "SamHQ" if hq else "Sam"
+    config_class, model_class, processor_class = (
+        getattr(transformers, f"{kind}{part}") for part in ("Config", "Model", "Processor")
+    )
+
+    shutil.rmtree(folder, ignore_errors=True)
+    vision = {"hidden_size": 32, "output_channels": 32, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "image_size": 64, "patch_size": 8, "window_size": 4,
+              "global_attn_indexes": [1], "num_pos_feats": 16, "mlp_dim": 64,
+              "initializer_range": 0.02}  # not 1e-10: the image must matter  # fmt: skip
+    prompt = {"hidden_size": 32, "image_size": 64, "patch_size": 8, "mask_input_channels": 4}
+    decoder = {"hidden_size": 32, "mlp_dim": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "iou_head_hidden_dim": 32, **({"vit_dim": 32} if hq else {})}  # fmt: skip
+    torch.manual_seed(seed)
+    config = config_class(
+        vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder
+    )
+    model_class(config).save_pretrained(folder, safe_serialization=True)
+    image_processor = SamImageProcessor(
+        size={"longest_edge": 64},
+        pad_size={"height": 64, "width": 64},
+        mask_size={"longest_edge": 16},
+        mask_pad_size={"height": 16, "width": 16},
+    )
+    processor_class(image_processor=image_processor).save_pretrained(folder)
