@@ -10,9 +10,15 @@
    than the tests use: judge agreement (guided, bar ≥ 90 %) and patch rate (disagreement and
    neuron, bar ≥ 80 %, against the unguided rate), with their run times.
 4. Neural PCA and the spurious score: |r| of a top-3 component of cnn-spurious with the
-   planted patch over train sevens, half patched (bar ≥ 0.8; digits:cnn for contrast), the patch
-   rate of that component's `pca_component` visualisations (bar ≥ 80 %), and the AUC of p(seven)
-   separating real sevens from patched other digits (bars: ≤ 0.7 for cnn-spurious, ≥ 0.9 for cnn).
+   planted patch over the train digits of its correlated class, half patched (bar ≥ 0.8;
+   digits:cnn for contrast), the patch rate of that component's `pca_component` visualisations
+   (bar ≥ 80 %), and the AUC of p(class) separating real digits of the class from patched other
+   digits (bars: ≤ 0.7 for cnn-spurious, ≥ 0.9 for cnn).
+
+The correlated class, the patch and the patch unit are read from the zoo folder's model cards
+(cnn-spurious.json: `training.patch_plan`, `patch.spec`, `metrics.patch_unit`), so a zoo trained
+with another class or patch is measured against its own answers; the examples' settings
+otherwise.
 
     python bench/zoo.py [--zoo DIR] [--out bench/results/zoo.json] [--per-class 50] [--items 3]
 """
@@ -29,7 +35,7 @@ from pathlib import Path
 import torch
 
 from digin.core.digits import evaluate
-from digin.core.digits.data import load_images, make_splits
+from digin.core.digits.data import CLASS_NAMES, load_images, make_splits
 from digin.core.digits.semantic import judge_agreement, patch_rates
 from digin.core.digits.zoo import ZOO_ENV, card_patch, read_card, resolve_zoo_dir
 from digin.core.jobs import ModelCache
@@ -42,11 +48,11 @@ def bar(value: float, threshold: float) -> dict:
     return {"value": round(value, 4), "bar": threshold, "pass": value >= threshold}
 
 
-def pca_and_spurious(cache: ModelCache, spec, items: int) -> tuple[dict, dict]:
-    """Section 4: neural PCA of cnn-spurious for seven (|r| of the best of the top
-    three components with the planted patch; digits:cnn on the same images for contrast), that
-    component's `pca_component` visualisations (patch rate, guided vs. unguided), and the
-    spurious score of seven (patched other digits vs. real sevens) of each classifier, with
+def pca_and_spurious(cache: ModelCache, spec, k: int, items: int) -> tuple[dict, dict]:
+    """Section 4: neural PCA of cnn-spurious for its correlated class k (|r| of the best of the
+    top three components with the planted patch; digits:cnn on the same images for contrast),
+    that component's `pca_component` visualisations (patch rate, guided vs. unguided), and the
+    spurious score of k (patched other digits vs. real digits k) of each classifier, with
     the mean over all ten classes for reference. Returns (figures, bars)."""
     import tempfile
 
@@ -59,7 +65,7 @@ def pca_and_spurious(cache: ModelCache, spec, items: int) -> tuple[dict, dict]:
     bars: dict = {}
     with tempfile.TemporaryDirectory() as tmp:
         for clf in ("digits:cnn-spurious", "digits:cnn"):
-            params = example("neural_pca") | {"classifier": clf}
+            params = example("neural_pca") | {"classifier": clf, "class": k}
             params["visualization"]["components"] = 0
             t0 = time.perf_counter()
             result = run_job("neural_pca", params, cache=cache)
@@ -94,24 +100,28 @@ def pca_and_spurious(cache: ModelCache, spec, items: int) -> tuple[dict, dict]:
                 }
     for clf in ("digits:cnn-spurious", "digits:cnn", "digits:mlp"):
         t0 = time.perf_counter()
-        seven = run_job("spurious_score", example("spurious_score") | {"classifier": clf},
-                        cache=cache)  # fmt: skip
+        one = run_job("spurious_score", example("spurious_score") | {"classifier": clf,
+                      "classes": [k]}, cache=cache)  # fmt: skip
         every = run_job("spurious_score", example("spurious_score") | {"classifier": clf,
                         "classes": list(range(10))}, cache=cache)  # fmt: skip
-        (score,) = seven.data["classes"]
+        (score,) = one.data["classes"]
         out["spurious_score"][clf] = {
-            "auc_seven": score["auc"],
+            "class": score["class_name"],
+            "auc_correlated_class": score["auc"],
             "mean_p_class": score["mean_p_class"],
             "mean_p_spurious": score["mean_p_spurious"],
             "mean_auc_all_classes": every.data["mean_auc"],
             "seconds": round(time.perf_counter() - t0, 2),
         }
     auc = out["spurious_score"]
-    bars["spurious_score: AUC of seven, cnn-spurious (at most)"] = {
-        "value": round(auc["digits:cnn-spurious"]["auc_seven"], 4), "bar": 0.7,
-        "pass": auc["digits:cnn-spurious"]["auc_seven"] <= 0.7,
+    name = CLASS_NAMES[k]
+    bars[f"spurious_score: AUC of {name}, cnn-spurious (at most)"] = {
+        "value": round(auc["digits:cnn-spurious"]["auc_correlated_class"], 4), "bar": 0.7,
+        "pass": auc["digits:cnn-spurious"]["auc_correlated_class"] <= 0.7,
     }  # fmt: skip
-    bars["spurious_score: AUC of seven, cnn"] = bar(auc["digits:cnn"]["auc_seven"], 0.9)
+    bars[f"spurious_score: AUC of {name}, cnn"] = bar(
+        auc["digits:cnn"]["auc_correlated_class"], 0.9
+    )
     return out, bars
 
 
@@ -178,6 +188,10 @@ def main() -> None:
     for kind in ("guided", "disagreement", "neuron"):
         params = json.loads((ROOT / "examples" / f"{kind}_digits.json").read_text())
         params["images_per_class"] = args.items if kind == "guided" else 10 * args.items
+        if kind == "disagreement":  # the zoo's correlated class and patch unit (its cards)
+            params["classes"] = [k]
+        elif kind == "neuron":
+            params["neurons"] = [card["metrics"]["patch_unit"]]
         t0 = time.perf_counter()
         result = run_job(kind, params, seed=1000, cache=cache, max_batch=32)
         seconds = time.perf_counter() - t0
@@ -210,7 +224,7 @@ def main() -> None:
     results["semantic"] = semantic
 
     # 4. neural PCA, its component visualisations, spurious scores
-    results["pca_and_spurious"], pca_bars = pca_and_spurious(cache, spec, args.items)
+    results["pca_and_spurious"], pca_bars = pca_and_spurious(cache, spec, k, args.items)
     bars |= pca_bars
     results["bars"] = bars
 

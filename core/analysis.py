@@ -30,6 +30,7 @@ from pydantic import ValidationError
 from digin.core.batching import job_batch
 from digin.core.classifiers import Classifier
 from digin.core.context import RunContext, StopFn, check_stop
+from digin.core.digits.zoo import classifier_patch
 from digin.core.imagesets import ImageSet, load_image_set
 from digin.core.jobs import (
     DEFAULT_CACHE,
@@ -119,8 +120,9 @@ def run_neural_pca(params: NeuralPcaParams, ctx: RunContext) -> AnalysisResult:
     k = class_index(params.class_, clf)
     name = clf.class_names[k]
     images = load_image_set(
-        params.images, size=clf.input_size, class_index=k, class_name=name, resolver=resolver
-    )
+        params.images, size=clf.input_size, class_index=k, class_name=name, resolver=resolver,
+        zoo_patch=classifier_patch(clf),
+    )  # fmt: skip
     if len(images) < 2:
         raise ValueError(f"images: neural PCA needs at least 2 images, got {len(images)}")
     t_loaded = time.perf_counter()
@@ -297,7 +299,9 @@ def run_pca_component(params: PcaComponentParams, ctx: RunContext) -> JobResult[
     for comp in params.components:
         for _ in range(params.images_per_class):
             i = len(items)
-            items.append(ComponentItem(i, seed + i, params.prompt_for(name), k, name, None, comp))
+            items.append(
+                ComponentItem(i, seed + i, params.prompt_for(name), k, name, component=comp)
+            )
     resolution = params.resolution or model.resolution
     model.latent_shape(resolution)  # fail early on a bad resolution
 
@@ -365,6 +369,7 @@ def run_spurious_score(params: SpuriousScoreParams, ctx: RunContext) -> Analysis
                 class_name=name,
                 field=role,
                 resolver=resolver,
+                zoo_patch=classifier_patch(clf),
             )
             for role in ("class_images", "spurious")
         }
@@ -414,6 +419,22 @@ def _tile(image: torch.Tensor, tile: int = TILE) -> Image.Image:
     img = to_pil(image)
     small = img.width < tile
     return img.resize((tile, tile), Image.Resampling.NEAREST if small else Image.Resampling.LANCZOS)
+
+
+def image_row(
+    images: torch.Tensor, captions: list[str], label: str, sublabel: str = ""
+) -> Image.Image:
+    """One labelled row of images (N, 3, S, S) in [0, 1], each captioned."""
+    label_w, font = 96, ImageFont.load_default(size=11)
+    row = Image.new("RGB", (label_w + max(len(images), 1) * TILE, TILE + CAPTION_H), "white")
+    draw = ImageDraw.Draw(row)
+    draw.text((4, 4), label, fill="black", font=font)
+    draw.text((4, 18), sublabel, fill="gray", font=font)
+    for j, (image, caption) in enumerate(zip(images, captions, strict=True)):
+        x = label_w + j * TILE
+        row.paste(_tile(image), (x, 0))
+        draw.text((x + 2, TILE + 2), caption, fill="black", font=font)
+    return row
 
 
 def top_images_grid(

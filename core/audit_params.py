@@ -1,5 +1,5 @@
 """Classifier audits: one request that searches every class of a classifier for spurious
-features (docs/architecture.md §4.6). Torch-free, so the API and the workers import it.
+features (docs/architecture.md §4.8). Torch-free, so the API and the workers import it.
 
 An audit expands into steps, each an ordinary job:
 
@@ -279,8 +279,16 @@ def _class_row(step: StepRecord, follow: list[StepRecord]) -> dict[str, Any]:
     for c in result["components"]:
         row = {
             k: c[k]
-            for k in ("component", "variance_share", "auc", "mean_p_class", "mean_p_top_other",
-                      "examined", "flagged", "top_other")  # fmt: skip
+            for k in (
+                "component",
+                "variance_share",
+                "auc",
+                "mean_p_class",
+                "mean_p_top_other",
+                "examined",
+                "flagged",
+                "top_other",
+            )  # fmt: skip
         }
         row["top_other_image"] = keys.get(c["artifact"], c["artifact"])
         vis = [f for f in follow if f.get("kind") == "pca_component"]
@@ -373,7 +381,10 @@ def _component_cell(c: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
         f"<span class=small>AUC {_fmt(c['auc'])}, {100 * c['variance_share']:.1f} % variance, "
         f"mean p(k) of the others {_fmt(c['mean_p_top_other'])}</span><br>"
     )
-    others = ", ".join(e(str(o.get("label_name", o["name"]))) for o in c["top_other"][:8])
+    others = ", ".join(
+        f"{e(str(o.get('class_name', '?')))} ({e(str(o['name']))}, p {_fmt(o.get('p'))})"
+        for o in c["top_other"]
+    )
     vis = "".join(_img(k, images, "visualisation") for k in c["visualizations"])
     return (
         head

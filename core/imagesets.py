@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 
@@ -29,7 +29,8 @@ from PIL import Image
 from torch import Tensor
 
 from digin.core.context import ImageResolver
-from digin.core.params import ImageSetSpec
+from digin.core.digits.data import PatchSpec
+from digin.core.params import ImageSetSpec, PatchPlan
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 IMAGE_FORMATS = ("PNG", "JPEG", "BMP", "WEBP")
@@ -55,11 +56,14 @@ def load_image_set(
     class_name: str,
     field: str = "images",
     resolver: ImageResolver | None = None,
+    zoo_patch: PatchSpec | None = None,
 ) -> ImageSet:
     """The images of `spec` for class k at the classifier's input size. `field` names the
-    params field in error messages."""
+    params field in error messages; `zoo_patch` is the planted feature of the classifier's zoo
+    folder (`digin.core.digits.zoo.classifier_patch`), which fills in the patch fields that the
+    spec leaves out (None: the default square)."""
     if spec.digits is not None:
-        out = _digits(spec, class_index, field)
+        out = _digits(spec, class_index, field, zoo_patch or PatchSpec())
         out.images = _resize_square(out.images.expand(-1, 3, -1, -1), size)
         return out
     if spec.folder is not None:
@@ -85,8 +89,8 @@ def _digits_data():
     return x, y, make_splits(y)
 
 
-def _digits(spec: ImageSetSpec, class_index: int, field: str) -> ImageSet:
-    from digin.core.digits.data import PatchSpec, plant_patch
+def _digits(spec: ImageSetSpec, class_index: int, field: str, zoo_patch: PatchSpec) -> ImageSet:
+    from digin.core.digits.data import plant_patch
 
     assert spec.digits is not None  # the caller dispatches on it
     x, y, splits = _digits_data()
@@ -110,10 +114,20 @@ def _digits(spec: ImageSetSpec, class_index: int, field: str) -> ImageSet:
         n = round(plan.rate * len(index))
         gen = torch.Generator().manual_seed(plan.seed)
         patched[torch.randperm(len(index), generator=gen)[:n]] = True
-        patch = PatchSpec(plan.top, plan.left, plan.size, plan.intensity)
-        x = plant_patch(x, patch, patched, plan.opacity)
+        x = plant_patch(x, planted_patch(plan, zoo_patch, field), patched, plan.opacity)
     names = [f"digits:{spec.digits}/{int(i)}" for i in index]
     return ImageSet(x, names, y, patched)
+
+
+def planted_patch(plan: PatchPlan, zoo_patch: PatchSpec, field: str = "images") -> PatchSpec:
+    """The patch a `PatchPlan` plants: its fields, the zoo folder's patch where it gives none."""
+    given = {n: getattr(plan, n) for n in ("top", "left", "size", "intensity")}
+    fields = {n: v for n, v in given.items() if v is not None}
+    threshold = min(zoo_patch.threshold, 0.5 * fields.get("intensity", zoo_patch.intensity))
+    try:
+        return replace(zoo_patch, **fields, threshold=threshold)
+    except ValueError as exc:
+        raise ValueError(f"{field}.patch: {exc}") from None
 
 
 def _folder(folder: Path, limit: int | None, size: int, field: str) -> ImageSet:

@@ -77,6 +77,32 @@ def card_patch(card: dict[str, Any]) -> PatchSpec:
     return PatchSpec(**card["patch"]["spec"])
 
 
+def card_patch_plan(card: dict[str, Any]) -> dict[str, Any]:
+    """The patch plan of a classifier's training recorded in its model card: correlated_class
+    (None: no class), rate_correlated_class, rate_other_classes, shortcut_rate, opacity range."""
+    return card["training"]["patch_plan"]
+
+
+def patch_rate(card: dict[str, Any], class_index: int) -> float:
+    """P(patch | class) in the training of the classifier whose card this is."""
+    plan = card_patch_plan(card)
+    if plan["correlated_class"] is not None and class_index == plan["correlated_class"]:
+        return float(plan["rate_correlated_class"])
+    return float(plan["rate_other_classes"] or 0.0)
+
+
+def classifier_card(classifier: Any) -> dict[str, Any] | None:
+    """The model card of a zoo classifier (a `DigitsClassifier`); None for any other model."""
+    card = getattr(classifier, "card", None)
+    return card if isinstance(card, dict) and "patch" in card else None
+
+
+def classifier_patch(classifier: Any) -> PatchSpec | None:
+    """The planted feature of a zoo classifier's zoo folder (its card); None for other models."""
+    card = classifier_card(classifier)
+    return None if card is None else card_patch(card)
+
+
 # --- classifiers -----------------------------------------------------------------------------
 
 
