@@ -114,3 +114,33 @@ def resolve_class(
     close = difflib.get_close_matches(key, list(vocabulary), n=3)
     hint = f"; did you mean {', '.join(repr(vocabulary[c]) for c in close)}?" if close else ""
     raise ValueError(f"unknown class name {ref!r} (the classifier has {k} classes){hint}")
+
+
+# --- the class names of the paper's official code ---------------------------------------------
+
+CLASS_NAME_CHOICES = ("ours", "official")
+
+
+def official_class_names() -> list[str]:
+    """The ImageNet-1k names the paper's official code puts into its prompts: the first WordNet
+    lemma of each class (its `IDX2NAME`, the classic 'index to labels' list cut at the first
+    comma), e.g. 'hammerhead' and 'kite' where ours say 'hammerhead shark' and 'kite (bird of
+    prey)'. 363 of the 1000 differ from `imagenet_class_names()`; two names occur twice
+    ('crane': 134 the bird, 517 the machine; 'maillot': 638 and 639)."""
+    return [c.lemmas[0] for c in _imagenet()]
+
+
+def prompt_class_names(class_names: Sequence[str], choice: str) -> list[str]:
+    """The names that prompts use for a classifier's classes: its own (`choice` 'ours'), or,
+    for the ImageNet-1k classes, the official code's ('official'). ValueError naming the field
+    for 'official' with any other classes."""
+    if choice == "ours":
+        return list(class_names)
+    if choice != "official":
+        raise ValueError(f"class_names must be one of {CLASS_NAME_CHOICES}, got {choice!r}")
+    if tuple(class_names) != _imagenet_names():
+        raise ValueError(
+            "class_names 'official' applies to the ImageNet-1k classes only; this classifier has "
+            f"{len(class_names)} other classes (use 'ours')"
+        )
+    return official_class_names()
