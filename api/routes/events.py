@@ -9,13 +9,14 @@ same key check and tenant scoping as the GET routes (another tenant's job is a 4
 cap on open streams per API process (429), and the key re-checked at every heartbeat.
 
 `event_stream_response` is the reusable part: anything built of jobs (an audit) passes its
-`Feed` (`jobs_feed` for a set of job ids, `batch_feed` for a batch) and gets the same stream.
+`Feed` (`jobs_feed` for a set of job ids, `batch_feed` for a batch) and gets the same stream;
+the dashboard uses it with its session instead of a bearer key.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
@@ -139,11 +140,29 @@ def parse_last_event_id(value: str | None) -> int | None:
     return int(value)
 
 
+def key_allowed(services: Services, caller: Caller) -> Callable[[], Awaitable[bool]]:
+    """Whether the caller's key still passes (a stream's check at every heartbeat)."""
+
+    async def allowed() -> bool:
+        try:
+            await run_in_threadpool(load_tenant, services, caller)
+        except ProblemError:
+            return False
+        return True
+
+    return allowed
+
+
 def event_stream_response(
-    services: Services, caller: Caller, feed: Feed, last_event_id: str | None
+    services: Services,
+    feed: Feed,
+    last_event_id: str | None,
+    allowed: Callable[[], Awaitable[bool]],
 ) -> EventStreamResponse:
-    """The stream of `feed` (whose scope the caller's tenant owns: the caller checked it).
-    A 429 when the tenant has `max_streams_per_tenant` streams open on this process."""
+    """The stream of `feed`, whose scope the caller's tenant owns (the route checked it);
+    `allowed()` is asked at every heartbeat whether the caller may still read it (`key_allowed`
+    for a bearer key). A 429 when the tenant has `max_streams_per_tenant` streams open on this
+    process. Call it on the event loop (an `async def` route)."""
     resume = parse_last_event_id(last_event_id)
     settings = services.settings
     try:
@@ -153,13 +172,6 @@ def event_stream_response(
             429, "tenant-limit", f"{exc}; close one first",
             headers={"Retry-After": str(RETRY_AFTER_S)}, limit=exc.limit,
         ) from None  # fmt: skip
-
-    async def allowed() -> bool:
-        try:
-            await run_in_threadpool(load_tenant, services, caller)
-        except ProblemError:
-            return False
-        return True
 
     body = stream_events(
         sub, feed, services.sessions, last_event_id=resume,
@@ -198,7 +210,7 @@ async def job_events(
 ) -> StreamingResponse:
     tenant = await checked(services, caller, lambda s, t: find_job(s, t, job_id))
     feed = job_feed(tenant, job_id, base=root(request))
-    return event_stream_response(services, caller, feed, last_event_id)
+    return event_stream_response(services, feed, last_event_id, key_allowed(services, caller))
 
 
 @router.get(
@@ -216,4 +228,4 @@ async def batch_events(
 ) -> StreamingResponse:
     tenant = await checked(services, caller, lambda s, t: find_batch(s, t, batch_id))
     feed = batch_feed(tenant, batch_id, base=root(request))
-    return event_stream_response(services, caller, feed, last_event_id)
+    return event_stream_response(services, feed, last_event_id, key_allowed(services, caller))

@@ -58,7 +58,7 @@ def stack(
         migrate(url)
     settings = fresh_settings(
         data_dir=folder / "data", database_url=url, auth="on", events_heartbeat_seconds=0.5,
-        events_poll_seconds=0.1, max_streams_per_tenant=2,
+        events_poll_seconds=0.1, max_streams_per_tenant=2, secret_key="Qx7" + "kP2m9Zr4Lw8Vt1Yb6Nc3Hd5Jf0Gs" * 2,
     )  # fmt: skip
     engine = make_engine(url)
     try:
@@ -371,3 +371,36 @@ def test_status_changes_of_every_code_path_are_stored_with_increasing_ids(stack:
     }  # fmt: skip
     assert [json.loads(r.data)["attempts"] for r in rows] == [1, 1, 2, 2]
     assert all(r.tenant_id == tenant.id for r in rows)
+
+
+def dashboard_cookie(stack: Stack, headers: dict[str, str]) -> str:
+    """A dashboard session of the key in `headers`, through the login form."""
+    with httpx.Client(base_url=stack.live.url, timeout=WAIT_S) as client:
+        form = client.get("/ui/login").text
+        csrf = form.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        secret = headers["Authorization"].removeprefix("Bearer ")
+        response = client.post("/ui/login", data={"api_key": secret, "csrf": csrf})
+        assert response.status_code == 303, response.text[:300]
+        return response.cookies["digin_session"]
+
+
+def test_the_dashboard_follows_a_job_with_its_session(stack: Stack):
+    tenant, headers = stack.tenant(f"ev-{uuid.uuid4().hex[:8]}")
+    _, other = stack.tenant(f"ev-{uuid.uuid4().hex[:8]}")
+    job_id = a_job(stack, tenant)
+    cookie = {"Cookie": f"digin_session={dashboard_cookie(stack, headers)}"}
+    reader = Reader(f"{stack.live.url}/ui/jobs/{job_id}/events", cookie)
+    try:
+        first = reader.next()
+        assert first is not None and first["data"]["status"] == "queued"
+        finish(stack.sessions, job_id, claim(stack.sessions, job_id))
+        rest = reader.rest()
+        assert rest[-1]["event"] == "snapshot" and rest[-1]["data"]["status"] == "succeeded"
+    finally:
+        reader.close()
+    with httpx.Client(base_url=stack.live.url, timeout=WAIT_S) as client:
+        theirs = {"Cookie": f"digin_session={dashboard_cookie(stack, other)}"}
+        assert client.get(f"/ui/jobs/{job_id}/events", headers=theirs).status_code == 404
+        anonymous = client.get(f"/ui/jobs/{job_id}/events")
+        assert anonymous.status_code in (303, 307) and "/ui/login" in anonymous.headers["location"]
+        assert client.get(f"/ui/batches/{uuid.uuid4()}/events", headers=cookie).status_code == 404
