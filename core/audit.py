@@ -150,7 +150,7 @@ def rank_other_images(params, clf, k, pca, ctx: RunContext) -> tuple[list[Rankin
             ranking.add(alpha[:, l], p, images.images, info)
         total += len(images)
         if ctx.progress is not None:
-            ctx.progress(step + 1, len(others), {"class": clf.class_names[j]})
+            ctx.progress(step + 1, len(others), {"stage": "ranking", "class": clf.class_names[j]})
     return rankings, total
 
 

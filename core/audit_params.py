@@ -122,6 +122,11 @@ class AuditParams(BaseModel):
             if dup:
                 raise ValueError(f"classes: each class at most once, repeated: {dup}")
         ids = self.images.image_ids
+        if ids is not None and self.classes == "all":
+            raise ValueError(
+                "classes: list the classes to audit when the images are uploaded ids (the other "
+                "classes ranked are those with ids)"
+            )
         if ids is not None and isinstance(self.classes, list):
             missing = [str(c) for c in self.classes if str(c) not in ids]
             if missing:
@@ -176,13 +181,17 @@ def class_steps(
     audit: AuditParams, class_names: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """The `audit_class` params (normalised, JSON-ready) of every audited class, in order. Each
-    step ranks the images of the audit's other classes."""
+    step ranks the images of the other audited classes (of every other class of the classifier
+    for 'all' or a single class; of the other classes with ids for uploaded images)."""
     classes = audit_classes(audit, class_names)
+    ids = audit.images.image_ids
     steps = []
     for k in classes:
-        others = "all" if audit.classes == "all" else [c for c in classes if c != k]
-        if others != "all" and not others:
-            others = "all"  # a single audited class is compared with every other class
+        others: list[ClassRef] | str = "all"  # every other class of the classifier
+        if ids is not None:  # the classes with uploaded images
+            others = [key for key in ids if key != str(k)]
+        elif audit.classes != "all" and len(classes) > 1:  # the other audited classes
+            others = [c for c in classes if c != k]
         params = AuditClassParams.model_validate(
             {
                 "classifier": audit.classifier,
@@ -357,17 +366,17 @@ _STYLE = (
     "body{font-family:sans-serif;margin:1.5em;color:#222}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}"
     "th{background:#f2f2f2}tr.flagged td{background:#fff1f0}img{image-rendering:pixelated;"
-    "max-height:120px;margin:1px}.small{color:#666;font-size:85%}"
+    "max-height:120px;margin:1px}img.item{width:64px;height:64px}.small{color:#666;font-size:85%}"
 )
 
 
-def _img(key: str, images: Mapping[str, bytes], alt: str) -> str:
+def _img(key: str, images: Mapping[str, bytes], alt: str, css: str = "") -> str:
     data = images.get(key)
     if data is None:
         return f'<span class="small">{html.escape(key)} (not included)</span>'
     mime = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg"
     uri = f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+    return f'<img class="{css}" src="{uri}" alt="{html.escape(alt)}">'
 
 
 def _fmt(value: Any) -> str:
@@ -385,7 +394,7 @@ def _component_cell(c: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
         f"{e(str(o.get('class_name', '?')))} ({e(str(o['name']))}, p {_fmt(o.get('p'))})"
         for o in c["top_other"]
     )
-    vis = "".join(_img(k, images, "visualisation") for k in c["visualizations"])
+    vis = "".join(_img(k, images, "visualisation", "item") for k in c["visualizations"])
     return (
         head
         + _img(c["top_other_image"], images, "top other-class images")
@@ -403,7 +412,7 @@ def render_html(report: Mapping[str, Any], images: Mapping[str, bytes]) -> str:
     rows = []
     for r in report["classes"]:
         comps = "".join(f"<div>{_component_cell(c, images)}</div>" for c in r["components"])
-        dis = "".join(_img(k, images, "disagreement") for k in r["disagreement"]) or "–"
+        dis = "".join(_img(k, images, "disagreement", "item") for k in r["disagreement"]) or "–"
         rows.append(
             f'<tr class="{"flagged" if r["flagged"] else ""}"><td>{r["rank"]}</td>'
             f"<td>{e(str(r['class_name']))} ({r['class_index']})</td>"

@@ -147,3 +147,38 @@ def test_image_sets_follow_the_model_card_of_the_classifiers_zoo_folder(tmp_path
     with pytest.raises(ValueError, match=r"spurious\.patch: .*4px at top=13.*must lie inside"):
         load_image_set(near_edge, size=16, class_index=3, class_name="three", field="spurious",
                        zoo_patch=classifier_patch(clf))  # fmt: skip
+
+
+def test_audit_class_reads_folders_and_uploaded_ids_per_class(tmp_path, cache):
+    """The same digits as files in one folder per class, and as uploaded ids per class."""
+    from digin.core.digits.data import load_images, make_splits
+
+    x, y = load_images()
+    test = torch.as_tensor(make_splits(y).test)
+    uploads: dict[str, bytes] = {}
+    ids: dict[str, list[str]] = {}
+    for k in (1, 3, 7):
+        folder = tmp_path / CLASS_NAMES[k]
+        folder.mkdir()
+        for n, i in enumerate(test[y[test] == k][:10].tolist()):
+            buf = io.BytesIO()
+            Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8)).save(buf, format="PNG")
+            (folder / f"{n:02d}.png").write_bytes(buf.getvalue())
+            uploads[f"id-{k}-{n}"] = buf.getvalue()
+            ids.setdefault(CLASS_NAMES[k], []).append(f"id-{k}-{n}")
+    common = {"classifier": "digits:cnn", "class": "seven", "others": ["one", "three"],
+              "components": 2, "top_other": 5, "shown": 3}  # fmt: skip
+    sources = [({"folder": f"{tmp_path}/{{class}}", "per_class": 8}, None),
+               ({"image_ids": ids, "per_class": 8}, uploads.__getitem__)]  # fmt: skip
+    for images, resolver in sources:
+        result = run_job("audit_class", {**common, "images": images}, cache=cache,
+                         image_resolver=resolver)  # fmt: skip
+        data = result.data
+        assert (data["num_images"], data["num_other_images"]) == (8, 16)
+        assert data["flagged"] == []  # digits:cnn does not take ones or threes for sevens
+        top = data["components"][0]["top_other"]
+        assert {o["class_name"] for o in top} <= {"one", "three"} and len(top) == 3
+    with pytest.raises(ValueError, match=r"images \(class 3\)\.image_ids: no ids for class"):
+        missing = {"seven": ids["seven"], "one": ids["one"]}
+        run_job("audit_class", {**common, "images": {"image_ids": missing}}, cache=cache,
+                image_resolver=uploads.__getitem__)  # fmt: skip

@@ -39,6 +39,7 @@ def test_the_module_imports_without_torch():
     ({"images": {"digits": "train", "per_class": 10_001}}, r"per_class\n.*less than or equal"),
     ({"classes": [1, 2], "images": {"image_ids": {"1": ["a"], "3": ["b"]}}},
      r"image_ids: no ids for the classes \['2'\]"),
+    ({"images": {"image_ids": {"1": ["a"], "3": ["b"]}}}, r"classes: list the classes to audit"),
     ({"budget": {"components": 17}}, r"budget.components\n.*less than or equal to 16"),
     ({"budget": {"top_other": 0}}, r"budget.top_other\n.*greater than or equal to 1"),
     ({"thresholds": {"auc": 1.5}}, r"thresholds.auc\n.*less than or equal to 1"),
@@ -76,6 +77,9 @@ def test_listed_classes_rank_each_others_images():
     assert steps[0]["images"]["folder"] == "/d/{class}"
     single = class_steps(audit.model_copy(update={"classes": [7]}))
     assert single[0]["others"] == "all"
+    ids = {"three": ["a", "b"], "7": ["c", "d"], "nine": ["e", "f"]}
+    uploads = AuditParams.model_validate({"classes": ["three"], "images": {"image_ids": ids}})
+    assert class_steps(uploads)[0]["others"] == ["7", "nine"]  # the classes with ids
 
 
 def test_all_classes_of_a_classifier_the_registry_does_not_know_need_its_names():
