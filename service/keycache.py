@@ -1,7 +1,9 @@
-"""A bounded, short-lived cache of successful API-key checks (docs/architecture.md §9.6).
+"""A bounded, short-lived cache of successful API-key checks (docs/architecture.md §9.6), used
+by the polling path (`GET /v1/jobs/{id}`) and the event streams' checks at each heartbeat;
+every other route checks the key on every request.
 
-Each authenticated request would otherwise read the key and its tenant from the database and
-the refused-key counters from Redis. A secret that passed the check is remembered for `ttl`
+A poll would otherwise read the key and its tenant from the database and the refused-key
+counters from Redis. A secret that passed the check is remembered for `ttl`
 seconds, keyed by its SHA-256 (the secret itself is not kept), with a copy of its tenant that no
 session holds. A cached secret is served without reading the database or the refused-key
 counters: it is a key that passed, not a guess. Only successful checks are cached; a wrong

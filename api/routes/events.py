@@ -15,6 +15,7 @@ the dashboard uses it with its session instead of a bearer key.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -141,7 +142,9 @@ def parse_last_event_id(value: str | None) -> int | None:
 
 
 def key_allowed(services: Services, caller: Caller) -> Callable[[], Awaitable[bool]]:
-    """Whether the caller's key still passes (a stream's check at every heartbeat)."""
+    """Whether the caller's key still passes (a stream's check at every heartbeat, through the
+    key cache as the polling path checks it)."""
+    caller = dataclasses.replace(caller, keys=services.keys)
 
     async def allowed() -> bool:
         try:
