@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from anyio import to_thread
-from sqlalchemy import func, or_, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "digin_events"  # job events (migration 0005)
 KEYS_CHANNEL = "digin_keys"  # revoked API keys' prefixes (migration 0005)
 REPLAY_PAGE = 500
+EVENTS_RETENTION_S = 7 * 24 * 3600  # stored events older than this are pruned by the reaper
 RECONNECT_S = (0.5, 30.0)  # the listener's backoff after a lost connection: first, most
 
 
@@ -132,9 +133,8 @@ def last_event_id(session: Session, *, scope: Scope) -> int:
 
 
 def prune_events(session: Session, *, older_than_s: float) -> int:
-    """Delete stored events older than `older_than_s` seconds; how many (the caller commits)."""
-    from sqlalchemy import delete
-
+    """Delete stored events older than `older_than_s` seconds (the reaper's rounds, with
+    EVENTS_RETENTION_S); how many. The caller commits."""
     stmt = delete(JobEvent).where(JobEvent.at < time.time() - older_than_s)
     return int(session.execute(stmt).rowcount or 0)  # type: ignore[attr-defined]
 

@@ -27,6 +27,7 @@ from tests.client.conftest import LiveAPI, serve
 
 WAIT_S = 30  # the longest any step may take before the test fails (never a speed check)
 WORKER = {"host": "test", "pid": 1}
+SECRET_KEY = "Qx7" + "kP2m9Zr4Lw8Vt1Yb6Nc3Hd5Jf0Gs" * 2  # the dashboard's (no placeholder)
 
 
 @dataclass
@@ -58,7 +59,7 @@ def stack(
         migrate(url)
     settings = fresh_settings(
         data_dir=folder / "data", database_url=url, auth="on", events_heartbeat_seconds=0.5,
-        events_poll_seconds=0.1, max_streams_per_tenant=2, secret_key="Qx7" + "kP2m9Zr4Lw8Vt1Yb6Nc3Hd5Jf0Gs" * 2,
+        events_poll_seconds=0.1, max_streams_per_tenant=2, secret_key=SECRET_KEY,
     )  # fmt: skip
     engine = make_engine(url)
     try:
@@ -404,3 +405,32 @@ def test_the_dashboard_follows_a_job_with_its_session(stack: Stack):
         anonymous = client.get(f"/ui/jobs/{job_id}/events")
         assert anonymous.status_code in (303, 307) and "/ui/login" in anonymous.headers["location"]
         assert client.get(f"/ui/batches/{uuid.uuid4()}/events", headers=cookie).status_code == 404
+
+
+def test_the_reaper_prunes_old_stored_events(stack: Stack):
+    from datetime import UTC, datetime
+
+    from sqlalchemy import update
+
+    from digin.service.events import EVENTS_RETENTION_S
+
+    tenant, _ = stack.tenant(f"ev-{uuid.uuid4().hex[:8]}")
+    old_job, new_job_id = a_job(stack, tenant), a_job(stack, tenant)
+    claim(stack.sessions, old_job)
+    claim(stack.sessions, new_job_id)
+    with stack.sessions() as session:
+        session.execute(
+            update(JobEvent)
+            .where(JobEvent.job_id == old_job)
+            .values(at=JobEvent.at - EVENTS_RETENTION_S - 1)
+        )
+        repo.reap(
+            session, now=datetime.now(UTC), heartbeat_stale_seconds=600, queued_stale_seconds=1800
+        )
+        session.commit()
+        left = set(
+            session.scalars(
+                select(JobEvent.job_id).where(JobEvent.job_id.in_([old_job, new_job_id]))
+            )
+        )
+    assert left == {new_job_id}
