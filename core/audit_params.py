@@ -25,9 +25,10 @@ from __future__ import annotations
 import base64
 import html
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from digin.core.config import GuidanceConfig, apply_preset
 from digin.core.digits import settings as digits_settings
@@ -106,8 +107,8 @@ class AuditParams(BaseModel):
     keep_class: Annotated[float, Field(ge=0.0, le=100.0)] = Field(
         default=0.5, description="pca_component follow-ups: weight of the −log p(k|x) term"
     )
-    guidance: dict[str, Any] = Field(
-        default_factory=dict,
+    guidance: GuidanceConfig = Field(
+        default_factory=GuidanceConfig,
         description="guidance settings of the follow-ups (docs/architecture.md §3); fields not "
         "given take the defaults (the digits zoo's for a digits diffusion model)",
     )
@@ -136,26 +137,19 @@ class AuditParams(BaseModel):
                 )
         if self.reference is not None and self.reference == self.classifier:
             raise ValueError("reference: must differ from classifier")
-        _guidance_config(self.guidance, self.diffusion)  # fail early on bad guidance settings
         return self
 
-
-def _guidance_config(guidance: dict[str, Any], diffusion: str) -> GuidanceConfig:
-    """The follow-ups' guidance settings, validated: the digits zoo's defaults (for a digits
-    diffusion model), then the named preset's, then the fields given."""
-    from pydantic import TypeAdapter
-
-    base = None
-    if is_digits_diffusion(diffusion):
-        from dataclasses import asdict
-
-        base = asdict(digits_settings.DIGITS_GUIDANCE)
-    try:
-        return TypeAdapter(GuidanceConfig).validate_python(apply_preset(guidance, base))
-    except ValidationError as exc:
-        e = exc.errors()[0]
-        field = ".".join(str(p) for p in ("guidance", *e["loc"]))
-        raise ValueError(f"{field}: {e['msg']}") from None
+    @model_validator(mode="before")
+    @classmethod
+    def _digits_guidance_defaults(cls, raw: Any) -> Any:
+        """The follow-ups' guidance settings: the digits zoo's (for a digits diffusion model),
+        then the named preset's, then the fields given; stored in full."""
+        if not isinstance(raw, dict) or not isinstance(raw.get("guidance", {}), dict):
+            return raw
+        diffusion = raw.get("diffusion", DEFAULT_DIFFUSION)
+        digits = isinstance(diffusion, str) and is_digits_diffusion(diffusion)
+        base = asdict(digits_settings.DIGITS_GUIDANCE) if digits else None
+        return {**raw, "guidance": apply_preset(raw.get("guidance", {}), base)}
 
 
 # --- 1. the class steps -------------------------------------------------------------------------
@@ -215,7 +209,7 @@ def _generation_fields(audit: AuditParams) -> dict[str, Any]:
     out: dict[str, Any] = {
         "diffusion": audit.diffusion,
         "images_per_class": audit.budget.images_per_component,
-        "guidance": dict(audit.guidance),
+        "guidance": asdict(audit.guidance),
     }
     if audit.prompt is not None:
         out["prompt"] = audit.prompt

@@ -44,7 +44,7 @@ def test_the_module_imports_without_torch():
     ({"budget": {"top_other": 0}}, r"budget.top_other\n.*greater than or equal to 1"),
     ({"thresholds": {"auc": 1.5}}, r"thresholds.auc\n.*less than or equal to 1"),
     ({"thresholds": {"min_variance_share": 1.0}}, r"min_variance_share\n.*less than 1"),
-    ({"guidance": {"lr": 99}}, r"guidance.lr: .*less than or equal to 10"),
+    ({"guidance": {"lr": 99}}, r"guidance.lr\n.*less than or equal to 10"),
     ({"guidance": {"nonsense": 1}}, r"guidance.nonsense"),
     ({"reference": "digits:cnn"}, r"reference: must differ from classifier"),
     ({"colour": "red"}, r"colour\n.*Extra inputs"),
