@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,6 +111,22 @@ def test_audit_class_runs_as_a_job_and_writes_its_figures(cache, card):
     for c in summary["components"]:
         assert c["artifact"] in files and len(c["top_other"]) == 4
         assert Image.open(io.BytesIO(files[c["artifact"]])).size[1] > 0
+
+
+def test_digin_run_audit_class_runs_the_example(tmp_path, card):
+    from typer.testing import CliRunner
+
+    from digin.cli import app
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "audit_class_digits.json"
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["run", "audit_class", "--params", str(example),
+                                      "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "result.json").read_text())
+    k = card["training"]["patch_plan"]["correlated_class"]
+    assert summary["class_index"] == k and summary["flagged"]  # the shipped zoo's class
+    assert all((out / c["artifact"]).is_file() for c in summary["components"])
 
 
 def test_image_sets_follow_the_model_card_of_the_classifiers_zoo_folder(tmp_path, cache):
