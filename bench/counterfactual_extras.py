@@ -8,9 +8,14 @@
    captioner, with the segmenter, with both; each twice in one process (cold: models loaded and
    the image inverted; warm: both cached); per job its total and load seconds, the caption step
    and the SAM step as the job records them (`timings.caption_s`, `mask.segmenter.seconds`).
+3. With `--full-size`: the same two components at full size with random weights
+   (`digin.core.random_models`: BLIP base at 384 px, SAM-HQ ViT-B or, `--sam-size huge`, the
+   official ViT-H, at 1024 px) on a 512 px
+   image, on `--device`, one warm-up and `--full-repeats` runs.
 
     python bench/counterfactual_extras.py [--tiny-models DIR] [--repeats 5] [--resolution 32]
-        [--threads N] [--out bench/results/counterfactual_extras.json]
+        [--threads N] [--full-size [--device cuda] [--full-repeats 1] [--sam-size base]]
+        [--out bench/results/counterfactual_extras.json]
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from digin.core.counterfactual.masks import latent_mask, postprocess
 from digin.core.jobs import ModelCache
 from digin.core.loaders import load_captioner, load_segmenter
 from digin.core.params import CounterfactualParams
+from digin.core.random_models import build_random_captioner, build_random_segmenter
 from digin.core.tiny import make_tiny_models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,15 +63,7 @@ def components(specs: dict[str, str], repeats: int) -> dict:
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     points = torch.tensor([[10.0, 12.0], [30.0, 40.0], [50.0, 20.0], [20.0, 50.0], [40.0, 30.0]])
     out = {
-        "caption_s": median_s(
-            lambda: captioner.continue_caption(
-                image,
-                "a photograph of a tench",
-                max_new_tokens=cf.caption_max_tokens,
-                num_beams=cf.caption_beams,
-            ),
-            repeats,
-        ),  # fmt: skip
+        "caption_s": _caption_s(captioner, image, repeats),
         "sam_points_s": median_s(lambda: segmenter.segment(image, points=points), repeats),
     }
     for side in (64, 512):
@@ -74,6 +72,37 @@ def components(specs: dict[str, str], repeats: int) -> dict:
             lambda m=mask, s=side: latent_mask(postprocess(m, cf)[0], s // 8), repeats
         )
     return out
+
+
+def full_size(device: str, repeats: int, sam_size: str) -> dict:
+    image = torch.rand(1, 3, 512, 512, generator=torch.Generator().manual_seed(0)).to(device)
+    return {
+        "device": device,
+        "repeats": repeats,
+        "caption_blip_base_s": _caption_s(build_random_captioner(device=device), image, repeats),
+        f"sam_hq_{sam_size}_points_s": _sam_s(
+            build_random_segmenter(size=sam_size, device=device), image, repeats
+        ),
+    }
+
+
+def _sam_s(segmenter, image: torch.Tensor, repeats: int) -> float:
+    """Median seconds of SAM's mask of `image` from 5 points."""
+    points = torch.tensor([[100.0, 120.0], [300.0, 400.0], [250.0, 200.0], [200.0, 350.0],
+                           [400.0, 300.0]])  # fmt: skip
+    return median_s(lambda: segmenter.segment(image, points=points), repeats)
+
+
+def _caption_s(captioner, image: torch.Tensor, repeats: int) -> float:
+    """Median seconds of the default caption (20 tokens, 3 beams) of `image`."""
+    cf = CounterfactualConfig()
+    return median_s(
+        lambda: captioner.continue_caption(
+            image, "a photograph of a tench", max_new_tokens=cf.caption_max_tokens,
+            num_beams=cf.caption_beams,
+        ),
+        repeats,
+    )  # fmt: skip
 
 
 def start_image(folder: Path) -> str:
@@ -121,6 +150,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--full-size", action="store_true", help="also full-size random models")
+    parser.add_argument("--device", default="cpu", help="device of the full-size models")
+    parser.add_argument("--full-repeats", type=int, default=1)
+    parser.add_argument("--sam-size", choices=("base", "huge"), default="base")
     parser.add_argument(
         "--out", type=Path, default=ROOT / "bench/results/counterfactual_extras.json"
     )
@@ -139,9 +172,12 @@ def main() -> None:
                         "torch_threads": torch.get_num_threads(), "loadavg_before": load_before},
             "components": components(specs, args.repeats),
             "jobs": jobs(specs, start_image(Path(tmp)), args.resolution),
+            "full_size": None,
             "settings": {"resolution": args.resolution, "guidance": GUIDANCE,
                          "repeats": args.repeats},
         }  # fmt: skip
+    if args.full_size:
+        figures["full_size"] = full_size(args.device, args.full_repeats, args.sam_size)
     figures["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(figures, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)

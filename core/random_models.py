@@ -1,4 +1,5 @@
-"""Full-size random-weight Stable Diffusion pipelines, for speed and memory only.
+"""Full-size random-weight Stable Diffusion pipelines (and the captioner and segmenter of
+counterfactuals), for speed and memory only.
 
 The published architecture configs of Stable Diffusion 1.5 (`runwayml/stable-diffusion-v1-5`) and
 SDXL (`stabilityai/stable-diffusion-xl-base-1.0`) ship as JSON under `core/archs/<arch>/` (no
@@ -7,6 +8,9 @@ weights). From them this module builds, offline and from a seed,
 - `build_random_diffusion(arch)`: the `DiffusionModel` in memory (no disk round trip), and
 - `make_random_models(arch, out_dir)`: a diffusers pipeline folder (safetensors) that the normal
   loader (`digin.core.loaders.load_diffusion("diffusers:<dir>")`) reads like a downloaded one.
+
+`build_random_captioner` and `build_random_segmenter` build BLIP base and SAM-HQ (ViT-B or the
+official ViT-H) from transformers' configs, with their modules' own initialisers.
 
 The weights are random: the images are noise, the timings and memory are those of the real
 models. Weights are filled from one seeded block of uniform noise scaled per tensor like PyTorch's
@@ -182,3 +186,54 @@ def make_random_models(
         index["requires_safety_checker"] = False
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return f"diffusers:{out}"
+
+
+# --- captioner and segmenter of counterfactuals ------------------------------------------------
+
+# SAM-HQ image encoders beyond transformers' default (ViT-B, `syscv-community/sam-hq-vit-base`):
+# ViT-H as in `syscv-community/sam-hq-vit-huge`, the official code's model.
+SAM_VIT_H = {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
+             "global_attn_indexes": [7, 15, 23, 31]}  # fmt: skip
+
+
+def build_random_captioner(seed: int = 0, device: torch.device | str = "cpu"):
+    """A random-weight BLIP captioner of full size: transformers' default `BlipConfig` (ViT-B/16
+    at 384 px and a 12-layer BERT-base decoder, the architecture of
+    `Salesforce/blip-image-captioning-base`). The tokenizer is the tiny models' word-piece
+    vocabulary; generation keeps to its ids, so the timings are the real model's."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+    )
+
+    from digin.core.counterfactual.captions import Captioner
+    from digin.core.tiny import bert_vocab
+
+    tokenizer = BertTokenizer(vocab=bert_vocab(), bos_token="[DEC]", model_max_length=512)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig()).eval().requires_grad_(False).to(device)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(), tokenizer=tokenizer)
+    return Captioner("blip:<random base>", model, processor)
+
+
+def build_random_segmenter(seed: int = 0, size: str = "base", device: torch.device | str = "cpu"):
+    """A random-weight SAM-HQ of full size: ViT-B (`size` 'base', transformers' default
+    `SamHQConfig`) or ViT-H ('huge'), 1024 px input, with the real image processor."""
+    from transformers import SamHQConfig, SamHQModel, SamHQProcessor, SamImageProcessor
+
+    from digin.core.counterfactual.masks import Segmenter
+
+    if size not in ("base", "huge"):
+        raise ValueError(f"size must be 'base' or 'huge', got {size!r}")
+    config = SamHQConfig()
+    if size == "huge":
+        vision = {**config.vision_config.to_dict(), **SAM_VIT_H}
+        decoder = {**config.mask_decoder_config.to_dict(), "vit_dim": SAM_VIT_H["hidden_size"]}
+        config = SamHQConfig(vision_config=vision, mask_decoder_config=decoder)
+    torch.manual_seed(seed)
+    model = SamHQModel(config).eval().requires_grad_(False).to(device)
+    processor = SamHQProcessor(image_processor=SamImageProcessor())
+    return Segmenter(f"sam:<random {size}>", model, processor, hq=True)

@@ -302,7 +302,7 @@ _BERT_SPECIAL = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
 _CAPTION_WORDS = ("on", "in", "with", "and", "water", "grass", "background", "white", "small")
 
 
-def _bert_vocab() -> dict[str, int]:
+def bert_vocab() -> dict[str, int]:
     words = [*_WORDS, *_CAPTION_WORDS, *" ".join(imagenet_class_names()[:10]).split()]
     chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
     pieces = [*_BERT_SPECIAL, *dict.fromkeys(w for w in words if len(w) > 1), *chars]
@@ -320,7 +320,7 @@ def _save_blip(folder: Path, seed: int) -> None:
     )
 
     shutil.rmtree(folder, ignore_errors=True)
-    vocab = _bert_vocab()
+    vocab = bert_vocab()
     tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=64)
     ids = {"bos_token_id": vocab["[DEC]"], "sep_token_id": vocab["[SEP]"],
            "eos_token_id": vocab["[SEP]"], "pad_token_id": vocab["[PAD]"]}  # fmt: skip
