@@ -1,4 +1,4 @@
-"""Error visualisation: the `misclassified` kind (docs/architecture.md §4.8).
+"""Error visualisation: the `misclassified` kind (docs/architecture.md §4.9).
 
 The paper's systematic-mistake mode: the images of a labelled set that the classifier gets
 wrong, each edited into a counterfactual towards its TRUE class, so that what the classifier
@@ -262,8 +262,9 @@ def _edit_mistakes(
             if ctx.progress is not None:
                 ctx.progress(_done + step, total, {**info, "image": _image})
 
+        start = m.true_index if params.caption_class == "true" else m.predicted_index
         cf_params = CounterfactualParams.model_validate(
-            {**shared, **m.ref, "targets": [m.true_index], "start_class": m.predicted_index}
+            {**shared, **m.ref, "targets": [m.true_index], "start_class": start}
         )
         sub = replace(ctx, seed=ctx.seed + m.index, progress=progress)
         m.counterfactual = run_counterfactual(cf_params, sub)

@@ -12,9 +12,10 @@ of a 512-pixel Stable Diffusion model is 3.3 GB; `official_latents` draws only w
 class by class: torch's CPU normal sampler fills a tensor of n ≥ 16 values from n uniform draws
 in order and turns each block of 16 into normals on its own (Box-Muller within the block), so
 a draw of the bank's first k rows followed by a draw of row k gives exactly bank[k] when a
-row's size is a multiple of 16 (every latent shape with 4 channels and an even side).
-Otherwise the whole bank is drawn at once. The generator's state at the start of each row is
-kept (`_ROW_STATES`), so later jobs skip ahead without drawing again.
+row's size is a multiple of 16 (with 50 images a row: whenever c · h · w is a multiple of 8,
+as for every Stable Diffusion latent and the digits). Otherwise the whole bank is drawn at
+once. The generator's state at the start of each row is kept (`_ROW_STATES`), so later jobs
+skip ahead without drawing again.
 """
 
 from __future__ import annotations

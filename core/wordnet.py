@@ -11,7 +11,7 @@ synset's words. Source: ImageNet's ``wordnet.is_a.txt`` and ``words.txt``; licen
 (Princeton University; both are noted in the file).
 
 Siblings. The paper's official code edits an image towards the other classes of its class's
-cluster, from a hand-made table of about 120 clusters named by a WordNet ancestor
+cluster, from a hand-made table of 128 clusters named by a WordNet ancestor
 ('cartilaginous fish', 'feline', 'ball', …; some classes are in none). Here the cluster is
 computed for every class: the ImageNet classes below the class's nearest ancestor that has at
 least ``min_classes`` of them (2: the closest relatives; e.g. tench → {tench, goldfish} under
