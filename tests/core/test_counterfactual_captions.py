@@ -154,3 +154,26 @@ def test_a_counterfactual_captions_its_image_and_refines_its_mask_with_sam(tiny_
     assert again.caption_source == "given" and again.inversion_cached
     assert "captioner" not in again.models and "segmenter" not in again.models
     assert "segmenter" not in again.summary()["mask"]
+
+
+def test_the_cost_estimate_counts_the_caption_and_the_mask_once_per_image():
+    from digin.core.limits import COST_BY_KIND
+
+    base = {"image": "a.png", "targets": [1, 2]}
+
+    def cost(**extra):
+        params = CounterfactualParams.model_validate({**base, **extra}).model_dump(mode="json")
+        return COST_BY_KIND["counterfactual"](params)
+
+    plain = cost()
+    blip, sam = "blip:Salesforce/blip-image-captioning-base", "sam:syscv-community/sam-hq-vit-huge"
+    both = cost(captioner=blip, segmenter=sam)
+    assert both.value == plain.value + 20 * 3 * 384**2 + 1024**2  # tokens x beams; one mask
+    assert both.terms[-2:] == (
+        "60 captioner steps x 384² pixels",
+        "1 segmented image x 1024² pixels",
+    )
+    assert (
+        cost(captioner=blip, caption="a photograph of a zero").value
+        == cost(caption="a photograph of a zero").value
+    )  # a given caption: the captioner does not run
