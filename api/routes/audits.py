@@ -332,31 +332,25 @@ def public(
     )  # fmt: skip
 
 
-def class_rows(audit: Audit, jobs: list[Any]) -> list[AuditClass]:
+def class_rows(audit: Audit, jobs: list[repo_audits.ClassJob]) -> list[AuditClass]:
     """The classes in class order; a succeeded class carries its table row, ranked among the
     classes finished so far (`build_report` over their results, without follow-ups)."""
     params = AuditParams.model_validate(audit.params)
     records = [
-        {"kind": job.kind, "params": job.params, "result": (job.result or {}).get("summary"),
-         "artifacts": {a["name"]: f"{job.id}/{a['name']}"
-                       for a in job.result.get("artifacts") or [] if a.get("name")}}
-        for job in jobs if job.status == SUCCEEDED and job.result
+        {"kind": job.kind, "params": job.params, "result": job.summary,
+         "artifacts": {name: f"{job.id}/{name}" for name in job.artifacts}}
+        for job in jobs if job.summary is not None
     ]  # fmt: skip
     rows = {r["class_index"]: r for r in build_report(params, records)["classes"]}
-    out = []
-    for job in jobs:
-        summary = (job.result or {}).get("summary") or {}
-        index = summary.get("class_index")
-        out.append(
-            AuditClass(
-                index=int(job.item_index or 0),
-                name=str(job.custom_id or "").removeprefix("class="),
-                job_id=job.id, status=job.status,
-                error=JobError(**job.error) if job.error else None,
-                row=rows.get(index) if job.status == SUCCEEDED else None,
-            )
-        )  # fmt: skip
-    return out
+    return [
+        AuditClass(
+            index=job.item_index, name=str(job.custom_id or "").removeprefix("class="),
+            job_id=job.id, status=job.status,
+            error=JobError(**job.error) if job.error else None,
+            row=rows.get(job.summary["class_index"]) if job.summary is not None else None,
+        )
+        for job in jobs
+    ]  # fmt: skip
 
 
 def find_audit(session: Session, tenant: Tenant, audit_id: uuid.UUID) -> Audit:

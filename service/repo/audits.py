@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from digin.service.db.models import ACTIVE, TERMINAL, Audit, Batch, Job, utcnow
+from digin.service.db.models import ACTIVE, SUCCEEDED, TERMINAL, Audit, Batch, Job, utcnow
 from digin.service.repo.batches import (
     QUEUE,
     BatchIdempotencyConflict,
@@ -102,27 +102,65 @@ def list_audits(
 
 # --- what GET shows while it runs -------------------------------------------------------------
 @dataclass
+class ClassJob:
+    """What an audit's page reads of one class job: its state, and of a succeeded one the
+    parts of its summary the table ranks (not the PCA block) and its artifact names."""
+
+    id: uuid.UUID
+    item_index: int
+    custom_id: str | None
+    kind: str
+    params: dict[str, Any]
+    status: str
+    error: dict[str, Any] | None
+    summary: dict[str, Any] | None
+    artifacts: list[str]
+
+
+TABLE_FIELDS = ("class_index", "class_name", "num_images", "num_other_images", "components")
+
+
+@dataclass
 class AuditState:
     """An audit's state read in a few queries: its batch, the class jobs in class order, the
     follow-ups' counts per status, and the report job."""
 
     batch: Batch
-    class_jobs: list[Job]
+    class_jobs: list[ClassJob]
     follow_ups: dict[str, int]
     report: Job | None
     status: str  # running | succeeded | failed | canceled
-    stage: str  # classes | follow_ups | report | done
+    stage: str  # classes | follow_ups | report | canceling | done
+
+
+def class_jobs(session: Session, audit: Audit) -> list[ClassJob]:
+    """The audit's class jobs in class order, reading only the parts of each summary that the
+    table needs (a class's PCA block is the bulk of its result and stays in the database)."""
+    summary = Job.result["summary"]
+    parts = [summary[name] for name in TABLE_FIELDS]
+    rows = session.execute(
+        select(Job.id, Job.item_index, Job.custom_id, Job.kind, Job.params, Job.status,
+               Job.error, Job.result["artifacts"], *parts)
+        .where(Job.batch_id == audit.id, Job.item_index < audit.classes)
+        .order_by(Job.item_index)
+    ).all()  # fmt: skip
+    out = []
+    for row in rows:
+        ident, index, custom_id, kind, params, status, error, artifacts, *values = row
+        done = status == SUCCEEDED and values[0] is not None
+        out.append(
+            ClassJob(
+                ident, int(index), custom_id, kind, params, status, error,
+                dict(zip(TABLE_FIELDS, values, strict=True)) if done else None,
+                [str(a["name"]) for a in artifacts or [] if a.get("name")] if done else [],
+            )
+        )  # fmt: skip
+    return out
 
 
 def audit_state(session: Session, audit: Audit) -> AuditState:
     batch = session.get_one(Batch, audit.id)
-    class_jobs = list(
-        session.scalars(
-            select(Job)
-            .where(Job.batch_id == audit.id, Job.item_index < audit.classes)
-            .order_by(Job.item_index)
-        )
-    )
+    jobs = class_jobs(session, audit)
     counts = dict.fromkeys(("queued", "running", "canceling", "succeeded", "failed", "canceled"), 0)
     rows = session.execute(
         select(Job.status, func.count())
@@ -131,12 +169,12 @@ def audit_state(session: Session, audit: Audit) -> AuditState:
     )
     counts.update({status: int(n) for status, n in rows})
     report = session.get(Job, audit.report_job_id) if audit.report_job_id else None
-    status, stage = _status(batch, class_jobs, counts, report)
-    return AuditState(batch, class_jobs, counts, report, status, stage)
+    status, stage = _status(batch, jobs, counts, report)
+    return AuditState(batch, jobs, counts, report, status, stage)
 
 
 def _status(
-    batch: Batch, class_jobs: Sequence[Job], follow_ups: dict[str, int], report: Job | None
+    batch: Batch, class_jobs: Sequence[ClassJob], follow_ups: dict[str, int], report: Job | None
 ) -> tuple[str, str]:
     """(status, stage): canceled once the user canceled it and nothing runs any more;
     succeeded or failed as its report job ended; else running, at its current stage."""

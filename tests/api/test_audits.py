@@ -85,7 +85,7 @@ def test_an_audit_of_all_classes_writes_and_sends_one_class_job_each(
         ({**BODY, "reference": "digits:cnn-spurious"}, "body"),
         ({**BODY, "budget": {"components": 99}}, "budget.components"),
         ({**BODY, "images": {"folder": "/data/x"}}, "images"),
-        ({**BODY, "guidance": {"iterations": -1}}, "body"),
+        ({**BODY, "guidance": {"iterations": -1}}, "guidance.iterations"),
         ({**BODY, "colour": "red"}, "colour"),
         ({**BODY, "metadata": {"k": "a\u0000b"}}, "metadata.k"),
         ({**BODY, "priority": 10}, "priority"),

@@ -73,7 +73,7 @@ def test_cli_audit_commands(lite: LiveAPI, tmp_path):  # noqa: F811
     result = runner.invoke(app, args, env=env)
     assert result.exit_code == 0, result.output
     audit = Audit.model_validate(json.loads(result.stdout))
-    assert audit.total_classes == 2 and audit.params["guidance"] == {"iterations": 2}
+    assert audit.total_classes == 2 and audit.params["guidance"]["iterations"] == 2
 
     result = runner.invoke(app, ["audit", "status", audit.id], env=env)
     assert result.exit_code == 0, result.output

@@ -180,7 +180,8 @@ def test_a_class_job_whose_worker_died_is_retried_and_the_audit_completes(fast_s
     service = fast_service
     doomed = service.start_worker("doomed")
     auth = api_key(service, "e2e-audit-crash")
-    body = {**BODY, "classes": [3, 7], "images": {"digits": "test", "per_class": 20}}
+    # more images per class than above: a class job lasts long enough to be killed in it
+    body = {**BODY, "classes": [3, 7], "images": {"digits": "train", "per_class": 200}}
     with TestClient(create_app(service.settings)) as client:
         created = client.post("/v1/audits", json=body, headers=auth)
         assert created.status_code == 202, created.text
@@ -192,6 +193,9 @@ def test_a_class_job_whose_worker_died_is_retried_and_the_audit_completes(fast_s
 
         job_id = wait_until("a class job to run", running_class, AUDIT_TIMEOUT_S, 0.05)
         doomed.kill()  # worker and pool child: no goodbye, no ack, no state change
+        with service.sessions() as session:
+            crashed = session.get_one(Job, uuid.UUID(job_id))
+        assert (crashed.status, crashed.attempts) == ("running", 1)
         service.start_worker("rescuer")
         stop, app = threading.Event(), service.celery()
         reaper = threading.Thread(target=run_reaper, kwargs={
