@@ -286,6 +286,8 @@ class EventHub:
                     self.listening.set()
                     delay = RECONNECT_S[0]
                     self.lag_all()  # whatever happened while not listening is in the table
+                    if self.on_key_revoked is not None:
+                        self.on_key_revoked("")  # keys cached while not listening: check again
                     async for note in conn.notifies():
                         self._dispatch(note.channel, note.payload)
             except asyncio.CancelledError:
@@ -313,15 +315,16 @@ class EventHub:
     async def _poll(self) -> None:
         """SQLite: while streams are open, read new stored events and the progress of the
         running jobs streamed, once per `poll_interval` for the whole process."""
-        with self.sessions() as session:
-            last = int(session.scalar(select(func.max(JobEvent.id))) or 0)
-        progress: dict[uuid.UUID, Any] = {}
+        last = await to_thread.run_sync(self._newest)
+        seen: dict[uuid.UUID, Any] = {}  # the progress last sent per job streamed
         while True:
             await asyncio.sleep(self.poll_interval)
             if not self.by_job and not self.by_batch:
+                seen.clear()
                 continue
+            watched = (list(self.by_job), list(self.by_batch))  # taken on the loop
             try:
-                last, events = await to_thread.run_sync(self._poll_once, last, progress)
+                last, events = await to_thread.run_sync(self._poll_once, last, seen, *watched)
             except Exception as exc:  # the database is busy or away: next round
                 log.warning("event poll: %s", exc)
                 continue
@@ -329,29 +332,42 @@ class EventHub:
             for event in events:
                 self.publish(event)
 
-    def _poll_once(self, last: int, seen: dict[uuid.UUID, Any]) -> tuple[int, list[Event]]:
-        events: list[Event] = []
+    def _newest(self) -> int:
         with self.sessions() as session:
-            rows = session.scalars(select(JobEvent).where(JobEvent.id > last).order_by(JobEvent.id))
-            events += [_from_row(r) for r in rows]
-            watched = list(self.by_job)
-            if self.by_batch:
-                watched += session.scalars(
-                    select(Job.id).where(
-                        Job.batch_id.in_(list(self.by_batch)), Job.status.in_(ACTIVE)
+            return int(session.scalar(select(func.max(JobEvent.id))) or 0)
+
+    def _poll_once(
+        self,
+        last: int,
+        seen: dict[uuid.UUID, Any],
+        jobs: list[uuid.UUID],
+        batches: list[uuid.UUID],
+    ) -> tuple[int, list[Event]]:
+        """(the newest id read, the events): stored ones after `last` (REPLAY_PAGE at most),
+        then the progress of the running jobs among `jobs` and `batches`' items that moved."""
+        with self.sessions() as session:
+            stmt = select(JobEvent).where(JobEvent.id > last).order_by(JobEvent.id)
+            events = [_from_row(r) for r in session.scalars(stmt.limit(REPLAY_PAGE))]
+            if batches:
+                jobs = jobs + list(
+                    session.scalars(
+                        select(Job.id).where(Job.batch_id.in_(batches), Job.status.in_(ACTIVE))
                     )
                 )
-            for start in range(0, len(watched), 500):
-                chunk = watched[start : start + 500]
-                running = session.execute(
+            running: dict[uuid.UUID, Any] = {}
+            for start in range(0, len(jobs), 500):
+                chunk = jobs[start : start + 500]
+                rows = session.execute(
                     select(Job.id, Job.tenant_id, Job.batch_id, Job.progress).where(
                         Job.id.in_(chunk), Job.status.in_(ACTIVE)
                     )
                 )
-                for job_id, tenant_id, batch_id, value in running:
+                for job_id, tenant_id, batch_id, value in rows:
+                    running[job_id] = value
                     if isinstance(value, dict) and seen.get(job_id) != value:
-                        seen[job_id] = value
                         events.append(Event("progress", tenant_id, job_id, batch_id, value))
+        seen.clear()
+        seen.update(running)  # only the jobs running now: the map stays bounded
         ids = [e.id for e in events if e.id is not None]
         return max(ids, default=last), events
 
