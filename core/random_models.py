@@ -222,7 +222,14 @@ def build_random_captioner(seed: int = 0, device: torch.device | str = "cpu"):
 def build_random_segmenter(seed: int = 0, size: str = "base", device: torch.device | str = "cpu"):
     """A random-weight SAM-HQ of full size: ViT-B (`size` 'base', transformers' default
     `SamHQConfig`) or ViT-H ('huge'), 1024 px input, with the real image processor."""
-    from transformers import SamHQConfig, SamHQModel, SamHQProcessor, SamImageProcessor
+    from transformers import (
+        SamHQConfig,
+        SamHQMaskDecoderConfig,
+        SamHQModel,
+        SamHQProcessor,
+        SamHQVisionConfig,
+        SamImageProcessor,
+    )
 
     from digin.core.counterfactual.masks import Segmenter
 
@@ -230,8 +237,8 @@ def build_random_segmenter(seed: int = 0, size: str = "base", device: torch.devi
         raise ValueError(f"size must be 'base' or 'huge', got {size!r}")
     config = SamHQConfig()
     if size == "huge":
-        vision = {**config.vision_config.to_dict(), **SAM_VIT_H}
-        decoder = {**config.mask_decoder_config.to_dict(), "vit_dim": SAM_VIT_H["hidden_size"]}
+        vision = {**SamHQVisionConfig().to_dict(), **SAM_VIT_H}
+        decoder = {**SamHQMaskDecoderConfig().to_dict(), "vit_dim": SAM_VIT_H["hidden_size"]}
         config = SamHQConfig(vision_config=vision, mask_decoder_config=decoder)
     torch.manual_seed(seed)
     model = SamHQModel(config).eval().requires_grad_(False).to(device)
