@@ -25,6 +25,7 @@ from digin.service.repo.batches import (
     QUEUE,
     BatchIdempotencyConflict,
     BatchPlan,
+    cancel_batch,
     create_batch,
     get_batch,
 )
@@ -303,8 +304,6 @@ def audits_awaiting_report(session: Session, *, limit: int = 100) -> list[uuid.U
 def cancel_audit(session: Session, *, tenant_id: uuid.UUID, audit_id: uuid.UUID) -> Audit | None:
     """Cancel the audit's batch (queued items canceled at once, running ones asked to stop,
     no follow-ups or report written after); None if the tenant has no such audit."""
-    from digin.service.repo.batches import cancel_batch
-
     audit = get_audit(session, tenant_id=tenant_id, audit_id=audit_id)
     if audit is None:
         return None
@@ -316,15 +315,3 @@ def audit_batch(session: Session, audit: Audit) -> Batch:
     batch = get_batch(session, tenant_id=audit.tenant_id, batch_id=audit.id)
     assert batch is not None
     return batch
-
-
-def item_results(
-    session: Session, *, audit_id: uuid.UUID, start: int, stop: int | None = None
-) -> list[Job]:
-    """The audit's succeeded items from `start` (to `stop`), in item order."""
-    stmt = select(Job).where(
-        Job.batch_id == audit_id, Job.item_index >= start, Job.status == "succeeded"
-    )
-    if stop is not None:
-        stmt = stmt.where(Job.item_index < stop)
-    return list(session.scalars(stmt.order_by(Job.item_index)))

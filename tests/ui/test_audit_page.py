@@ -79,6 +79,11 @@ def test_an_audits_page_shows_the_reports_ranking_with_its_images(
     assert result.exit_code == 0, result.output
     assert json.loads(out.read_text()) == report
 
+    # the audit's jobs have the dashboard's job pages, and its batch the batch page
+    for path in (f"/ui/jobs/{audit['report_job_id']}", f"/ui/jobs/{audit['classes'][7]['job_id']}",
+                 f"/ui/batches/{audit_id}"):  # fmt: skip
+        assert page.goto(f"{embedded.url}{path}").status == 200, path
+    page.goto(f"{embedded.url}/ui/audits/{audit_id}")
     with page.expect_download() as download:
         page.click("#report-json")
     saved = json.loads(Path(download.value.path()).read_text())
