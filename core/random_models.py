@@ -193,7 +193,7 @@ def make_random_models(
 # SAM-HQ image encoders beyond transformers' default (ViT-B, `syscv-community/sam-hq-vit-base`):
 # ViT-H as in `syscv-community/sam-hq-vit-huge`, the official code's model.
 SAM_VIT_H = {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
-             "global_attn_indexes": [7, 15, 23, 31]}  # fmt: skip
+             "mlp_dim": 5120, "global_attn_indexes": [7, 15, 23, 31]}  # fmt: skip
 
 
 def build_random_captioner(seed: int = 0, device: torch.device | str = "cpu"):
