@@ -324,6 +324,9 @@ def test_a_batch_stream_sends_its_items_events_and_ends_with_the_batch(stack: St
         job_ids = list(
             session.scalars(select(Job.id).where(Job.batch_id == batch.id).order_by(Job.item_index))
         )
+    _, other = stack.tenant(f"ev-{uuid.uuid4().hex[:8]}")
+    with httpx.Client(base_url=stack.live.url, timeout=WAIT_S) as client:  # not theirs: 404
+        assert client.get(f"/v1/batches/{batch.id}/events", headers=other).status_code == 404
     reader = Reader(f"{stack.live.url}/v1/batches/{batch.id}/events", headers)
     try:
         first = reader.next()
