@@ -12,8 +12,8 @@ The worker runs only until A's job has succeeded: afterwards every submission st
 At the end, the counts per probe class go to `<pytest tmp>/adversarial/adversarial.json`, and
 also to the file named by DIGIN_TEST_ADVERSARIAL_JSON when set (the table in RELIABILITY.md
 comes from `DIGIN_TEST_ADVERSARIAL_JSON=bench/results/adversarial.json pytest -q
-tests/adversarial`); the table is printed in the terminal summary. A plain `pytest -q` writes
-nothing into the repository.
+tests/adversarial`); the table is printed in the terminal summary (under `pytest -n 2` by the
+controlling process). A plain `pytest -q` writes nothing into the repository.
 """
 
 from __future__ import annotations
@@ -45,10 +45,13 @@ from tests.adversarial.instance import (
     png,
 )
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
+from tests.conftest import worker_redis_url
 from tests.e2e.conftest import Worker, flushed_redis, s3_endpoint  # noqa: F401 - fixtures
 from tests.reliability.stack import free_port, wait_until
 
-REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_ADVERSARIAL_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = worker_redis_url(
+    os.environ.get("DIGIN_TEST_REDIS_ADVERSARIAL_URL", "redis://127.0.0.1:6379/14")
+)
 RESULTS_ENV = "DIGIN_TEST_ADVERSARIAL_JSON"
 RESULTS_PATH = os.environ.get(RESULTS_ENV)  # read at import: tests clear DIGIN_* variables
 TALLY = Tally(
@@ -345,10 +348,21 @@ def write_results(folder: Path) -> None:
 RESULTS_WRITTEN: list[str] = []
 
 
+def summary_lines() -> list[str]:
+    return [TALLY.table(), *(f"counts written to {path}" for path in RESULTS_WRITTEN)]
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     if not TALLY.ran:
         return
     terminalreporter.section("adversarial probes")
-    terminalreporter.write_line(TALLY.table())
-    for path in RESULTS_WRITTEN:
-        terminalreporter.write_line(f"counts written to {path}")
+    for line in summary_lines():
+        terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """In an xdist worker (`pytest -n 2`), whose terminal nobody sees, the table goes to the
+    controller, which prints it (`tests/conftest.py`)."""
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and TALLY.ran:
+        output.setdefault("summary_sections", []).append(["adversarial probes", summary_lines()])

@@ -35,6 +35,7 @@ from digin.service.db import (
     migrate,
     session_factory,
 )
+from tests.conftest import worker_redis_url
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "DIGIN_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -123,7 +124,9 @@ def tenant(session: Session) -> Tenant:
 
 
 # --- the FastAPI app (tests/api/test_app_*.py) ---------------------------------------------------
-REDIS_TEST_URL = os.environ.get("DIGIN_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+REDIS_TEST_URL = worker_redis_url(
+    os.environ.get("DIGIN_TEST_REDIS_URL", "redis://127.0.0.1:6379/11")
+)
 
 
 @dataclass

@@ -9,8 +9,9 @@ import pytest
 
 from digin.service.dispatch import QUEUES, TASK_RUN_JOB, enqueue, make_celery
 from digin.service.settings import fresh_settings
+from tests.conftest import worker_redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = worker_redis_url("redis://127.0.0.1:6379/13")
 
 
 @pytest.fixture

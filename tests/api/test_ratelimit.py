@@ -8,8 +8,9 @@ import pytest
 import redis
 
 from digin.service.ratelimit import AuthFailureLimiter
+from tests.conftest import worker_redis_url
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+REDIS_URL = worker_redis_url("redis://127.0.0.1:6379/13")
 
 
 @pytest.fixture(params=["memory", "redis"])

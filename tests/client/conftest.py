@@ -25,6 +25,7 @@ import pytest
 
 from digin.service.settings import Settings, fresh_settings
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
+from tests.conftest import worker_redis_url
 from tests.e2e.conftest import (  # noqa: F401
     Service,
     flushed_redis,
@@ -33,7 +34,9 @@ from tests.e2e.conftest import (  # noqa: F401
     wait_until,
 )
 
-REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_CLIENT_URL", "redis://127.0.0.1:6379/15")
+REDIS_URL = worker_redis_url(
+    os.environ.get("DIGIN_TEST_REDIS_CLIENT_URL", "redis://127.0.0.1:6379/15")
+)
 
 
 def free_port() -> int:

@@ -29,9 +29,12 @@ from digin.service.db import Job
 from digin.service.dispatch import enqueue
 from digin.service.settings import Settings, fresh_settings
 from tests.api.conftest import _no_digin_environment, postgresql_url  # noqa: F401 - fixtures
+from tests.conftest import worker_redis_url
 from tests.worker.helpers import ROOT, ParamsFactory, digits_params, normalised
 
-REDIS_URL = os.environ.get("DIGIN_TEST_REDIS_E2E_URL", "redis://127.0.0.1:6379/12")
+REDIS_URL = worker_redis_url(
+    os.environ.get("DIGIN_TEST_REDIS_E2E_URL", "redis://127.0.0.1:6379/12")
+)
 WORKER_READY_S = 90.0
 JOB_TIMEOUT_S = 180.0
 
@@ -212,7 +215,8 @@ def make_service(
         "s3_secret_key": "e2e-secret-key-not-a-placeholder",
         "s3_region": "us-east-1",
         "auth": "on",
-        "task_time_limit_seconds": 120,
+        # a tiny job takes seconds; the margin is for a machine shared with `pytest -n 2`
+        "task_time_limit_seconds": 300,
         "visibility_timeout_seconds": 600,
     } | overrides
     logs = folder / "logs"

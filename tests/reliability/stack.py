@@ -467,7 +467,8 @@ def deployment(
         "auth": "on",
         "heartbeat_stale_seconds": 10,
         "queued_stale_seconds": 10,
-        "task_time_limit_seconds": 120,
+        # a tiny job takes seconds; the margin is for a machine shared with `pytest -n 2`
+        "task_time_limit_seconds": 300,
         "visibility_timeout_seconds": 600,
     } | overrides
     folder.mkdir(parents=True, exist_ok=True)
