@@ -7,8 +7,9 @@ written and sent. Two deployments:
    server folder template (`/data/imagenet/{class}`, never read at submission);
 2. production (a throwaway PostgreSQL database and a Redis DB, bench/batches.py's deployment):
    paths on the server are refused, so the images are uploads, two PNGs named for every class
-   (`images.image_ids`). Every class step carries every class's ids (it ranks the other
-   classes' images), so this request grows with the square of the classes.
+   (`images.image_ids`). The map of ids is stored once, with the audit; each class step refers
+   to it (`images: {"audit": true}`, `others: "audit"`) instead of carrying a copy, so what is
+   written grows with the classes, not their square.
 
 Printed and written as JSON; nothing is asserted (the load average is recorded beside every
 figure).

@@ -31,10 +31,13 @@ from torch import Tensor
 from digin.core.analysis import AnalysisResult, image_row, pca_data, run_pca_component
 from digin.core.audit_params import (
     AuditParams,
+    bind_step,
     build_report,
     class_steps,
     follow_ups,
     render_html,
+    step_images,
+    step_others,
 )
 from digin.core.classifiers import Classifier
 from digin.core.context import RunContext, check_stop
@@ -122,9 +125,10 @@ def _image_info(images: ImageSet, j: int, name: str) -> list[dict]:
 
 
 def _other_classes(params: AuditClassParams, clf: Classifier, k: int) -> list[int]:
-    if params.others == "all":
+    refs = step_others(params)
+    if refs == "all":
         return [j for j in range(clf.num_classes) if j != k]
-    others = list(dict.fromkeys(class_index(ref, clf) for ref in params.others))
+    others = list(dict.fromkeys(class_index(ref, clf) for ref in refs))
     others = [j for j in others if j != k]
     if not others:
         raise ValueError(f"others: no class other than the audited class {k}")
@@ -138,10 +142,11 @@ def rank_other_images(params, clf, k, pca, ctx: RunContext) -> tuple[list[Rankin
     keep = max(params.top_other, params.shown)
     rankings = [Ranking(keep) for _ in range(len(pca.components))]
     others = _other_classes(params, clf, k)
+    source = step_images(params)
     total = 0
     for step, j in enumerate(others):
         check_stop(ctx.should_stop)
-        images = load_class_images(params.images, clf, j, ctx, field=f"images (class {j})")
+        images = load_class_images(source, clf, j, ctx, field=f"images (class {j})")
         contrib, logits = class_contributions(clf, images.images, k, should_stop=ctx.should_stop)
         alpha = pca.values(contrib)  # (N, L)
         p = logits.softmax(-1)[:, k]  # (N,)
@@ -158,7 +163,9 @@ def rank_other_images(params, clf, k, pca, ctx: RunContext) -> tuple[list[Rankin
 
 
 def run_audit_class(params: AuditClassParams, ctx: RunContext) -> AnalysisResult:
-    """One class of an audit: PCA, rankings, AUCs, flags; a figure per component."""
+    """One class of an audit: PCA, rankings, AUCs, flags; a figure per component. A step that
+    refers to its audit's images or classes must be bound to it (`bind_step`); its result keeps
+    the params as given (the references, not the audit's image map)."""
     cache = ctx.cache or DEFAULT_CACHE
     t_start = time.perf_counter()
 
@@ -166,7 +173,7 @@ def run_audit_class(params: AuditClassParams, ctx: RunContext) -> AnalysisResult
     clf = cache.classifier(params.classifier, ctx.device, "openai")
     k = class_index(params.class_, clf)
     name = clf.class_names[k]
-    own = load_class_images(params.images, clf, k, ctx)
+    own = load_class_images(step_images(params), clf, k, ctx)
     if len(own) < 2:
         raise ValueError(f"images: an audit needs at least 2 images of class {name!r}, got 1")
     contrib, logits = class_contributions(clf, own.images, k, should_stop=ctx.should_stop)
@@ -261,9 +268,15 @@ _RUNNERS: dict[str, Callable[[Any, RunContext], Result]] = {
 }
 
 
-def _run_step(kind: str, raw: dict, ctx: RunContext, files: dict[str, bytes]) -> dict[str, Any]:
-    """Run one step, store its files under '<kind>_<class>/<name>', return its record."""
-    result = _RUNNERS[kind](validate_params(kind, raw), ctx)
+def _run_step(
+    kind: str, raw: dict, ctx: RunContext, files: dict[str, bytes], audit: AuditParams
+) -> dict[str, Any]:
+    """Run one step (a class step bound to `audit`), store its files under
+    '<kind>_<class>/<name>', return its record."""
+    params = validate_params(kind, raw)
+    if isinstance(params, AuditClassParams):
+        params = bind_step(params, audit)
+    result = _RUNNERS[kind](params, ctx)
     out = result.render_artifacts()
     summary = json.loads(out["result.json"])
     k = summary.get("class_index", raw.get("class", (raw.get("classes") or [0])[0]))
@@ -283,11 +296,11 @@ def run_audit(audit: AuditParams, ctx: RunContext) -> AuditRun:
     files: dict[str, bytes] = {}
     class_records, follow_records = [], []
     for step in class_steps(audit, names):
-        record = _run_step("audit_class", step, ctx, files)
+        record = _run_step("audit_class", step, ctx, files, audit)
         class_records.append(record)
         for kind, raw in follow_ups(audit, record["result"]):
             check_stop(ctx.should_stop)
-            follow_records.append(_run_step(kind, raw, ctx, files))
+            follow_records.append(_run_step(kind, raw, ctx, files, audit))
     report = build_report(audit, class_records, follow_records)
     images = {key: data for key, data in files.items() if key.endswith(".png")}
     return AuditRun(report, files, render_html(report, images))

@@ -37,6 +37,7 @@ from digin.core.params import (
     DEFAULT_DIFFUSION,
     AuditClassParams,
     AuditImages,
+    AuditImagesRef,
     AuditThresholds,
     ClassRef,
     ModelSpec,
@@ -50,10 +51,14 @@ __all__ = [
     "AuditImages",
     "AuditParams",
     "AuditThresholds",
+    "bind_step",
     "build_report",
     "class_steps",
+    "expanded_step",
     "follow_ups",
     "render_html",
+    "step_images",
+    "step_others",
 ]
 
 StepRecord = Mapping[str, Any]  # {"kind", "params", "result", "artifacts": {name: key}}
@@ -175,31 +180,81 @@ def class_steps(
     audit: AuditParams, class_names: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """The `audit_class` params (normalised, JSON-ready) of every audited class, in order. Each
-    step ranks the images of the other audited classes (of every other class of the classifier
-    for 'all' or a single class; of the other classes with ids for uploaded images)."""
+    step ranks the images of the other classes (every other class of the classifier for 'all'
+    or a single class; the other audited classes of a list; the other classes with ids for
+    uploaded images). The steps refer to the audit's images (`images: {"audit": true}`) and,
+    where the others are not 'all', to its classes (`others: "audit"`) instead of copying them:
+    an audit's image map is stored once, with the audit; `bind_step` resolves the references
+    when a step runs."""
     classes = audit_classes(audit, class_names)
+    others = "audit" if _other_refs(audit, classes[0]) != "all" else "all"
+    template = AuditClassParams.model_validate(
+        {
+            "classifier": audit.classifier,
+            "class": classes[0],
+            "others": others,
+            "images": {"audit": True},
+            "components": audit.budget.components,
+            "top_other": audit.budget.top_other,
+            "shown": audit.budget.shown,
+            "thresholds": audit.thresholds.model_dump(mode="json"),
+        }
+    ).model_dump(mode="json", by_alias=True)
+    return [{**template, "class": k} for k in classes]  # ClassRef: validated with the audit
+
+
+def _other_refs(audit: AuditParams, k: ClassRef) -> list[ClassRef] | Literal["all"]:
+    """The classes whose images the step of class k ranks (see `class_steps`)."""
     ids = audit.images.image_ids
-    steps = []
-    for k in classes:
-        others: list[ClassRef] | str = "all"  # every other class of the classifier
-        if ids is not None:  # the classes with uploaded images
-            others = [key for key in ids if key != str(k)]
-        elif audit.classes != "all" and len(classes) > 1:  # the other audited classes
-            others = [c for c in classes if c != k]
-        params = AuditClassParams.model_validate(
-            {
-                "classifier": audit.classifier,
-                "class": k,
-                "others": others,
-                "images": audit.images.model_dump(mode="json", exclude_none=True),
-                "components": audit.budget.components,
-                "top_other": audit.budget.top_other,
-                "shown": audit.budget.shown,
-                "thresholds": audit.thresholds.model_dump(mode="json"),
-            }
-        )
-        steps.append(params.model_dump(mode="json", by_alias=True))
-    return steps
+    if ids is not None:  # the classes with uploaded images
+        return [key for key in ids if key != str(k)]
+    if isinstance(audit.classes, list) and len(audit.classes) > 1:  # the other audited classes
+        return [c for c in audit.classes if c != k]
+    return "all"  # every other class of the classifier
+
+
+def bind_step(step: AuditClassParams, audit: AuditParams | None) -> AuditClassParams:
+    """The step with the audit its references resolve to (`others: "audit"`, `images:
+    {"audit": true}`): the runner reads them through `step_images` and `step_others`, and the
+    step's params (its `model_dump`, its result.json) keep the references. A step without
+    references needs no audit; one with references and no audit is an error naming the field."""
+    if audit is None:
+        if step.others == "audit" or isinstance(step.images, AuditImagesRef):
+            field = "others" if step.others == "audit" else "images"
+            raise ValueError(
+                f"{field}: refers to the audit this job is a step of (POST /v1/audits); give "
+                "the images and the other classes explicitly to run one class on its own"
+            )
+        return step
+    bound = step.model_copy()
+    bound._audit = audit
+    return bound
+
+
+def step_images(step: AuditClassParams) -> AuditImages:
+    """The step's images: its own, or its audit's (`bind_step`)."""
+    if isinstance(step.images, AuditImages):
+        return step.images
+    bind_step(step, step._audit)  # raises when unbound
+    return step._audit.images
+
+
+def step_others(step: AuditClassParams) -> list[ClassRef] | Literal["all"]:
+    """The classes the step ranks: its own list or 'all', or its audit's (`bind_step`)."""
+    if step.others != "audit":
+        return step.others
+    bind_step(step, step._audit)  # raises when unbound
+    return _other_refs(step._audit, step.class_)
+
+
+def expanded_step(step: Mapping[str, Any], audit: AuditParams) -> dict[str, Any]:
+    """A step's params with its references written out (what it ranks and loads, in full): for
+    the cost estimate of `digin.core.limits`, and to run one class of an audit on its own."""
+    params = bind_step(AuditClassParams.model_validate(step), audit)
+    out = params.model_dump(mode="json", by_alias=True)
+    out["images"] = step_images(params).model_dump(mode="json", exclude_none=True)
+    out["others"] = step_others(params)
+    return out
 
 
 # --- 2. follow-ups ------------------------------------------------------------------------------

@@ -44,6 +44,25 @@ REPORT_FILES = ("report.json", "report.html")
 IMAGE_TYPES = (".png", ".jpg", ".jpeg")
 
 
+# --- a class step's references, resolved from its audit ----------------------------------------
+def bind_params(job: ClaimedJob, params: Any, sessions: sessionmaker[Session]) -> Any:
+    """A class job's params bound to its audit (`digin.core.audit_params.bind_step`): its
+    `images: {"audit": true}` and `others: "audit"` resolve to the audit's stored params, read
+    from the `audits` row of the job's batch (an audit's params never change). Other jobs'
+    params are returned as they are; a class job outside an audit must give its images."""
+    from digin.core.audit_params import AuditParams, bind_step
+    from digin.core.params import AuditClassParams
+
+    if not isinstance(params, AuditClassParams):
+        return params
+    audit_params = None
+    if job.batch_id is not None:
+        with sessions() as session:
+            stored = session.scalar(select(Audit.params).where(Audit.id == job.batch_id))
+        audit_params = None if stored is None else AuditParams.model_validate(stored)
+    return bind_step(params, audit_params)
+
+
 # --- a class's follow-ups, written with its success --------------------------------------------
 def finish(session: Session, job: ClaimedJob, result: dict[str, Any], *, max_attempts: int) -> bool:
     """Mark the job succeeded with `result` (`digin.service.repo.finish_job`); for an audit's

@@ -69,7 +69,7 @@ from digin.api.schemas import (
     server_paths,
 )
 from digin.api.sweeps import class_error, class_names
-from digin.core.audit_params import AuditParams, build_report, class_steps
+from digin.core.audit_params import AuditParams, build_report, class_steps, expanded_step
 from digin.core.limits import cost_error
 from digin.core.registry import ModelRoots, classifier_facts
 from digin.service import repo
@@ -262,14 +262,11 @@ def plan_audit(
             f"{len(steps)} classes; this service audits at most {max_items} in one audit "
             "(DIGIN_MAX_ITEMS_PER_BATCH)",
         )  # fmt: skip
-    errors = []
-    for i, step in enumerate(steps):
-        error = cost_error("audit_class", step, max_cost)
-        if error is not None:
-            errors.append({"field": f"classes.{i}", "message": error["message"]})
-            break  # every step costs the same but for its class's images
-    if errors:
-        raise params_problem(errors)
+    # every step costs the same (as many other classes, the same cap per class): the first's
+    # cost, with its references to the audit's images and classes written out
+    error = cost_error("audit_class", expanded_step(steps[0], audit), max_cost)
+    if error is not None:
+        raise params_problem([{"field": "classes.0", "message": error["message"]}])
     items = [
         PlannedItem(index=i, custom_id=f"class={class_name(step['class'], names)}"[:200],
                     params=step, seed=seed + i, group_key=None)

@@ -90,6 +90,15 @@ def bodies(path: str) -> list[tuple[str, dict[str, Any]]]:
                             "headers": {"Content-Type": "application/json"}}),
             ("no body", {}),
         ]  # fmt: skip
+    if path == "/v1/audits":
+        valid = {"classifier": "digits:cnn", "classes": [1, 2], "metadata": {"k": "v"}}
+        return [
+            ("valid", {"json": valid}),
+            ("invalid", {"json": {"classes": [], "budget": {"components": 99}}}),
+            ("unstorable", {"content": '{"classes": ["\\u0000"], "metadata": {"k": NaN}}',
+                            "headers": {"Content-Type": "application/json"}}),
+            ("no body", {}),
+        ]  # fmt: skip
     if path == "/v1/images":
         return [("an image", {"files": {"file": ("a.png", png(2), "image/png")}}), ("none", {})]
     return [("", {})]
@@ -108,8 +117,9 @@ UNPARSEABLE = {
 
 def fill(path: str, instance: Instance) -> str:
     f = instance.fixtures
-    values = {"job_id": f["done"], "batch_id": f["batch"], "image_id": f["image_id"],
-              "name": "grid.png", "name:path": "grid.png"}  # fmt: skip
+    # an audit's id is its batch's: the key is refused before any lookup either way
+    values = {"job_id": f["done"], "batch_id": f["batch"], "audit_id": f["batch"],
+              "image_id": f["image_id"], "name": "grid.png", "name:path": "grid.png"}  # fmt: skip
     for name, value in values.items():
         path = path.replace("{" + name + "}", value)
     assert "{" not in path, path
@@ -152,6 +162,13 @@ def test_every_protected_operation_refuses_requests_without_a_valid_key(
     assert unprotected == PUBLIC, f"operations without the bearer scheme: {unprotected - PUBLIC}"
     protected = [(m, p) for m, p, op in operations if op.get("security")]
     assert len(protected) >= 18, protected
+    streams = {
+        ("get", f"/v1/{r}/{{{i}}}/events")
+        for r, i in (("jobs", "job_id"), ("batches", "batch_id"), ("audits", "audit_id"))
+    }
+    audits = {("post", "/v1/audits"), ("get", "/v1/audits/{audit_id}/report"),
+              ("post", "/v1/audits/{audit_id}/cancel")}  # fmt: skip
+    assert streams | audits <= set(protected), (streams | audits) - set(protected)
     a_session, _ = instance.login(instance.tenants["adv-alpha"])
     written = rows(instance)
     keys_before = written[-1]

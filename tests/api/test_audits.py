@@ -58,7 +58,9 @@ def test_an_audit_of_all_classes_writes_and_sends_one_class_job_each(
     assert [j.params["class"] for j in jobs] == list(range(10))
     assert jobs[7].custom_id == "class=seven" and jobs[7].seed == 14
     assert all(j.queue == "sweep" and j.batch_id == uuid.UUID(audit["id"]) for j in jobs)
-    assert jobs[0].params["images"]["digits"] == "test"  # normalised by the class step's model
+    # the steps refer to the audit's images, stored once in the audit's params
+    assert jobs[0].params["images"] == {"audit": True} and jobs[0].params["others"] == "all"
+    assert audit["params"]["images"]["digits"] == "test"
     assert sorted(broker.job_ids("sweep")) == sorted(str(j.id) for j in jobs)
 
     got = client.get(f"/v1/audits/{audit['id']}", headers=headers)
@@ -114,6 +116,34 @@ def test_uploads_of_another_tenant_and_unknown_ids_are_refused(client: TestClien
         "images.image_ids.one.0",
     }
     assert count(sessions, Job) == 0
+
+
+def test_a_class_job_reads_its_audits_images_and_classes_when_it_runs(
+    client: TestClient, auth, sessions
+):
+    """The steps refer to the audit (its params are stored once): the worker binds a class job
+    to the audit of its batch before the run; its stored params keep the references."""
+    from digin.core.audit_params import step_images, step_others
+    from digin.core.params import validate_params
+    from digin.worker.audits import bind_params
+    from digin.worker.execution import ClaimedJob
+
+    body = {**BODY, "classes": ["zero", 7, "nine"], "images": {"digits": "judge", "per_class": 5}}
+    response = create(client, auth("acme"), body)
+    assert response.status_code == 202, response.text
+    with sessions() as session:
+        jobs = list(session.scalars(select(Job).order_by(Job.item_index)))
+        claimed = [ClaimedJob.from_row(j, tenant="acme") for j in jobs]
+    assert [j.params["others"] for j in jobs] == ["audit"] * 3
+    bound = bind_params(claimed[1], validate_params("audit_class", claimed[1].params), sessions)
+    assert step_others(bound) == ["zero", "nine"]
+    assert (step_images(bound).digits, step_images(bound).per_class) == ("judge", 5)
+    assert bound.model_dump(mode="json", by_alias=True) == jobs[1].params  # as stored
+    # outside an audit the references name nothing: the job fails naming the field
+    alone = ClaimedJob.from_row(jobs[0], tenant="acme")
+    alone.batch_id = None
+    with pytest.raises(ValueError, match="others: refers to the audit this job is a step of"):
+        bind_params(alone, validate_params("audit_class", alone.params), sessions)
 
 
 def test_a_bad_key_is_a_401_whatever_the_body(client: TestClient):

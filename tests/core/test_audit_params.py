@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import subprocess
 import sys
 
@@ -14,10 +15,14 @@ from pydantic import ValidationError
 
 from digin.core.audit_params import (
     AuditParams,
+    bind_step,
     build_report,
     class_steps,
+    expanded_step,
     follow_ups,
     render_html,
+    step_images,
+    step_others,
 )
 from digin.core.limits import estimate_cost
 from digin.core.params import ParamsError, validate_params
@@ -62,24 +67,46 @@ def test_all_classes_expand_into_one_step_per_class_of_the_classifier():
     assert [s["class"] for s in steps] == list(range(10))
     first = validate_params("audit_class", steps[0])  # a valid job of the kind
     assert first.others == "all" and first.components == 4 and first.top_other == 30
-    assert steps[0]["images"]["digits"] == "train" and steps[0]["images"]["patch"] == "training"
+    assert steps[0]["images"] == {"audit": True}  # the audit's images, stored once with it
+    assert step_images(bind_step(first, audit)).model_dump(exclude_none=True) == {
+        "digits": "train", "patch": "training", "per_class": 100}  # fmt: skip
     assert class_steps(audit, ["a", "b", "c"]) == steps[:3]  # the class list of the classifier
-    cost = estimate_cost("audit_class", steps[0])
+    full = expanded_step(steps[0], audit)
+    assert full["images"]["digits"] == "train" and full["others"] == "all"
+    cost = estimate_cost("audit_class", full)
     assert cost.value == 100 * 10 * 16 * 16  # 100 images of each of the 10 classes at 16²
+
+
+def test_a_step_refers_to_its_audit_instead_of_copying_its_image_map():
+    ids = {str(k): [f"id-{k}-a", f"id-{k}-b"] for k in range(300)}
+    audit = AuditParams.model_validate({"classes": list(range(300)), "images": {"image_ids": ids}})
+    steps = class_steps(audit)
+    assert len(steps) == 300 and {json.dumps(s).count("id-") for s in steps} == {0}
+    step = validate_params("audit_class", steps[42])
+    assert (step.others, step.images.audit) == ("audit", True)
+    bound = bind_step(step, audit)
+    assert step_others(bound) == [str(k) for k in range(300) if k != 42]
+    assert step_images(bound).image_ids == ids
+    assert bound.model_dump(mode="json", by_alias=True) == steps[42]  # stored as given
+    with pytest.raises(ValueError, match=r"others: refers to the audit this job is a step of"):
+        step_others(step)  # not bound: run on its own, it must give its classes and images
+    explicit = validate_params("audit_class", expanded_step(steps[42], audit))
+    assert bind_step(explicit, None) is explicit and step_others(explicit) == step_others(bound)
 
 
 def test_listed_classes_rank_each_others_images():
     audit = AuditParams.model_validate(
         {"classifier": "digits:cnn", "classes": ["three", 7], "images": {"folder": "/d/{class}"}}
     )
-    steps = class_steps(audit)
+    steps = [expanded_step(s, audit) for s in class_steps(audit)]
     assert [(s["class"], s["others"]) for s in steps] == [("three", [7]), (7, ["three"])]
     assert steps[0]["images"]["folder"] == "/d/{class}"
     single = class_steps(audit.model_copy(update={"classes": [7]}))
     assert single[0]["others"] == "all"
     ids = {"three": ["a", "b"], "7": ["c", "d"], "nine": ["e", "f"]}
     uploads = AuditParams.model_validate({"classes": ["three"], "images": {"image_ids": ids}})
-    assert class_steps(uploads)[0]["others"] == ["7", "nine"]  # the classes with ids
+    step = class_steps(uploads)[0]
+    assert expanded_step(step, uploads)["others"] == ["7", "nine"]  # the classes with ids
 
 
 def test_all_classes_of_a_classifier_the_registry_does_not_know_need_its_names():
