@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from digin.api import dashboard
+from digin.api.dashboard import audits as dashboard_audits
 from digin.api.deps import Services
 from digin.api.images import FIELD as IMAGE_FIELD
 from digin.api.metrics import Metrics, MetricsMiddleware
@@ -31,10 +32,13 @@ from digin.api.problems import (
     install_problem_handlers,
     problem_response,
 )
-from digin.api.routes import ROUTERS
+from digin.api.routes import ROUTERS, audits
 from digin.api.submissions import JobWriter
 from digin.service.db import make_engine, session_factory
 from digin.service.dispatch import make_celery
+from digin.service.events import EventHub
+from digin.service.keycache import KeyCache
+from digin.service.pollread import JobReader
 from digin.service.ratelimit import AuthFailureLimiter
 from digin.service.settings import Settings, get_settings
 from digin.service.storage import LocalStorage, storage_from_settings
@@ -81,13 +85,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API for `settings` (default: `get_settings()`, the environment)."""
     settings = settings or get_settings()
     check_binding(settings)
-    engine = make_engine(settings.database_url)
+    pool = {"pool_size": settings.db_pool_size, "max_overflow": 0}  # no connection churn
+    sqlite = settings.database_url.startswith("sqlite")
+    engine = make_engine(settings.database_url, **({} if sqlite else pool))
     sessions = session_factory(engine)
     storage = storage_from_settings(settings)
     if isinstance(storage, LocalStorage):
         storage.ensure_bucket()  # the artifact folder (S3 buckets are made by deployment)
     celery = make_celery(settings, name="digin-api")
     metrics = Metrics(sessions)
+    keys = KeyCache(settings.key_cache_seconds)
     services = Services(
         settings=settings,
         engine=engine,
@@ -99,11 +106,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         auth_limiter=AuthFailureLimiter(
             settings.rate_limit_storage_uri, settings.auth_failure_rate
         ),
+        keys=keys,
+        events=EventHub(
+            sessions,
+            settings.database_url,
+            max_streams_per_tenant=settings.max_streams_per_tenant,
+            poll_interval=settings.events_poll_seconds,
+            on_key_revoked=keys.revoke,
+        ),
+        job_reader=None if sqlite else JobReader(settings.database_url),
     )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if services.events.postgresql:
+            services.events.ensure_started()  # also tells the key cache of revoked keys
         yield
+        await services.events.close()
+        if services.job_reader is not None:
+            await services.job_reader.close()
         services.writer.close()
         services.celery.close()
         services.engine.dispose()
@@ -126,7 +147,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=services.metrics)  # outermost: sees all
     for router in ROUTERS:
         app.include_router(router)
+    app.include_router(audits.router)  # /v1/audits (docs/architecture.md §9.14)
     dashboard.install(app, settings)  # /ui: the HTML pages (docs/architecture.md §9.11)
+    app.include_router(dashboard_audits.router)  # /ui/audits (§9.14)
     app.openapi = lambda: problem_openapi(app)  # type: ignore[method-assign]
     return app
 

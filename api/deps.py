@@ -32,6 +32,9 @@ from digin.api.schemas import unstorable
 from digin.api.submissions import JobWriter
 from digin.service import repo
 from digin.service.db import Tenant
+from digin.service.events import EventHub
+from digin.service.keycache import KeyCache
+from digin.service.pollread import JobReader
 from digin.service.ratelimit import AuthFailureLimiter, Blocked
 from digin.service.security import key_prefix
 from digin.service.settings import Settings
@@ -52,6 +55,9 @@ class Services:
     metrics: Metrics
     writer: JobWriter  # POST /v1/jobs: group commit (digin.api.submissions)
     auth_limiter: AuthFailureLimiter  # refused keys per address and key (service/ratelimit.py)
+    keys: KeyCache  # successful key checks, for a few seconds (service/keycache.py)
+    events: EventHub  # live events of the streams (service/events.py)
+    job_reader: JobReader | None = None  # PostgreSQL: the polling path's read (service/pollread.py)
 
 
 async def get_services(request: Request) -> Services:
@@ -107,11 +113,13 @@ def unauthorized(detail: str, *, invalid: bool) -> ProblemError:
 @dataclass(frozen=True)
 class Caller:
     """Who calls: the bearer secret (None when auth is off: the `local` tenant of embedded
-    mode), the client's address, and the limiter that counts refused keys."""
+    mode), the client's address, the limiter that counts refused keys, and the cache of
+    successful key checks."""
 
     secret: str | None
     address: str | None = None
     limiter: AuthFailureLimiter | None = None
+    keys: KeyCache | None = None
 
 
 LOCAL = Caller(None)
@@ -127,9 +135,12 @@ def too_many_failures(blocked: Blocked) -> ProblemError:
     )
 
 
-def caller_of(request: Request, services: Services, secret: str | None) -> Caller:
+def caller_of(
+    request: Request, services: Services, secret: str | None, *, cached: bool = False
+) -> Caller:
     """Who calls, before any database work: the bearer `secret`, or `LOCAL` when auth is off
-    (embedded mode); a missing key is a 401 here. `tenant_of` checks the secret."""
+    (embedded mode); a missing key is a 401 here. `tenant_of` checks the secret; `cached`: a
+    key that passed within DIGIN_KEY_CACHE_SECONDS passes without a check (the polling path)."""
     if not services.settings.auth_enabled:
         return LOCAL
     if secret is None:
@@ -137,7 +148,7 @@ def caller_of(request: Request, services: Services, secret: str | None) -> Calle
             "an API key is required: send 'Authorization: Bearer <key>'", invalid=False
         )
     address = request.client.host if request.client else None
-    return Caller(secret, address, services.auth_limiter)
+    return Caller(secret, address, services.auth_limiter, services.keys if cached else None)
 
 
 async def get_caller(
@@ -150,11 +161,17 @@ async def get_caller(
 
 def tenant_of(session: Session, caller: Caller) -> Tenant:
     """The tenant every query of the request is scoped to; a 401 for a bad key, a 429 while
-    the caller's address or key has too many refused keys (checked before the key is)."""
+    the caller's address or key has too many refused keys (checked before the key is). For a
+    caller with the key cache (the polling path), a key that passed within
+    DIGIN_KEY_CACHE_SECONDS is served from it, without the database or the counters
+    (service/keycache.py); every other route checks the key on every request."""
     if caller.secret is None:
         local = repo.local_tenant(session)  # created on first use
         session.commit()
         return local
+    cached = caller.keys.get(caller.secret) if caller.keys is not None else None
+    if cached is not None:
+        return cached
     prefix = key_prefix(caller.secret)
     blocked = None if caller.limiter is None else caller.limiter.check(caller.address, prefix)
     if blocked is not None and blocked.reason == "client address":
@@ -166,6 +183,8 @@ def tenant_of(session: Session, caller: Caller) -> Tenant:
         if blocked is not None:  # this key was guessed at too often: 429, not 401
             raise too_many_failures(blocked)
         raise unauthorized("the API key is invalid or revoked", invalid=True)
+    if caller.keys is not None and prefix is not None:
+        caller.keys.put(caller.secret, prefix, tenant)
     return tenant  # the right secret always passes its key's counter (service/ratelimit.py)
 
 

@@ -293,16 +293,17 @@ def params_problem(errors: list[dict[str, str]]) -> ProblemError:
 
 def model_specs(params: dict[str, Any], prefix: str = "params") -> list[tuple[str, str, str]]:
     """(field, spec, expected kind) of every model the params name, nested blocks included
-    (e.g. `visualization.diffusion`, `pca.classifier`): `diffusion` takes a diffusion model,
-    `classifier*` fields (a spec or a list of specs) take classifiers."""
+    (e.g. `visualization.diffusion`, `pca.classifier`): `diffusion`, `captioner` and
+    `segmenter` take a model of that kind, `classifier*` fields (a spec or a list of specs) take
+    classifiers."""
     found = []
     for name, value in params.items():
         field = f"{prefix}.{name}"
         if isinstance(value, dict):
             found += model_specs(value, field)
             continue
-        if name == "diffusion":
-            expected = "diffusion"
+        if name in ("diffusion", "captioner", "segmenter"):
+            expected = name
         elif name.startswith("classifier"):
             expected = "classifier"
         else:

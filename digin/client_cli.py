@@ -5,12 +5,16 @@
     digin batch create --file SPEC.json [--wait]
     digin batch status|wait|cancel ID       digin batch results ID [--format jsonl|csv]
     digin batch list
+    digin audit create --classifier SPEC [--classes all|a,b] [--file SPEC.json] [--wait]
+    digin audit status|wait|cancel ID       digin audit report ID [--format json|html]
+    digin audit list
 
 Every command takes `--url` (DIGIN_URL, default http://127.0.0.1:8000), `--key`
 (DIGIN_API_KEY) and `--json` (machine-readable output on stdout; no progress bars). Progress
 bars and messages go to stderr. Exit codes: 0 done (a waited job or batch succeeded), 1 the job
 or batch finished without succeeding, 2 bad usage, 3 a wait timed out, 4 the request failed
-(the service's problem is printed, as JSON with `--json`).
+(the service's problem is printed, as JSON with `--json`). Waiting (`wait`, `--wait`) follows
+the job's or batch's live events (server-sent events) and polls if the stream fails.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from rich.progress import (
 )
 
 from digin_client import APIError, Batch, Client, DiginError, Job, WaitTimeoutError
+from digin_client.models import Audit
 
 EXIT_UNSUCCESSFUL, EXIT_USAGE, EXIT_TIMEOUT, EXIT_REQUEST = 1, 2, 3, 4
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -256,12 +261,16 @@ class Session:
         return _Bar(noun, object_id, enabled=not self.as_json)
 
     def wait(self, job_id: str, timeout: float | None) -> Job:
+        """Follow the job's live events (polling if the stream fails) to its end."""
         with self.bar("job", job_id) as bar:
-            return self.client.wait(job_id, timeout=timeout, on_progress=bar.update)
+            return self.client.wait(job_id, timeout=timeout, on_progress=bar.update, follow=True)
 
     def wait_batch(self, batch_id: str, timeout: float | None) -> Batch:
+        """Follow the batch's live events (polling if the stream fails) to its end."""
         with self.bar("batch", batch_id) as bar:
-            return self.client.wait_batch(batch_id, timeout=timeout, on_progress=bar.update)
+            return self.client.wait_batch(
+                batch_id, timeout=timeout, on_progress=bar.update, follow=True
+            )
 
 
 def client_command(function: Callable[Concatenate[Session, P], None]) -> Callable[..., None]:
@@ -440,6 +449,158 @@ def batch_list(
         )
 
 
+# --- audits ---------------------------------------------------------------------------------------
+AuditId = Annotated[str, typer.Argument(help="The audit's id.")]
+
+
+class ReportFormat(StrEnum):
+    json = "json"
+    html = "html"
+
+
+def _describe_audit(audit: Audit) -> str:
+    c, f = audit.class_counts, audit.follow_up_counts
+    lines = [
+        f"audit {audit.id}  {audit.classifier}  {audit.status} ({audit.stage})",
+        f"  classes   {c.finished}/{audit.total_classes} finished: {c.succeeded} succeeded, "
+        f"{c.failed} failed, {c.canceled} canceled, {c.running} running",
+        f"  follow-ups {f.finished}/{f.finished + f.queued + f.running + f.canceling} finished",
+        f"  progress  {audit.progress:.0%}  created {audit.created_at:%Y-%m-%d %H:%M:%S}",
+    ]
+    if audit.flagged is not None:
+        lines.append(f"  flagged   {', '.join(audit.flagged) or 'none'}")
+    rows = sorted((c.row for c in audit.classes or [] if c.row), key=lambda r: r["rank"])
+    for row in rows[:10]:
+        auc = "-" if row.get("min_auc") is None else f"{row['min_auc']:.3f}"
+        mark = "FLAGGED" if row.get("flagged") else ""
+        lines.append(f"  #{row['rank']:<3} {row['class_name']:<20} lowest AUC {auc}  {mark}")
+    return "\n".join(lines)
+
+
+def _show_audit(session: Session, audit: Audit) -> None:
+    if session.as_json:
+        _print_json(audit.model_dump(mode="json"))
+    else:
+        typer.echo(_describe_audit(audit))
+
+
+def _wait_audit(session: Session, audit_id: str, timeout: float | None) -> Audit:
+    with session.bar("audit", audit_id) as bar:
+
+        def progress(audit: Audit) -> None:
+            assert bar.task is not None
+            bar.bar.update(bar.task, total=100, completed=round(100 * audit.progress),
+                           description=f"{bar.label} {audit.stage}")  # fmt: skip
+
+        return session.client.wait_audit(audit_id, timeout=timeout, on_progress=progress)
+
+
+def _finish_audit(session: Session, audit: Audit) -> None:
+    _show_audit(session, audit)
+    if audit.done and audit.status != "succeeded":
+        raise typer.Exit(EXIT_UNSUCCESSFUL)
+
+
+@client_command
+def audit_create(
+    session: Session,
+    classifier: Annotated[
+        str | None, typer.Option("--classifier", help="The classifier to audit.")
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option("--classes", help="'all' (default) or a comma-separated list of classes."),
+    ] = None,
+    file: Annotated[
+        str | None,
+        typer.Option("--file", help="JSON spec: the POST /v1/audits body (options override it)."),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of the audit's jobs.")] = None,
+    idempotency_key: IdempotencyKeyOption = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the report.")] = False,
+    timeout: TimeoutOption = None,
+) -> None:
+    """Audit a classifier across its classes: one audit_class job per class, follow-ups for
+    flagged classes, then a ranked report."""
+    spec = _read_json(file, "--file") if file is not None else {}
+    if classifier is not None:
+        spec["classifier"] = classifier
+    if classes is not None:
+        listed = [c.strip() for c in classes.split(",") if c.strip()]
+        spec["classes"] = (
+            "all" if listed == ["all"] else [int(c) if c.isdigit() else c for c in listed]
+        )
+    if seed is not None:
+        spec["seed"] = seed
+    if not isinstance(spec.get("classifier"), str):
+        raise typer.BadParameter(
+            "give --classifier (or a spec with one)", param_hint="--classifier"
+        )
+    audit = session.client.create_audit(idempotency_key=idempotency_key, **spec)
+    session.note(f"created audit {audit.id} of {audit.total_classes} classes")
+    _finish_audit(session, _wait_audit(session, audit.id, timeout) if wait else audit)
+
+
+@client_command
+def audit_status(session: Session, audit_id: AuditId) -> None:
+    """Show an audit: its stage, the classes' states and the rows of the finished ones."""
+    _show_audit(session, session.client.get_audit(audit_id))
+
+
+@client_command
+def audit_wait(session: Session, audit_id: AuditId, timeout: TimeoutOption = None) -> None:
+    """Wait for an audit's report, with a progress bar; exit 1 unless it succeeded."""
+    _finish_audit(session, _wait_audit(session, audit_id, timeout))
+
+
+@client_command
+def audit_cancel(session: Session, audit_id: AuditId) -> None:
+    """Cancel what is left of an audit."""
+    _show_audit(session, session.client.cancel_audit(audit_id))
+
+
+@client_command
+def audit_report(
+    session: Session,
+    audit_id: AuditId,
+    format: Annotated[
+        ReportFormat, typer.Option("--format", help="JSON, or one self-contained HTML page.")
+    ] = ReportFormat.json,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write to this file instead of stdout.")
+    ] = None,
+) -> None:
+    """Download an audit's report (once its status is succeeded)."""
+    if out is None:
+        stdout = sys.stdout.buffer
+        session.client.audit_report(audit_id, stdout, format=format.value)
+        stdout.flush()
+        return
+    partial = out.with_name(out.name + ".part")
+    with partial.open("wb") as handle:
+        written = session.client.audit_report(audit_id, handle, format=format.value)
+    partial.replace(out)
+    if session.as_json:
+        _print_json({"audit_id": audit_id, "path": str(out), "bytes": written})
+    else:
+        _stderr().print(f"wrote {written} bytes to {out}")
+
+
+@client_command
+def audit_list(
+    session: Session,
+    limit: Annotated[int, typer.Option(help="At most this many audits, newest first.")] = 20,
+) -> None:
+    """List your audits, newest first."""
+    audits = list(session.client.list_audits(limit=limit))
+    if session.as_json:
+        _print_json([a.model_dump(mode="json") for a in audits])
+        return
+    for a in audits:
+        typer.echo(f"{a.id}  {a.classifier:<24} {a.status:<10} {a.stage:<10} "
+                   f"{a.total_classes} classes  {a.created_at:%Y-%m-%d %H:%M}")  # fmt: skip
+
+
 def register(app: typer.Typer) -> None:
     """Add the client commands to the `digin` command line."""
     for name, command in [
@@ -462,3 +623,17 @@ def register(app: typer.Typer) -> None:
     ]:
         batch_app.command(name)(command)
     app.add_typer(batch_app, name="batch")
+    audit_app = typer.Typer(
+        help="Audits: a classifier across its classes, with a ranked report.",
+        no_args_is_help=True,
+    )
+    for name, command in [
+        ("create", audit_create),
+        ("status", audit_status),
+        ("wait", audit_wait),
+        ("cancel", audit_cancel),
+        ("report", audit_report),
+        ("list", audit_list),
+    ]:
+        audit_app.command(name)(command)
+    app.add_typer(audit_app, name="audit")

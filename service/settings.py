@@ -119,6 +119,29 @@ class Settings(BaseSettings):
         description="where the counts of refused keys live (redis://…, or memory://); default: "
         "the broker's Redis when the broker is Redis, else this process's memory",
     )
+    key_cache_seconds: float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="a successful API-key check is remembered this long per API process "
+        "(revocation: at once on PostgreSQL, within this time on SQLite); 0 turns it off",
+    )
+    db_pool_size: int = Field(
+        20,
+        ge=1,
+        le=500,
+        description="PostgreSQL connections each API process keeps open; requests beyond them "
+        "wait for one (up to 30 s) instead of opening and closing more",
+    )
+    max_streams_per_tenant: int = Field(
+        100, ge=1, description="open event streams (/events) of a tenant per API process"
+    )
+    events_heartbeat_seconds: float = Field(
+        15.0, gt=0, le=300, description="an idle event stream sends a comment this often"
+    )
+    events_poll_seconds: float = Field(
+        0.5, gt=0, le=10, description="SQLite: how often the API reads new events for its streams"
+    )
     max_job_cost: int = Field(
         DEFAULT_MAX_JOB_COST,
         ge=0,

@@ -21,7 +21,8 @@ def test_models_json_lists_the_registry():
     assert {"diffusers:CompVis/stable-diffusion-v1-4", "timm:resnet50.a1_in1k"} <= specs
     first = payload["models"][0]
     assert set(first) == set(ModelInfo.model_fields)
-    assert {s["scheme"] for s in payload["schemes"]} == {"diffusers", "timm", "open_clip", "digits"}
+    schemes = {"diffusers", "timm", "open_clip", "digits", "blip", "sam"}
+    assert {s["scheme"] for s in payload["schemes"]} == schemes
 
 
 def test_models_table():

@@ -31,6 +31,7 @@ TORCH_FREE = [
     "digin.core.classes",
     "digin.core.imagefiles",
     "digin.core.limits",
+    "digin.core.audit_params",
 ]
 
 

@@ -32,6 +32,7 @@ from digin.service.db import ACTIVE, QUEUED, Job, session_scope, utcnow
 from digin.service.dispatch import BrokerReader
 from digin.service.repo.jobs import compare_and_set
 from digin.worker import metrics
+from digin.worker.audits import reap_audits
 from digin.worker.execution import Enqueue, pid_namespace
 
 if TYPE_CHECKING:
@@ -106,6 +107,10 @@ def reap_once(
         counts = {event: len(ids) for event, ids in changes.items()}
         log.info(f"reaper round: {counts}", extra={"event": "reap", **counts})
     metrics.record_reap(changes)
+    try:  # audits whose last item ended without writing their report job
+        reap_audits(sessions=sessions, enqueue=enqueue, max_attempts=settings.max_attempts)
+    except Exception:
+        log.exception("reaper: audits round failed", extra={"event": "reap_error"})
     return report
 
 

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from digin.service import repo
 from digin.service.db import QUEUED, Job, Tenant, session_scope
 from digin.service.storage import ArtifactNotFound
+from digin.worker.audits import REPORT_KIND, bind_params, compute_report, finish
 from digin.worker.execution import (
     ClaimedJob,
     Enqueue,
@@ -166,9 +167,8 @@ def _run_attempt(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> Outcome:
     if pulse.outcome == "lost" or listing is None:
         return stopped(job, ctx, pulse, uploaded=listing is not None or artifacts is not None)
     result = {"summary": artifacts["__summary__"], "artifacts": listing}  # type: ignore[index]
-    done = write(
-        ctx, lambda s: repo.finish_job(s, job_id=job.id, attempt=job.attempt, result=result)
-    )
+    # an audit's class job writes its follow-ups with its success (digin.worker.audits)
+    done = write(ctx, lambda s: finish(s, job, result, max_attempts=ctx.settings.max_attempts))
     if not done:
         log.warning("attempt lost before finishing", extra={**log_fields(job), "event": "lost"})
         return "lost"
@@ -240,7 +240,10 @@ def _compute(job: ClaimedJob, ctx: WorkerContext, pulse: Pulse) -> dict[str, Any
     from digin.core.output import render_artifacts
     from digin.core.params import validate_params
 
-    params = validate_params(job.kind, job.params)
+    if job.kind == REPORT_KIND:  # an audit's report (digin.worker.audits), no core run
+        return compute_report(job, ctx, pulse.should_stop)
+    # an audit's class job reads its audit's images and classes (digin.worker.audits)
+    params = bind_params(job, validate_params(job.kind, job.params), ctx.sessions)
 
     def progress(step: int, total: int, _info: dict[str, Any]) -> None:
         pulse.update({"step": step, "total": total, "stage": "optimizing"})

@@ -20,6 +20,7 @@ from digin.service.db import make_engine, session_factory
 from digin.service.dispatch import TASK_REAP, TASK_RUN_JOB, TASK_SEND_WEBHOOKS, enqueue
 from digin.service.settings import Settings, get_settings
 from digin.service.storage import storage_from_settings
+from digin.worker.audits import advance
 from digin.worker.reaper import broker_depths_reader, reap_once
 from digin.worker.runner import Enqueue, Outcome, WorkerContext, backoff_seconds, execute_job
 
@@ -72,7 +73,12 @@ def register_tasks(app: Celery) -> dict[str, Task]:
     @app.task(name=TASK_RUN_JOB, bind=True, shared=False)  # type: ignore[untyped-decorator]
     def run_job(self: Task, job_id: str) -> Outcome:
         try:
-            return execute_job(job_id, ctx=worker_context(app))
+            ctx = worker_context(app)
+            outcome = execute_job(job_id, ctx=ctx)
+            if outcome not in ("skipped", "deferred"):  # an audit's next jobs (its report)
+                advance(job_id, sessions=ctx.sessions, enqueue=ctx.enqueue,
+                        max_attempts=ctx.settings.max_attempts)  # fmt: skip
+            return outcome
         except (OperationalError, InterfaceError) as exc:  # no row was changed: try again later
             retries = int(self.request.retries or 0)
             fields = {"job_id": str(job_id), "event": "claim_retry"}

@@ -5,8 +5,9 @@ batch is a 404 page, exactly as it is a 404 problem under /v1.
 Pages: jobs (filters, cursor pages, live progress), a job (images large with their classifier
 confidences, trajectory, params, timings, error, cancel), batches, a batch (counts, progress,
 ETA, the class x classifier matrix of outcomes), models. Images come through the cookie-
-authenticated artifact and thumbnail routes below. Small JSON endpoints (`…/live`) feed the
-page script that polls running jobs and batches.
+authenticated artifact and thumbnail routes below. A job's and a batch's page follow their live
+events (`…/events`, the REST streams with the session instead of a key); small JSON endpoints
+(`…/live`) feed the page script that polls the jobs table, and any page whose stream failed.
 """
 
 from __future__ import annotations
@@ -19,28 +20,34 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, Form, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
 import digin.api.dashboard.views as views  # not via the package: its __init__ imports this module
 from digin.api.dashboard.auth import (
+    Dashboard,
     DashboardDep,
+    LoginRequired,
     PageNotFound,
     Viewer,
     ViewerDep,
     clear_session_cookie,
     read_session,
+    resolve_viewer,
     safe_next,
     set_session_cookie,
 )
 from digin.api.dashboard.images import CACHE_CONTROL, etag, matches, thumbnail
-from digin.api.deps import SessionDep, StorageDep
+from digin.api.deps import Services, SessionDep, StorageDep
+from digin.api.routes.events import LastEventId, batch_feed, event_stream_response, job_feed
 from digin.api.routes.jobs import stored_artifacts
 from digin.api.sweeps import class_names
 from digin.core.params import KINDS
 from digin.core.registry import is_allowed, list_models, list_schemes
 from digin.service import repo
 from digin.service.db import STATUSES, TERMINAL, Job
+from digin.service.events import Feed
 from digin.service.ratelimit import AuthFailureLimiter
 from digin.service.repo import batches as repo_batches
 from digin.service.repo.dashboard import (
@@ -437,6 +444,57 @@ def cancel_batch(batch_id: str, form: CancelFormDep) -> Response:
 
 
 # --- models ------------------------------------------------------------------------------------
+# --- live events: the REST streams (api/routes/events.py), with the session for the key -----------
+async def page_events(
+    request: Request,
+    dashboard: Dashboard,
+    find: Callable[[Session, Viewer], Any],
+    feed_of: Callable[[Viewer, uuid.UUID], Feed],
+    last_event_id: str | None,
+) -> Response:
+    """The event stream of what `find` finds for the viewer (a 404 page, or the login, else);
+    the session is checked again at every heartbeat (a revoked key or a logout ends it)."""
+    services: Services = request.app.state.services
+
+    def viewer_and_id() -> tuple[Viewer, uuid.UUID]:
+        with services.sessions() as session:
+            viewer = resolve_viewer(request, session, dashboard)
+            return viewer, find(session, viewer).id
+
+    viewer, ident = await run_in_threadpool(viewer_and_id)
+
+    async def allowed() -> bool:
+        try:
+            await run_in_threadpool(viewer_and_id)
+        except (LoginRequired, PageNotFound):
+            return False
+        return True
+
+    return event_stream_response(services, feed_of(viewer, ident), last_event_id, allowed)
+
+
+@router.get("/jobs/{job_id}/events")
+async def job_events(
+    job_id: str, request: Request, dashboard: DashboardDep, last_event_id: LastEventId = None
+) -> Response:
+    """The job page's live updates (EventSource; the script polls `/ui/jobs/live` if they fail)."""
+    return await page_events(
+        request, dashboard, lambda s, v: find_job(s, v, job_id),
+        lambda v, i: job_feed(v.tenant, i), last_event_id,
+    )  # fmt: skip
+
+
+@router.get("/batches/{batch_id}/events")
+async def batch_events(
+    batch_id: str, request: Request, dashboard: DashboardDep, last_event_id: LastEventId = None
+) -> Response:
+    """The batch page's live updates (its snapshots carry the counts, progress and ETA)."""
+    return await page_events(
+        request, dashboard, lambda s, v: find_batch(s, v, batch_id),
+        lambda v, i: batch_feed(v.tenant, i), last_event_id,
+    )  # fmt: skip
+
+
 @router.get("/models")
 def models_page(request: Request, viewer: ViewerDep, dashboard: DashboardDep) -> Response:
     allow = dashboard.settings.model_allow_list

@@ -22,7 +22,6 @@ from pydantic import AfterValidator
 from sqlalchemy.orm import Session
 
 from digin.api.deps import (
-    CallerDep,
     KeyFirstRoute,
     Services,
     ServicesDep,
@@ -31,6 +30,8 @@ from digin.api.deps import (
     StorageDep,
     TenantDep,
     WritingTenantDep,
+    bearer_secret,
+    caller_of,
     tenant_of,
     unauthorized,
 )
@@ -250,18 +251,27 @@ def list_jobs(
     summary="Get a job",
     response_model=JobPublic,
     responses=problem_responses(401, 404, 422),
+    openapi_extra={"security": [{"ApiKey": []}]},
 )
-async def get_job(
-    job_id: uuid.UUID, request: Request, services: ServicesDep, caller: CallerDep
-) -> Response:
-    """The polling path: the key check and the read in one trip to the thread pool, and the
-    job serialised once (the response model documents it; FastAPI does not re-validate)."""
+async def get_job(job_id: uuid.UUID, request: Request) -> Response:
+    """The polling path: no dependencies to resolve (the services and the key read from the
+    request, as `CallerDep` would); a key in the key cache (service/keycache.py) and the job
+    read on the event loop on PostgreSQL (service/pollread.py), else the key check and the
+    read in one trip to the thread pool; the job serialised once (the response model
+    documents it; FastAPI does not re-validate)."""
+    services: Services = request.app.state.services
+    caller = caller_of(request, services, bearer_secret(request), cached=True)
+    known = caller.keys.get(caller.secret) if caller.keys is not None and caller.secret else None
+    if known is not None and services.job_reader is not None:  # on the loop, no ORM
+        read = await services.job_reader.get(tenant_id=known.id, job_id=job_id)
+        job = found(read, "job", job_id)
+    else:
 
-    def load() -> Job:
-        with services.sessions() as session:
-            return find_job(session, tenant_of(session, caller), job_id)
+        def load() -> Job:
+            with services.sessions() as session:
+                return find_job(session, tenant_of(session, caller), job_id)
 
-    job = await run_in_threadpool(load)
+        job = await run_in_threadpool(load)
     public = JobPublic.from_job(job, base=root(request))
     headers = {} if job.status in TERMINAL else {"Retry-After": str(POLL_AFTER_S)}
     return Response(public.model_dump_json(), media_type="application/json", headers=headers)

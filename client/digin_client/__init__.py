@@ -31,9 +31,12 @@ from digin_client.errors import (
     UnsupportedMediaError,
     WaitTimeoutError,
 )
+from digin_client.events import Event
 from digin_client.models import (
     Artifact,
     ArtifactList,
+    Audit,
+    AuditClass,
     Batch,
     BatchCounts,
     Image,
@@ -49,6 +52,8 @@ __all__ = [
     "Artifact",
     "ArtifactList",
     "AsyncClient",
+    "Audit",
+    "AuditClass",
     "AuthenticationError",
     "BadRequestError",
     "Batch",
@@ -57,6 +62,7 @@ __all__ = [
     "ConflictError",
     "DiginConnectionError",
     "DiginError",
+    "Event",
     "FieldError",
     "Image",
     "Job",

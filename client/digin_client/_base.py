@@ -26,10 +26,14 @@ from typing import (
     TypeVar,
     overload,
 )
+from urllib.parse import quote
 
 import digin_client._ops as ops  # not via the package: its __init__ imports this module
+import digin_client.events as live
+from digin_client.events import Event
 from digin_client.models import (
     ArtifactList,
+    Audit,
     Batch,
     Image,
     Job,
@@ -207,12 +211,29 @@ class BaseClient(abc.ABC, Generic[H]):
         on_progress: Callable[[Job], object] | None = None,
         *,
         until: Callable[[Job], bool] | None = None,
+        follow: bool = False,
     ) -> ops.Op[Job]:
         """Poll until the job has finished (succeeded, failed or canceled), or until
         `until(job)` holds, and return it; raise WaitTimeoutError after `timeout` seconds. A
-        failed job is returned, not raised. `on_progress` sees every state read."""
+        failed job is returned, not raised. `on_progress` sees every state read. With
+        `follow`, read the job's live events instead of polling (polling if they fail)."""
+        if follow:
+            return live.wait_following(
+                ops.job_path(job_id, "/events"), ops.job_path(job_id), Job,
+                until or Job.is_done, terminal=Job.is_done, what=f"job {job_id}",
+                timeout=timeout, on_progress=on_progress, policy=self.policy,
+            )  # fmt: skip
         return ops.wait(ops.job_path(job_id), Job, until or Job.is_done, what=f"job {job_id}",
                         timeout=timeout, on_progress=on_progress, policy=self.policy)  # fmt: skip
+
+    @stream
+    def events(self, job_id: object, *, last_event_id: int | None = None) -> ops.Stream[Event]:
+        """The job's live events (`GET /v1/jobs/{id}/events`, server-sent events): a
+        `snapshot` (the job) first, then `status`, `progress` and `artifacts` as they happen,
+        and a last `snapshot` when it has finished, where the iterator ends. A dropped
+        connection is resumed from the last event id (`last_event_id` resumes from one)."""
+        path = ops.job_path(job_id, "/events")
+        return live.follow(path, last_event_id=last_event_id, policy=self.policy)
 
     @operation
     def artifacts(self, job_id: object) -> ops.Op[ArtifactList]:
@@ -281,12 +302,31 @@ class BaseClient(abc.ABC, Generic[H]):
         on_progress: Callable[[Batch], object] | None = None,
         *,
         until: Callable[[Batch], bool] | None = None,
+        follow: bool = False,
     ) -> ops.Op[Batch]:
         """Poll until every item has finished (or `until(batch)` holds); raise
-        WaitTimeoutError after `timeout` seconds."""
+        WaitTimeoutError after `timeout` seconds. With `follow`, read the batch's live events
+        instead of polling (polling if they fail)."""
+        if follow:
+            return live.wait_following(
+                ops.batch_path(batch_id, "/events"), ops.batch_path(batch_id), Batch,
+                until or Batch.is_done, terminal=Batch.is_done, what=f"batch {batch_id}",
+                timeout=timeout, on_progress=on_progress, policy=self.policy,
+            )  # fmt: skip
         return ops.wait(ops.batch_path(batch_id), Batch, until or Batch.is_done,
                         what=f"batch {batch_id}", timeout=timeout, on_progress=on_progress,
                         policy=self.policy)  # fmt: skip
+
+    @stream
+    def batch_events(
+        self, batch_id: object, *, last_event_id: int | None = None
+    ) -> ops.Stream[Event]:
+        """The batch's live events (`GET /v1/batches/{id}/events`): a `snapshot` (the batch)
+        first, then each item's `status`, `progress` and `artifacts` events (their `job_id`
+        names the item), a fresh `snapshot` at most once a second while items change, and
+        `batch_finished` and a last `snapshot` at its end, where the iterator ends."""
+        path = ops.batch_path(batch_id, "/events")
+        return live.follow(path, last_event_id=last_event_id, policy=self.policy)
 
     @stream
     def iter_results(self, batch_id: object) -> ops.Stream[ResultRecord]:
@@ -301,3 +341,76 @@ class BaseClient(abc.ABC, Generic[H]):
         """Stream the results index as the server writes it (JSON lines or CSV) into `out`;
         returns the bytes written."""
         return ops.export_results(batch_id, out, format)
+
+    # --- audits -----------------------------------------------------------------------------------
+    @operation
+    def create_audit(
+        self,
+        /,
+        classifier: str,
+        classes: Sequence[int | str] | str = "all",
+        *,
+        idempotency_key: str | None = None,
+        retry_on_429: bool = False,
+        **fields: Any,
+    ) -> ops.Op[Audit]:
+        """Audit a classifier across its classes (`POST /v1/audits`): `classes` (indices or
+        names, or 'all'), and any of `images` (`{digits: split}`, `{folder: ".../{class}"}` or
+        `{image_ids: {class: [ids]}}`), `reference`, `diffusion`, `prompt`, `keep_class`,
+        `guidance`, `budget`, `thresholds`, `seed`, `priority`, `metadata`."""
+        listed = classes if isinstance(classes, str) else builtins.list(classes)
+        body = {"classifier": classifier, "classes": listed}
+        body |= {k: v for k, v in fields.items() if v is not None}
+        return ops.create("/v1/audits", body, Audit, idempotency_key=idempotency_key,
+                          retry_on_429=retry_on_429, policy=self.policy)  # fmt: skip
+
+    @operation
+    def get_audit(self, audit_id: object) -> ops.Op[Audit]:
+        """The audit (`GET /v1/audits/{id}`): its stage, every class's state and finished rows."""
+        return ops.fetch("GET", _audit_path(audit_id), Audit)
+
+    @stream
+    def list_audits(self, limit: int | None = None, *, page_size: int = 100) -> ops.Stream[Audit]:
+        """Every audit, newest first, across all pages (at most `limit`)."""
+        return ops.paginate("/v1/audits", [], Audit, limit=limit, page_size=page_size)
+
+    @operation
+    def cancel_audit(self, audit_id: object) -> ops.Op[Audit]:
+        """Cancel what is left of the audit; no follow-ups or report are written after."""
+        path = _audit_path(audit_id, "/cancel")
+        return ops.fetch("POST", path, Audit)
+
+    @operation
+    def wait_audit(
+        self,
+        audit_id: object,
+        timeout: float | None = None,
+        on_progress: Callable[[Audit], object] | None = None,
+    ) -> ops.Op[Audit]:
+        """Poll until the audit's report is built (or it failed or was canceled); raise
+        WaitTimeoutError after `timeout` seconds."""
+        path = _audit_path(audit_id)
+        return ops.wait(path, Audit, Audit.is_done, what=f"audit {audit_id}", timeout=timeout,
+                        on_progress=on_progress, policy=self.policy)  # fmt: skip
+
+    @operation
+    def audit_report(self, audit_id: object, out: IO[bytes], format: str = "json") -> ops.Op[int]:
+        """Stream the audit's report into `out`: `json` (classes ranked, images named
+        `<job id>/<artifact name>`) or `html` (one self-contained page); returns the bytes."""
+        if format not in ("json", "html"):
+            raise ValueError(f"format must be 'json' or 'html', got {format!r}")
+        path = _audit_path(audit_id, "/report")
+        call = ops.Call("GET", path, params=[("format", format)], stream=True,
+                        follow_redirects=True)  # fmt: skip
+        return _copied(call, out, f"reading the report of audit {audit_id}")
+
+
+def _audit_path(audit_id: object, tail: str = "") -> str:
+    return f"/v1/audits/{quote(str(audit_id), safe='')}{tail}"
+
+
+def _copied(call: ops.Call, out: IO[bytes], what: str) -> ops.Op[int]:
+    """A streamed request's body written into `out`; returns the bytes written."""
+    with ops.reading(what):
+        body = yield from ops.open_body(call)
+        return (yield from ops.copy(body, out))

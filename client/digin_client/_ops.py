@@ -71,11 +71,13 @@ class Call:
     files: dict[str, tuple[str, bytes, str]] | None = None
     stream: bool = False  # answered with a Body to Read from (an error's body already read)
     follow_redirects: bool | None = None  # None: as the httpx client is configured
+    timeout: float | None = None  # None: the client's timeout
 
     def request(self) -> dict[str, Any]:
         """`httpx.Client.build_request`'s arguments."""
-        return {"method": self.method, "url": self.path, "params": self.params,
-                "json": self.json, "headers": self.headers, "files": self.files}  # fmt: skip
+        options = {"method": self.method, "url": self.path, "params": self.params,
+                   "json": self.json, "headers": self.headers, "files": self.files}  # fmt: skip
+        return options if self.timeout is None else options | {"timeout": self.timeout}
 
     def sending(self) -> dict[str, Any]:
         """`httpx.Client.send`'s arguments."""

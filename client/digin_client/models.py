@@ -184,6 +184,48 @@ class Batch(_Response):
         return self.done
 
 
+# --- audits ---------------------------------------------------------------------------------------
+class AuditClass(_Response):
+    """One audited class: its `audit_class` job, and its table row once that succeeded."""
+
+    index: int
+    name: str
+    job_id: str
+    status: str
+    error: JobError | None = None
+    row: dict[str, Any] | None = None  # rank, flagged, auc, components, ... (the report's row)
+
+
+class Audit(_Response):
+    """An audit (`GET /v1/audits/{id}`): a classifier audited across its classes."""
+
+    id: str
+    status: str  # running, succeeded, failed, canceled
+    stage: str  # classes, follow_ups, report, canceling, done
+    classifier: str
+    total_classes: int
+    class_counts: BatchCounts
+    follow_up_counts: BatchCounts
+    progress: float  # finished jobs / jobs so far, 0..1
+    flagged: list[str] | None = None  # the report's flagged classes, once built
+    classes: list[AuditClass] | None = None  # every class (GET of one audit; None in lists)
+    report_job_id: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+    seed: int
+    priority: int
+    metadata: dict[str, Any] | None = None
+    created_at: datetime
+    finished_at: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        """The report job ended (succeeded or failed), or the audit was canceled."""
+        return self.status in JOB_TERMINAL
+
+    def is_done(self) -> bool:
+        return self.done
+
+
 class ResultArtifact(_Response):
     name: str
     url: str

@@ -2,7 +2,9 @@
 
 original.png          the start image at the model resolution
 reconstruction.png    its reconstruction from the inversion (z_T, ∅_t)
-mask.png              the foreground mask (start-class cross-attention), white = foreground
+mask.png              the foreground mask (start-class cross-attention, refined by SAM with a
+                      segmenter, post-processed), white = foreground
+caption.txt           the caption the image was inverted with (given, the prompt, or captioned)
 item_XXX.png          the counterfactual towards target XXX (best clean loss)
 item_XXX_start.png    the unoptimised prompt-to-prompt edit (iteration 0)
 grid.png              per target: original, reconstruction, mask, then every iteration,
@@ -81,6 +83,7 @@ def render_counterfactual(result: Any) -> dict[str, bytes]:
             out[f"item_{item.index:03d}.png"] = png_bytes(to_pil(g.images[b]))
             out[f"item_{item.index:03d}_start.png"] = png_bytes(to_pil(g.trajectory[0, b]))
     out["grid.png"] = png_bytes(counterfactual_grid(result))
+    out["caption.txt"] = (result.caption + "\n").encode()  # given, the prompt, or captioned
     summary = result.summary()
     summary["artifacts"] = sorted([*out, "result.json"])
     out["result.json"] = json.dumps(summary, indent=2).encode()

@@ -1,5 +1,6 @@
 """Database models (docs/architecture.md §9.1, §9.6, §9.9, §9.10): tenants, their API keys,
-jobs, uploaded images, batches (sweeps), webhook deliveries and ended dashboard sessions.
+jobs, uploaded images, batches (sweeps), audits, webhook deliveries and ended dashboard
+sessions.
 
 Portable between PostgreSQL and SQLite: `Uuid` keys (native uuid / CHAR(32)), JSON (JSONB on
 PostgreSQL), timestamps always timezone-aware UTC (`UTCDateTime`). Status and queue values are
@@ -19,6 +20,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -200,6 +202,27 @@ class Batch(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)  # its last item ended
 
 
+class Audit(Base):
+    """An audit of a classifier across its classes (docs/architecture.md §9.14). Its id is the
+    id of its batch, whose items are its jobs: one `audit_class` job per class (items 0 to
+    `classes` - 1), the follow-ups their results ask for, and last the `audit_report` job whose
+    artifacts are the report."""
+
+    __tablename__ = "audits"
+    __table_args__ = (
+        # GET /v1/audits: newest first, keyset cursor over (created_at, id).
+        Index("ix_audits_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"))
+    params: Mapped[dict[str, Any]] = mapped_column(JsonType)  # validated, defaults filled in
+    classes: Mapped[int] = mapped_column(Integer)  # audit_class items: 0 .. classes - 1
+    seed: Mapped[int] = mapped_column(BigInteger)
+    report_job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class WebhookDelivery(Base):
     """One event for one endpoint (docs/architecture.md §9.10): the payload is fixed when the
     event happens; every retry sends the same `event_id` and body (with a fresh timestamp and
@@ -240,3 +263,26 @@ class EndedSession(Base):
 
     nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class JobEvent(Base):
+    """A job's status change or a batch's end, written by a database trigger in the transaction
+    that makes the change (migration 0005): the log that live event streams replay from
+    (`digin.service.events`, docs/architecture.md §8.12). `data` is JSON text; `at` seconds since
+    the epoch (old rows are pruned by it)."""
+
+    __tablename__ = "job_events"
+    __table_args__ = (
+        Index("ix_job_events_job_id_id", "job_id", "id"),
+        Index("ix_job_events_batch_id_id", "batch_id", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))  # status | batch_finished
+    data: Mapped[str] = mapped_column(Text)
+    at: Mapped[float] = mapped_column(Float, index=True)

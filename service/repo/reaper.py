@@ -10,6 +10,7 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from digin.service.db.models import ACTIVE, CANCELED, CANCELING, FAILED, QUEUED, QUEUES, Job
+from digin.service.events import EVENTS_RETENTION_S, prune_events
 from digin.service.repo.jobs import compare_and_set, job_error
 
 
@@ -104,6 +105,7 @@ def reap(
         .limit(limit)
     ).all()
     report.to_enqueue = [Dispatch(i, q, p, sent is not None) for i, q, p, sent in unclaimed]
+    prune_events(session, older_than_s=EVENTS_RETENTION_S)  # the live streams' old events
     return report
 
 

@@ -290,7 +290,8 @@ def test_cooperative_stop_in_the_inversion_and_in_the_edit(tiny_models, image_fi
     params = _params(tiny_models, image_file, targets=[1, 2])
     stopped = run_job("counterfactual", params, cache=cache, should_stop=lambda: True)
     assert stopped.stopped and stopped.items == [] and stopped.guidance is None
-    assert set(render_artifacts(stopped)) == {"original.png", "grid.png", "result.json"}
+    assert set(render_artifacts(stopped)) == {"original.png", "grid.png", "caption.txt",
+                                              "result.json"}  # fmt: skip
     inversions = cache.get(("counterfactual", "inversions"), InversionCache)
     assert len(inversions) == 0  # a stopped inversion is not cached
     run_job("counterfactual", params, cache=cache)  # inverts and caches
@@ -298,5 +299,6 @@ def test_cooperative_stop_in_the_inversion_and_in_the_edit(tiny_models, image_fi
     assert again.inversion_cached and again.stopped
     # polled at every DDIM step: the edit stops in its first chain, before any iteration
     assert again.guidance is None and again.items == []
-    shown = {"original.png", "reconstruction.png", "mask.png", "grid.png", "result.json"}
+    shown = {"original.png", "reconstruction.png", "mask.png", "grid.png", "caption.txt",
+             "result.json"}  # fmt: skip
     assert set(render_artifacts(again)) == shown  # what the steps before the edits made

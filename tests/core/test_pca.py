@@ -178,7 +178,7 @@ def test_folder_image_set_per_class_and_resolver(tmp_path):
          r"images: .*exactly one source"),
         ("neural_pca", {"class": 7, "images": {"folder": "x", "labels": "other"}},
          r"images: .*digits source only"),
-        ("neural_pca", {"class": 7, "images": {"digits": "test", "patch": {"top": 14}}},
+        ("neural_pca", {"class": 7, "images": {"digits": "test", "patch": {"top": 14, "size": 3}}},
          r"images\.patch: .*must lie inside the 16x16"),
         ("neural_pca", {"class": 7, "visualization": {"components": 17}},
          r"visualization\.components: .*less than or equal to 16"),

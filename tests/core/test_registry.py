@@ -153,6 +153,11 @@ CURATED = {
     "timm:convnext_base.fb_in22k_ft_in1k",
     "open_clip:ViT-B-16/laion2b_s34b_b88k",
     "open_clip:ViT-B-32/laion2b_s34b_b79k",
+    "blip:Salesforce/blip-image-captioning-large",
+    "blip:Salesforce/blip-image-captioning-base",
+    "sam:syscv-community/sam-hq-vit-huge",
+    "sam:syscv-community/sam-hq-vit-base",
+    "sam:facebook/sam-vit-base",
 }
 DIGITS = {"digits", "digits:cnn", "digits:mlp", "digits:cnn-spurious", "digits:judge"}
 
@@ -176,7 +181,7 @@ def test_curated_models_parse_and_are_well_formed(hub_cache):
     for m in models:
         assert parse_spec(m.spec).kind == m.kind
         assert m.resolution and m.resolution > 0
-        assert (m.num_classes is None) == (m.kind == "diffusion")
+        assert (m.num_classes is None) == (m.kind != "classifier")
         if m.spec in CURATED:
             assert m.source and m.source.startswith("hf-hub:")
             assert not m.available  # the cache is empty
@@ -274,6 +279,10 @@ def test_is_allowed():
         ("timm:resnet50@s3://bucket/ft.safetensors", False),
         ("open_clip:ViT-B-16/laion2b_s34b_b88k", False),
         ("open_clip:ViT-B-16/weights/clip.safetensors", True),
+        ("blip:Salesforce/blip-image-captioning-large", False),
+        ("blip:/models/blip", True),
+        ("sam:syscv-community/sam-hq-vit-huge", False),
+        ("sam:./sam", True),
     ],
 )
 def test_names_server_path(spec, local):

@@ -42,6 +42,8 @@ def test_specs(tiny_models):
         "sdxl": f"diffusers:{root / 'sdxl'}",
         "classifier": f"timm:test_resnet@{root / 'classifier.safetensors'}",
         "open_clip": f"open_clip:tiny-clip/{root / 'open_clip' / 'tiny-clip.safetensors'}",
+        "captioner": f"blip:{root / 'captioner'}",
+        "segmenter": f"sam:{root / 'segmenter'}",
     }
     assert json.loads((root / "specs.json").read_text()) == tiny_models
     sidecar = json.loads((root / "classifier.json").read_text())
