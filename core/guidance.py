@@ -28,6 +28,7 @@ loss (`digin.core.counterfactual.edit`).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,14 +43,25 @@ from digin.core.config import GuidanceConfig
 from digin.core.context import ProgressFn, StopFn, Stopped, check_stop
 from digin.core.diffusion import DiffusionModel, TextEmbeddings
 from digin.core.objectives import Objective, ObjectiveOutput
+from digin.core.regularizers import Regularizers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision names
 
 
-def loss_step_weights(loss_steps: int) -> Tensor:
-    """Linear weights of the last k x0-predictions: (1, 2, …, k) / Σ, e.g. 1/6, 2/6, 3/6."""
+def loss_step_weights(loss_steps: int, schedule: str = "linear") -> Tensor:
+    """Weights of the last k x0-predictions: `linear` (1, 2, …, k) / Σ, e.g. 1/6, 2/6, 3/6 (the
+    least noisy weighs most), or `uniform` 1/k each."""
+    if schedule == "uniform":
+        return torch.full((loss_steps,), 1.0 / loss_steps)
+    if schedule != "linear":
+        raise ValueError(f"loss_steps_schedule must be 'linear' or 'uniform', got {schedule!r}")
     w = torch.arange(1, loss_steps + 1, dtype=torch.float32)
     return w / w.sum()
+
+
+def steps_before(fraction: float, steps: int) -> int:
+    """How many steps i satisfy i / T < fraction (the official schedules' test)."""
+    return sum(1 for i in range(steps) if i / steps < fraction)
 
 
 def autocast(device: torch.device, precision: str):
@@ -71,34 +83,63 @@ class Deltas:
     """Optimised per-step embedding deltas ΔC and Δ∅ (pooled parts for SDXL)."""
 
     cond: Tensor  # (T', B, L, D), T' = T or 1
-    uncond: Tensor  # (T', B, L, D)
+    uncond: Tensor  # (T'', B, L, D), T'' = T or 1
     cond_pooled: Tensor | None  # (T', B, P)
-    uncond_pooled: Tensor | None
+    uncond_pooled: Tensor | None  # (T'', B, P)
 
     @staticmethod
-    def zeros(cond: TextEmbeddings, steps: int) -> Deltas:
-        def z(x: Tensor) -> Tensor:
-            return torch.zeros((steps, *x.shape), device=x.device)
+    def zeros(cond: TextEmbeddings, steps: int, uncond_steps: int | None = None) -> Deltas:
+        """Zero deltas: ΔC with `steps` entries (T or 1), Δ∅ with `uncond_steps` (default the
+        same)."""
 
-        def zp(x: Tensor | None) -> Tensor | None:
-            return None if x is None else z(x)
+        def z(x: Tensor, n: int) -> Tensor:
+            return torch.zeros((n, *x.shape), device=x.device)
 
-        return Deltas(z(cond.hidden), z(cond.hidden), zp(cond.pooled), zp(cond.pooled))
+        def zp(x: Tensor | None, n: int) -> Tensor | None:
+            return None if x is None else z(x, n)
+
+        n_u = steps if uncond_steps is None else uncond_steps
+        h, pooled = cond.hidden, cond.pooled
+        return Deltas(z(h, steps), z(h, n_u), zp(pooled, steps), zp(pooled, n_u))
 
     def tensors(self) -> list[Tensor]:
         parts = (self.cond, self.uncond, self.cond_pooled, self.uncond_pooled)
         return [p for p in parts if p is not None]
 
     def at(self, i: int) -> tuple[TextEmbeddings, TextEmbeddings]:
-        i = min(i, self.cond.shape[0] - 1)
+        """(ΔC[i], Δ∅[i]); a delta shared by all steps is the one of every step."""
 
         def pick(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x[i]
+            return None if x is None else x[min(i, x.shape[0] - 1)]
 
         return (
-            TextEmbeddings(self.cond[i], pick(self.cond_pooled)),
-            TextEmbeddings(self.uncond[i], pick(self.uncond_pooled)),
+            TextEmbeddings(pick(self.cond), pick(self.cond_pooled)),  # type: ignore[arg-type]
+            TextEmbeddings(pick(self.uncond), pick(self.uncond_pooled)),  # type: ignore[arg-type]
         )
+
+
+@dataclass
+class Blend:
+    """Latents blended into the chain (docs/architecture.md §3.11): at the start of step i, for
+    the items with i < steps[b], z_b ← m_b · template_i,b + (1 − m_b) · z_b. Counterfactuals keep
+    the reconstruction's background, neuron visualisations the unoptimised sample's foreground."""
+
+    templates: Tensor  # (T, B or 1, c, h, w) latents entering each step of a reference chain
+    mask: Tensor  # (B or 1, 1, h, w) in [0, 1]: where the templates are kept
+    steps: Tensor  # (B,) long, on the device: item b is blended at steps i < steps[b]
+    max_steps: int = 0  # max(steps), on the host (no step waits for the device)
+
+    @staticmethod
+    def make(templates: Tensor, mask: Tensor, steps: list[int]) -> Blend:
+        device = templates.device
+        return Blend(templates, mask, torch.tensor(steps, device=device), max(steps, default=0))
+
+    def __call__(self, z: Tensor, i: int) -> Tensor:
+        if i >= self.max_steps:
+            return z
+        on = (i < self.steps).to(z.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+        w = self.mask * on
+        return w * self.templates[i] + (1.0 - w) * z
 
 
 @dataclass
@@ -148,6 +189,8 @@ class DenoisingLoop:
         # timesteps copied to the device once here, so no step waits on a host-device copy.
         self.timesteps_device = self.scheduler.timesteps.to(self.device)
         self._time_ids: dict[int, Tensor | None] = {}
+        self.dpm = dpm_tables(self.scheduler) if config.solver == "dpm" else None
+        self.blend: Blend | None = None  # latents blended in at the first steps, if any
 
     def uncond_at(self, i: int) -> TextEmbeddings:
         u = self.uncond_base
@@ -164,14 +207,20 @@ class DenoisingLoop:
 
     def prepare(self, z: Tensor, i: int) -> Tensor:
         """What a chain adds at the start of step i, inside the (checkpointed) step so that the
-        recompute in backward does it again: nothing here; counterfactual edits blend the
-        background and set the step of the attention control (`digin.core.counterfactual.edit`)."""
-        return z
+        recompute in backward does it again: the `blend`, if any; counterfactual edits also set
+        the step of the attention control (`digin.core.counterfactual.edit`)."""
+        return z if self.blend is None else self.blend(z, i)
 
     def step(
-        self, z: Tensor, i: int, text: TextEmbeddings, time_ids: Tensor | None
+        self,
+        z: Tensor,
+        i: int,
+        text: TextEmbeddings,
+        time_ids: Tensor | None,
+        prev_x0: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """DDIM step i with classifier-free guidance: z_t → (z_{t-1}, x̂0)."""
+        """Step i with classifier-free guidance: z_t → (z_{t-1}, x̂0). DDIM, or with
+        `solver: dpm` DPM-Solver++(2M), which also takes the previous step's x̂0."""
         check_stop(self.should_stop)
         z = self.prepare(z, i)
         t = self.scheduler.timesteps[i]  # host copy, for the scheduler's tables
@@ -179,6 +228,8 @@ class DenoisingLoop:
             eps = self.model.eps(torch.cat([z, z]), self.timesteps_device[i], text, time_ids)
         eps_uncond, eps_cond = eps.float().chunk(2)
         eps = guided_eps(eps_uncond, eps_cond, self.config.guidance_scale)
+        if self.dpm is not None:
+            return dpm_step(self.dpm, self.scheduler.config, i, z, eps, prev_x0)
         out = self.scheduler.step(eps, t, z, eta=0.0)
         return out.prev_sample, out.pred_original_sample
 
@@ -193,7 +244,8 @@ class DenoisingLoop:
         time_ids = self.time_ids(z.shape[0])
         steps = len(self.scheduler.timesteps)
         grad = torch.is_grad_enabled() and self.config.checkpointing
-        x0s = []
+        x0s: list[Tensor] = []
+        prev = None  # the previous step's x̂0 (DPM-Solver++(2M) only)
         # Nothing in this loop reads a device value on the host (no .item(), .cpu(), bool of a
         # device tensor): the steps queue up on the device without waiting for each other.
         for i in range(steps):
@@ -203,14 +255,57 @@ class DenoisingLoop:
                 c, u = c + dc, u + du
             text = TextEmbeddings.cat([u, c])  # (2B, L, D): unconditional half first
             if grad:
-                z, x0 = checkpoint(self.step, z, i, text, time_ids, use_reentrant=False)
+                z, x0 = checkpoint(self.step, z, i, text, time_ids, prev, use_reentrant=False)
             else:
-                z, x0 = self.step(z, i, text, time_ids)
+                z, x0 = self.step(z, i, text, time_ids, prev)
                 if self.should_stop is not None and z.requires_grad:  # no recompute: the
                     z.register_hook(self._poll)  # backward pass polls at each step's z
             if i >= steps - keep_last:
                 x0s.append(x0)
+            prev = x0 if self.dpm is not None else None
         return x0s
+
+
+def dpm_tables(scheduler) -> list[tuple[float, float, float, float]]:
+    """Per step i of a DDIM scheduler's timesteps: (α_s, σ_s, α_t, σ_t), √ᾱ and √(1 − ᾱ) at the
+    step's timestep s and at the next, t = s − 1000/T (DDIM's `prev_timestep`; below 0 its
+    `final_alpha_cumprod`), so that the first-order update is DDIM's."""
+    ac = scheduler.alphas_cumprod.double()
+    ratio = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    final = float(scheduler.final_alpha_cumprod)
+    rows = []
+    for t in scheduler.timesteps.tolist():
+        a_s = float(ac[t])
+        a_t = float(ac[t - ratio]) if t - ratio >= 0 else final
+        rows.append((a_s**0.5, (1 - a_s) ** 0.5, a_t**0.5, (1 - a_t) ** 0.5))
+    return rows
+
+
+def dpm_step(tables, config, i: int, z: Tensor, out: Tensor, prev_x0: Tensor | None):
+    """DPM-Solver++(2M) step i (Lu et al. 2022, the midpoint form): x̂0 from the model output
+    (ε, v or x0, as the scheduler's `prediction_type`; clipped like DDIM's when `clip_sample`),
+    D = x̂0 + (x̂0 − x̂0_prev)·h/(2·h_prev) (first order, D = x̂0, at the first and the last
+    step), z_t = (σ_t/σ_s)·z + α_t·(1 − e^(−h))·D with h = λ_t − λ_s, λ = log(α/σ)."""
+    a_s, s_s, a_t, s_t = tables[i]
+    kind = config.prediction_type
+    if kind == "epsilon":
+        x0 = (z - s_s * out) / a_s
+    elif kind == "v_prediction":
+        x0 = a_s * z - s_s * out
+    elif kind == "sample":
+        x0 = out
+    else:
+        raise ValueError(f"prediction_type {kind!r} is not supported by the dpm solver")
+    if getattr(config, "clip_sample", False):
+        x0 = x0.clamp(-config.clip_sample_range, config.clip_sample_range)
+    d = x0
+    if prev_x0 is not None and 0 < i < len(tables) - 1:
+        a_p, s_p = tables[i - 1][:2]
+        h = math.log(a_t / s_t) - math.log(a_s / s_s)
+        h_prev = math.log(a_s / s_s) - math.log(a_p / s_p)
+        d = x0 + (x0 - prev_x0) * (h / (2 * h_prev))
+    decay = (s_t * a_s) / (s_s * a_t)  # e^(−h); 0 when σ_t = 0
+    return (s_t / s_s) * z + a_t * (1 - decay) * d, x0
 
 
 def _clean_views(objective: Objective, images: Tensor) -> list[Tensor]:
@@ -228,15 +323,33 @@ class Evaluation:
 
 class ObjectiveLoss(torch.nn.Module):
     """What the engine minimises for the generative kinds: x̂0 latent → image → classifier views
-    (`num_cutouts` crops per image, or the clean resize) → per-item objective; checkpointed as
-    one unit. `evaluate` is the clean path. Counterfactual edits add regularisers
-    (`digin.core.counterfactual.edit.EditLoss`)."""
+    (`num_cutouts` crops per image, or the clean resize) → per-item objective, plus the weighted
+    `regularizers` (distances to a reference, §3.12) if any; checkpointed as one unit.
+    `evaluate` is the clean path (regularisers included). Counterfactual edits change the clean
+    path's metrics (`digin.core.counterfactual.edit.EditLoss`)."""
 
-    def __init__(self, model, objective: Objective, config: GuidanceConfig, rngs, resolution):
+    def __init__(
+        self,
+        model,
+        objective: Objective,
+        config: GuidanceConfig,
+        rngs,
+        resolution,
+        regularizers: Regularizers | None = None,
+    ):
         super().__init__()
         self.model, self.objective, self.config = model, objective, config
         self.rngs = rngs
         self.resolution = resolution
+        self.regularizers = regularizers if regularizers else None  # None: no weight > 0
+
+    @torch.no_grad()
+    def begin(self, x0: Tensor) -> None:
+        """Hears the final x̂0 of iteration 0 (the unoptimised sample, (B, c, h, w)) before its
+        loss: regularisers without a reference take it and its image as theirs."""
+        reg = self.regularizers
+        if reg is not None and reg.z0 is None:
+            reg.set_reference(x0.detach().float(), self.decode(x0.detach()).detach().float())
 
     def sample_plans(self) -> list:
         """The crops of one loss step, drawn outside the checkpoint from each item's streams."""
@@ -265,15 +378,24 @@ class ObjectiveLoss(torch.nn.Module):
             clean_view(images, clf.input_size) if plan is None else apply_cutouts(images, plan)
             for clf, plan in zip(self.objective.classifiers, plans, strict=True)
         ]
-        return self.objective(views).loss, images  # (B,), (B, 3, H, W)
+        loss = self.objective(views).loss
+        if self.regularizers is not None:
+            loss = loss + self.regularizers(x0.float(), images)[0]
+        return loss, images  # (B,), (B, 3, H, W)
 
     @torch.no_grad()
     def evaluate(self, x0: Tensor, images: Tensor | None) -> Evaluation:
-        """The clean path on x̂0 (`images`: its decode, when the loss already made it)."""
+        """The clean path on x̂0 (`images`: its decode, when the loss already made it); with
+        regularisers, their weighted sum joins the loss and each distance the metrics."""
         images = (self.decode(x0) if images is None else images).detach().float()
         out: ObjectiveOutput = self.objective(_clean_views(self.objective, images))
         metrics = {k: v.detach().float() for k, v in out.metrics.items()}
-        return Evaluation(out.loss.detach().float(), metrics, images)
+        loss = out.loss.detach().float()
+        if self.regularizers is not None:
+            reg, parts = self.regularizers(x0.float(), images)
+            loss = loss + reg
+            metrics.update({k: v.float() for k, v in parts.items()})
+        return Evaluation(loss, metrics, images)
 
 
 def _clip_per_item(g: Tensor, item_dim: int, max_norm: float) -> None:
@@ -284,6 +406,19 @@ def _clip_per_item(g: Tensor, item_dim: int, max_norm: float) -> None:
     g.mul_((max_norm / (norm + 1e-6)).clamp(max=1.0))
 
 
+def _normalize_per_item(g: Tensor, item_dim: int) -> None:
+    """g_b ← g_b / ‖g_b‖₂ in place, separately for every item (a zero gradient stays zero)."""
+    dims = [d for d in range(g.dim()) if d != item_dim]
+    g.div_(torch.linalg.vector_norm(g, dim=dims, keepdim=True).clamp_min(1e-12))
+
+
+def _item_view(mask: Tensor, p: Tensor, item_dim: int) -> Tensor:
+    """(B,) → a shape that broadcasts along `p`'s item axis."""
+    shape = [1] * p.dim()
+    shape[item_dim] = -1
+    return mask.view(shape)
+
+
 def descend(
     total: Tensor,
     optimizer: torch.optim.Optimizer,
@@ -292,21 +427,29 @@ def descend(
     norms: Tensor,
     deltas: Deltas,
     config: GuidanceConfig,
+    frozen: Tensor | None = None,
 ) -> None:
     """One update from the per-item losses `total` (B,): the summed loss backpropagated (items
-    are independent: each gets its own single-run gradient), per-item gradient clipping, the
-    optimiser and schedule steps, and z_T re-projected onto its initial norms."""
+    are independent: each gets its own single-run gradient), per-item gradient clipping and
+    normalisation, the optimiser and schedule steps, and z_T re-projected onto its initial
+    norms. Items marked in `frozen` (B,) bool keep their variables as they were."""
     optimizer.zero_grad(set_to_none=True)
     total.sum().backward()
-    if config.grad_clip is not None:
-        for p, item_dim in ((z_T, 0), *((d, 1) for d in deltas.tensors())):
-            if p.grad is not None:
-                _clip_per_item(p.grad, item_dim, config.grad_clip)
+    variables = ((z_T, 0), *((d, 1) for d in deltas.tensors()))
+    for p, item_dim in variables:
+        if p.grad is not None and config.grad_clip is not None:
+            _clip_per_item(p.grad, item_dim, config.grad_clip)
+        if p.grad is not None and config.normalize_gradients:
+            _normalize_per_item(p.grad, item_dim)
+    before = [(p, p.detach().clone(), d) for p, d in variables] if frozen is not None else []
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
     with torch.no_grad():
         z_T.mul_(norms / z_T.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        for p, old, item_dim in before:  # the frozen items' variables back as they were
+            assert frozen is not None  # `before` is empty otherwise
+            p.copy_(torch.where(_item_view(frozen, p, item_dim), old, p))
 
 
 def make_optimizer(
@@ -356,13 +499,17 @@ def optimize(
     latents: Tensor | None = None,
     progress: ProgressFn | None = None,
     should_stop: StopFn | None = None,
+    regularizers: Regularizers | None = None,
+    setup: Callable[[DenoisingLoop, Tensor], None] | None = None,
 ) -> GuidanceResult:
     """Optimise z_T, ΔC and Δ∅ of B independent items so that `objective` is minimised.
 
     `cond`/`uncond` hold B items (uncond may be per step, (T, B, L, D)); `seeds` give each item
     its own z_T (unless `latents` are given) and its own augmentation streams, so a batched run
     equals B single runs up to float tolerance. The model runs with the config's channels-last,
-    compile and decoder-recompute settings for the duration of the call.
+    compile and decoder-recompute settings for the duration of the call. `regularizers` without
+    a reference take each item's unoptimised sample (§3.12); `setup(loop, z_T)` runs before the
+    optimisation (e.g. to set the chain's `blend`).
     """
     b = len(seeds)
     if cond.hidden.shape[0] != b:
@@ -370,8 +517,10 @@ def optimize(
     resolution = resolution or model.resolution
     rngs = [ItemRNG.from_seed(s, model.device) for s in seeds]
     z_T = initial_latents(model, rngs, resolution) if latents is None else latents
-    loss = ObjectiveLoss(model, objective, config, rngs, resolution)
+    loss = ObjectiveLoss(model, objective, config, rngs, resolution, regularizers)
     loop = DenoisingLoop(model, config, resolution, uncond)
+    if setup is not None:
+        setup(loop, z_T.to(model.device))
     return run(model, loop, loss, z_T=z_T, cond=cond, config=config, progress=progress,
                should_stop=should_stop)  # fmt: skip
 
@@ -408,23 +557,32 @@ def _run(loop, loss, z_T, cond, config, progress, should_stop, progress_info) ->
     z_T = z_T.to(device).detach().clone().requires_grad_(config.optimize_latents)
     b = z_T.shape[0]
     norms = z_T.detach().flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-    deltas = Deltas.zeros(cond, config.ddim_steps if config.per_step_deltas else 1)
+    steps = config.ddim_steps
+    deltas = Deltas.zeros(cond, steps if config.per_step_deltas else 1,
+                          steps if config.uncond_per_step else 1)  # fmt: skip
     optimizer, scheduler = make_optimizer(config, z_T, deltas)
-    weights = loss_step_weights(config.loss_steps).tolist()
+    weights = loss_step_weights(config.loss_steps, config.loss_steps_schedule).tolist()
     record = Recorder(b, device, config.iterations + 1, progress, progress_info)
     loop.should_stop = should_stop  # polled at every DDIM step
+    # early stopping: items whose training loss fell below the threshold take no more steps
+    early = config.early_stopping_loss
+    frozen = None if early is None else torch.zeros(b, dtype=torch.bool, device=device)
 
     # 2. Iterations; the last only evaluates. A stop inside an iteration drops that iteration
     # (its update is not taken); before the first one was recorded there is nothing to return.
     for it in range(config.iterations + 1):
         try:
             _iteration(it, loop, loss, z_T, cond, deltas, config, optimizer, scheduler, norms,
-                       weights, record)  # fmt: skip
+                       weights, record, frozen)  # fmt: skip
         except Stopped:
             if not record.trajectory:
                 raise
             record.stopped = True
             break
+        if early is not None and record.train_losses and it < config.iterations:
+            record.below = record.below | (record.train_losses[-1] < early)  # host copy
+            if bool(record.below.all()):  # every item has stopped: the run ends here
+                break
         if should_stop is not None and it < config.iterations and should_stop():
             record.stopped = True
             break
@@ -432,9 +590,10 @@ def _run(loop, loss, z_T, cond, config, progress, should_stop, progress_info) ->
 
 
 def _iteration(it, loop, loss, z_T, cond, deltas, config, optimizer, scheduler, norms, weights,
-               record) -> None:  # fmt: skip
+               record, frozen=None) -> None:  # fmt: skip
     """Iteration `it`: the chain, the augmented loss and the update (all but the last
-    iteration), the clean path of its final x̂0 recorded."""
+    iteration), the clean path of its final x̂0 recorded. `frozen` (B,) bool, with early
+    stopping: the items that take no more steps (updated here from this iteration's loss)."""
     b, device = z_T.shape[0], loop.device
     train = it < config.iterations and optimizer is not None
     record.start()
@@ -442,6 +601,8 @@ def _iteration(it, loop, loss, z_T, cond, deltas, config, optimizer, scheduler, 
     with torch.set_grad_enabled(train):
         x0s = loop(z_T, cond, deltas, keep_last=config.loss_steps if train else 1)
     record.chain_done()
+    if it == 0:
+        loss.begin(x0s[-1])  # the unoptimised sample: the regularisers' reference, if needed
 
     # the augmented loss on the last k x̂0, weighted, back-propagated
     images, train_loss = None, None
@@ -455,7 +616,9 @@ def _iteration(it, loop, loss, z_T, cond, deltas, config, optimizer, scheduler, 
                 item_loss, images = loss(x0, plans)
             total = total + w * item_loss
         train_loss = total.detach().float()
-        descend(total, optimizer, scheduler, z_T, norms, deltas, config)
+        if frozen is not None:  # the threshold is checked before the step, as officially
+            frozen |= train_loss < config.early_stopping_loss
+        descend(total, optimizer, scheduler, z_T, norms, deltas, config, frozen)
 
     # the clean path on the final x̂0 (before this iteration's update)
     record.iteration(it, norm, loss.evaluate(x0s[-1].detach(), images), train_loss)
@@ -478,6 +641,7 @@ class Recorder:
         self.best_images: Tensor | None = None
         self.best_iteration = torch.zeros(b, dtype=torch.long, device=device)
         self.stopped = False
+        self.below = torch.zeros(b, dtype=torch.bool)  # host: items below the early-stop loss
         self.t_chain = self.t_loss = 0.0
         self._t0 = self._t1 = 0.0
 

@@ -24,13 +24,15 @@ from digin.core.classes import imagenet_classes, resolve_class
 from digin.core.classifiers import Classifier, ClipTemplates
 from digin.core.context import ProgressFn, RunContext, StopFn, Stopped
 from digin.core.diffusion import DiffusionModel
-from digin.core.guidance import DTYPES, GuidanceResult, optimize
+from digin.core.foreground import class_tokens, foreground_blend
+from digin.core.guidance import DTYPES, DenoisingLoop, GuidanceResult, optimize
 from digin.core.limits import LRU
 from digin.core.loaders import load_classifier, load_diffusion
 from digin.core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
 from digin.core.output import render_generative
 from digin.core.params import DisagreementParams, GuidedParams, NeuronParams, kind_of
 from digin.core.registry import ModelRoots, check_model_roots
+from digin.core.regularizers import Regularizers, load_lpips
 
 DEFAULT_CACHED_MODELS = 8  # a job holds up to 4 entries: diffusion, 2 classifiers, inversions
 
@@ -249,7 +251,7 @@ def make_objective(
     device = next(clfs[0].parameters()).device
     classes = torch.tensor([it.class_index or 0 for it in items], device=device)
     if isinstance(params, GuidedParams):
-        return ClassObjective(clfs[0], classes)
+        return ClassObjective(clfs[0], classes, params.loss)
     if isinstance(params, DisagreementParams):
         # the same classes in classifier2's numbering, found by name
         names = [it.class_name for it in items if it.class_name is not None]
@@ -317,20 +319,34 @@ def optimize_in_batches(
 ) -> tuple[list[ItemT], GuidanceResult]:
     """Optimise `items` (each with `.index`, `.seed`, `.prompt`) in batches of at most
     `max_batch`, each batch with `objective_for(batch)` and the params' guidance settings,
-    prompt and negative prompt (`run_batches`). Returns the items that ran and their joined
-    result."""
+    prompt, negative prompt, regularisers and (neuron) foreground blend (`run_batches`).
+    Returns the items that ran and their joined result."""
+    weights = params.regularizers.active() if hasattr(params, "regularizers") else {}
+    lpips_model = load_lpips(model.device) if "lpips" in weights else None  # once per job
+    fraction = getattr(params, "foreground_blend", 0.0)
 
     def run_batch(chunk: list[ItemT], chunk_progress: ProgressFn) -> GuidanceResult:
+        cond = model.encode_text([it.prompt for it in chunk])
+        setup = None
+        if fraction > 0:
+            template = params.prompt or ""
+            tokens = [class_tokens(model.tokenizers[0], template, it.prompt) for it in chunk]
+
+            def setup(loop: DenoisingLoop, z_T: torch.Tensor) -> None:
+                loop.blend = foreground_blend(loop, z_T, cond, tokens, fraction)
+
         return optimize(
             model,
             objective_for(chunk),
-            cond=model.encode_text([it.prompt for it in chunk]),
+            cond=cond,
             uncond=model.null_text(len(chunk), params.negative_prompt),
             seeds=[it.seed for it in chunk],
             config=params.guidance,
             resolution=resolution,
             progress=chunk_progress,
             should_stop=should_stop,
+            regularizers=Regularizers(weights, model.device, lpips_model) if weights else None,
+            setup=setup,
         )
 
     ran, results = run_batches(items, max_batch, params.guidance.iterations, progress, run_batch)

@@ -18,8 +18,9 @@ from torch import Tensor
 if TYPE_CHECKING:
     from digin.core.classifiers import Classifier
 
+ClassLoss = Literal["ce", "conf"]
 DisagreementLoss = Literal["conf", "log_conf", "logits"]
-NeuronMode = Literal["activate", "activate_keep_class", "suppress_keep_class"]
+NeuronMode = Literal["activate", "suppress", "activate_keep_class", "suppress_keep_class"]
 
 
 @dataclass
@@ -53,19 +54,24 @@ class Objective(torch.nn.Module):
 
 
 class ClassObjective(Objective):
-    """`guided`: CE(f(x), y), mean over views."""
+    """`guided`: `ce` CE(f(x), y) = −log p(y|x), or `conf` −p(y|x); mean over views."""
 
     targets: Tensor  # buffer (B,)
 
-    def __init__(self, classifier: Classifier, targets: Tensor) -> None:
+    def __init__(self, classifier: Classifier, targets: Tensor, loss: ClassLoss = "ce") -> None:
         super().__init__()
+        if loss not in ("ce", "conf"):
+            raise ValueError(f"loss must be 'ce' or 'conf', got {loss!r}")
         self.classifiers = [classifier]
+        self.loss = loss
         self.register_buffer("targets", targets.long(), persistent=False)  # (B,)
 
     def forward(self, views: list[Tensor]) -> ObjectiveOutput:
         logp = _logits(self.classifiers[0], views[0]).log_softmax(-1)  # (B, n, K)
         logp_y = _pick(logp, self.targets)  # (B, n)
-        return ObjectiveOutput(-logp_y.mean(1), {"p": logp_y.exp().mean(1).detach()})
+        p = logp_y.exp().mean(1)  # (B,)
+        loss = -logp_y.mean(1) if self.loss == "ce" else -p
+        return ObjectiveOutput(loss, {"p": p.detach()})
 
 
 class DisagreementObjective(Objective):
@@ -107,8 +113,8 @@ class DisagreementObjective(Objective):
 
 class NeuronObjective(Objective):
     """`neuron`: a penultimate unit a_n (input of the last linear layer), optionally keeping
-    class k: activate −a_n; activate_keep_class −10·a_n − 0.5·log p(k); suppress_keep_class
-    +10·a_n − 0.5·log p(k)."""
+    class k: activate −a_n; suppress +a_n; activate_keep_class −10·a_n − 0.5·log p(k);
+    suppress_keep_class +10·a_n − 0.5·log p(k)."""
 
     neurons: Tensor  # buffers (B,)
     classes: Tensor | None
@@ -121,7 +127,7 @@ class NeuronObjective(Objective):
         classes: Tensor | None = None,
     ) -> None:
         super().__init__()
-        if mode != "activate" and classes is None:
+        if mode.endswith("_keep_class") and classes is None:
             raise ValueError(f"neuron mode {mode!r} needs a class for every item")
         self.classifiers = [classifier]
         self.mode = mode
@@ -134,12 +140,13 @@ class NeuronObjective(Objective):
         feats = feats.float().view(b, n, -1)  # (B, n, F)
         act = _pick(feats, self.neurons).mean(1)  # (B,)
         metrics = {"activation": act.detach()}
+        plain = act if self.mode == "suppress" else -act  # the modes without the class term
         if self.classes is None:
-            return ObjectiveOutput(-act, metrics)
+            return ObjectiveOutput(plain, metrics)
         logp = _pick(logits.float().view(b, n, -1).log_softmax(-1), self.classes).mean(1)
         metrics["p"] = logp.exp().detach()
-        if self.mode == "activate":
-            return ObjectiveOutput(-act, metrics)
+        if self.mode in ("activate", "suppress"):
+            return ObjectiveOutput(plain, metrics)
         sign = -1.0 if self.mode == "activate_keep_class" else 1.0
         return ObjectiveOutput(sign * 10.0 * act - 0.5 * logp, metrics)
 
