@@ -36,7 +36,7 @@ run:
 	$(BIN)/digin run $(KIND) --params $(PARAMS) --out $(OUT) --device $(DEVICE)
 
 test:
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2
 
 # The same lint as CI (.ci/run) and the pre-commit hooks: ruff, ruff format, mypy over the installed
 # names (strict on the service packages and the client, a clean relaxed run on core/).

@@ -25,12 +25,18 @@ import pytest
 # Handed out first, in this order (the slowest, BENCHMARKS.md "Test suite time"); the other
 # files keep their collection order after them.
 SLOW_FIRST = (
-    "tests/reliability/",
+    "tests/bench/",  # one test of minutes: the GPU benchmark's smoke run on the CPU
+    "tests/core/test_flops.py",
+    "tests/core/test_guidance.py",
     "tests/e2e/",
+    "tests/reliability/",
+    "tests/core/test_cancellation.py",
+    "tests/core/test_digits_semantic.py",
+    "tests/core/test_digits_counterfactual.py",
+    "tests/worker/",
     "tests/adversarial/",
     "tests/client/",
     "tests/ui/",
-    "tests/worker/",
 )
 WHOLE_PACKAGES = ("tests/adversarial/",)  # one package-scoped instance for all its files
 REDIS_DATABASES_PER_WORKER = 5  # the suite's databases are 11 to 15 (worker_redis_url)
