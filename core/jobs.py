@@ -20,7 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from digin.core.batching import job_batch
-from digin.core.classes import imagenet_classes, resolve_class
+from digin.core.classes import imagenet_classes, prompt_class_names, resolve_class
 from digin.core.classifiers import Classifier, ClipTemplates
 from digin.core.context import ProgressFn, RunContext, StopFn, Stopped
 from digin.core.diffusion import DiffusionModel
@@ -28,6 +28,7 @@ from digin.core.foreground import class_tokens, foreground_blend
 from digin.core.guidance import DTYPES, DenoisingLoop, GuidanceResult, optimize
 from digin.core.limits import LRU
 from digin.core.loaders import load_classifier, load_diffusion
+from digin.core.noisebank import item_latents
 from digin.core.objectives import ClassObjective, DisagreementObjective, NeuronObjective, Objective
 from digin.core.output import render_generative
 from digin.core.params import DisagreementParams, GuidedParams, NeuronParams, kind_of
@@ -103,6 +104,7 @@ class Item:
     class_index: int | None = None
     class_name: str | None = None
     neuron: int | None = None
+    image_index: int = 0  # the item's number among its class's (or neuron's) images
 
 
 ItemT = TypeVar("ItemT", bound=Item)
@@ -227,12 +229,15 @@ def class_index(ref: int | str, classifier: Classifier) -> int:
 
 def expand_items(params: GenerativeParams, classifier: Classifier, seed: int) -> list[Item]:
     items: list[Item] = []
+    # the names prompts use: ours, or the official code's (`class_names`, docs/differences.md)
+    prompt_names = prompt_class_names(classifier.class_names, params.class_names)
 
     def add(class_index: int | None, neuron: int | None = None) -> None:
         name = None if class_index is None else classifier.class_names[class_index]
-        for _ in range(params.images_per_class):
+        prompt = params.prompt_for(None if class_index is None else prompt_names[class_index])
+        for j in range(params.images_per_class):
             i = len(items)
-            items.append(Item(i, seed + i, params.prompt_for(name), class_index, name, neuron))
+            items.append(Item(i, seed + i, prompt, class_index, name, neuron, j))
 
     if isinstance(params, NeuronParams):
         classes: Sequence[int | str | None] = params.classes or [None]
@@ -341,6 +346,7 @@ def optimize_in_batches(
             cond=cond,
             uncond=model.null_text(len(chunk), params.negative_prompt),
             seeds=[it.seed for it in chunk],
+            latents=item_latents(model, chunk, params, resolution),
             config=params.guidance,
             resolution=resolution,
             progress=chunk_progress,

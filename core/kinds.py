@@ -8,6 +8,8 @@
     neural_pca       NeuralPcaParams       analysis.run_neural_pca
     spurious_score   SpuriousScoreParams   analysis.run_spurious_score
     counterfactual   CounterfactualParams  counterfactual.job.run_counterfactual
+    audit_class      AuditClassParams      audit.run_audit_class
+    misclassified    MisclassifiedParams   misclassified.run_misclassified
 
 Every runner is `run(params, ctx) -> Result`: validated params and a `digin.core.context.RunContext`
 (seed, device, model cache, max batch, progress, cancellation, image resolver).
@@ -28,10 +30,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from digin.core.analysis import run_neural_pca, run_pca_component, run_spurious_score
+from digin.core.audit import run_audit_class
 from digin.core.batching import job_batch
 from digin.core.context import ImageResolver, ProgressFn, RunContext, StopFn
 from digin.core.counterfactual.job import run_counterfactual
 from digin.core.jobs import DEFAULT_CACHE, ModelCache, run_generative
+from digin.core.misclassified import run_misclassified
 from digin.core.output import Result
 from digin.core.params import PARAMS_BY_KIND, ParamsError, validate_params
 
@@ -68,6 +72,8 @@ _RUNNERS: dict[str, Callable[[Any, RunContext], Result]] = {
     "neural_pca": run_neural_pca,
     "spurious_score": run_spurious_score,
     "counterfactual": run_counterfactual,
+    "misclassified": run_misclassified,
+    "audit_class": run_audit_class,
 }
 if set(_RUNNERS) != set(PARAMS_BY_KIND):
     raise RuntimeError(f"kinds without a runner or params: {set(_RUNNERS) ^ set(PARAMS_BY_KIND)}")

@@ -7,11 +7,15 @@ read from disk).
 
 The cost of a job is the work of its model passes over pixels:
 
-    generative kinds   items x passes x DDIM steps x pixels      (passes = iterations + 1)
-    counterfactual     as above over its targets, the prompt-to-prompt search passes counted
-                       too, plus the inversion of the one image
+    generative kinds   items x passes x DDIM steps x pixels      (passes = iterations + 1,
+                       + 1 with a neuron foreground blend: the chain that makes the mask)
+    counterfactual     as above over its targets, a pass per (prompt-to-prompt, blend) pair
+                       of the schedule search counted too, plus the inversion of the one
+                       image, plus the captioner's passes (tokens x beams) and the
+                       segmenter's one pass at their input sides
     analysis kinds     images x pixels (each image through the classifier once), plus the
-                       neural_pca visualisation as a generative job
+                       neural_pca visualisation as a generative job; audit_class: images per
+                       class x (1 + other classes)
 
 Pixels are the image side squared: the params' `resolution`, else the diffusion model's native
 side (`digin.core.registry.native_resolution`), else ASSUMED_DIFFUSION_SIDE; for classifiers
@@ -30,12 +34,15 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from digin.core.params import DEFAULT_CLASSIFIER, MAX_SET_IMAGES, PARAMS_BY_KIND
-from digin.core.registry import classifier_facts, native_resolution
+from digin.core.registry import classifier_facts, input_side, native_resolution
+from digin.core.wordnet import wordnet_target_count
 
 # A diffusion model whose native side is unknown without loading it is assumed to be this large:
 # the largest native side of the supported families (SDXL), so the estimate never undercounts.
 ASSUMED_DIFFUSION_SIDE = 1024
 ASSUMED_CLASSIFIER_SIDE = 384  # the largest input side of the curated classifiers
+ASSUMED_CAPTIONER_SIDE = 384  # BLIP's
+ASSUMED_SEGMENTER_SIDE = 1024  # SAM's
 ASSUMED_CLASSES = 1000  # a classifier of unknown class count: ImageNet's (CLIP's default names)
 DIGITS_IMAGES = 1797  # scikit-learn's digits, of which each split is a part
 
@@ -111,7 +118,10 @@ def _guidance(params: Mapping[str, Any]) -> tuple[int, int]:
 def _generative(params: Mapping[str, Any]) -> JobCost:
     refs = params.get("neurons") or params.get("classes") or [None]
     items = len(refs) * int(params.get("images_per_class") or 1)
-    return _chain("item", items, *_guidance(params), _diffusion_side(params))
+    passes, steps = _guidance(params)
+    if float(params.get("foreground_blend") or 0) > 0:  # neuron: the chain that makes the mask
+        passes += 1
+    return _chain("item", items, passes, steps, _diffusion_side(params))
 
 
 def _pca_component(params: Mapping[str, Any]) -> JobCost:
@@ -141,24 +151,69 @@ def _counterfactual(params: Mapping[str, Any]) -> JobCost:
     targets = params.get("targets")
     if isinstance(targets, list):
         n = len(targets)
+    elif isinstance(targets, str) and targets.startswith("wordnet"):
+        n = wordnet_target_count(targets, params.get("start_class"))
     else:  # 'others': every class but the start class
         n = max(1, (classifier_facts(str(params.get("classifier")))[1] or ASSUMED_CLASSES) - 1)
     passes, steps = _guidance(params)
     cf = params.get("counterfactual") or {}
-    search = len(cf.get("p2p_fractions") or [0.0])  # each fraction: one chain of every target
+    # each (p2p fraction, blend fraction) pair of the schedule search: one chain of every target
+    blends = {cf.get("blend_fraction", 0.3), *(cf.get("blend_search") or ())}
+    search = len(cf.get("p2p_fractions") or [0.0]) * len(blends)
     side = _diffusion_side(params)
     # the inversion of the one image: DDIM inversion, per step the conditional pass, the
     # null-text steps and the step taken, then three reconstructions
     inversion = int(cf.get("null_text_steps", 0)) + 5
-    return _chain("target", n, passes + search, steps, side) + _chain(
-        "inverted image", 1, inversion, steps, side
+    return (
+        _chain("target", n, passes + search, steps, side)
+        + _chain("inverted image", 1, inversion, steps, side)
+        + _counterfactual_extras(params, cf)
     )
+
+
+def _counterfactual_extras(params: Mapping[str, Any], cf: Mapping[str, Any]) -> JobCost:
+    """The captioner (when no caption is given; a pass per token and beam) and the segmenter."""
+    cost = JobCost(0, ())
+    if params.get("captioner") and not params.get("caption"):
+        side = input_side(str(params["captioner"])) or ASSUMED_CAPTIONER_SIDE
+        passes = int(cf.get("caption_max_tokens", 20)) * int(cf.get("caption_beams", 3))
+        cost += _images("captioner step", passes, side)
+    if params.get("segmenter"):
+        side = input_side(str(params["segmenter"])) or ASSUMED_SEGMENTER_SIDE
+        cost += _images("segmented image", 1, side)
+    return cost
+
+
+def _misclassified(params: Mapping[str, Any]) -> JobCost:
+    """The scan (every image through the classifier; one folder per class) plus, per edited
+    image, a counterfactual with one target."""
+    images = params.get("images")
+    folders = len(params.get("classes") or [None])
+    spec = params.get("classifier") or DEFAULT_CLASSIFIER
+    scan = _images("scanned image", folders * _set_size(images), _classifier_side(spec))
+    edit = _counterfactual({**params, "targets": [None]})
+    n = int(params.get("max_images") or 1)
+    return scan + JobCost(n * edit.value, tuple(f"{n} x ({t})" for t in edit.terms))
+
+
+def _audit_class(params: Mapping[str, Any]) -> JobCost:
+    """Class k's images and those of every other class, each through the classifier once."""
+    spec = params.get("classifier") or DEFAULT_CLASSIFIER
+    others = params.get("others")
+    if not isinstance(others, list):  # 'all': every other class
+        others = [None] * ((classifier_facts(str(spec))[1] or ASSUMED_CLASSES) - 1)
+    images = params.get("images") or {}
+    per_class = int(images.get("per_class") or MAX_SET_IMAGES)
+    if images.get("image_ids"):
+        per_class = min(per_class, max(len(ids) for ids in images["image_ids"].values()))
+    return _images("image", per_class * (1 + len(others)), _classifier_side(spec))
 
 
 CostFn = Callable[[Mapping[str, Any]], JobCost]
 COST_BY_KIND: dict[str, CostFn] = dict.fromkeys(("guided", "disagreement", "neuron"), _generative)
 COST_BY_KIND |= {"pca_component": _pca_component, "neural_pca": _neural_pca,
-                 "spurious_score": _spurious_score, "counterfactual": _counterfactual}  # fmt: skip
+                 "spurious_score": _spurious_score, "counterfactual": _counterfactual,
+                 "misclassified": _misclassified, "audit_class": _audit_class}  # fmt: skip
 if set(COST_BY_KIND) != set(PARAMS_BY_KIND):
     raise RuntimeError(f"kinds without a cost estimate: {set(COST_BY_KIND) ^ set(PARAMS_BY_KIND)}")
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -29,11 +31,12 @@ from pydantic import (
     model_validator,
 )
 
-from digin.core.config import GuidanceConfig, apply_preset
+from digin.core.config import GuidanceConfig, RegularizerWeights, apply_preset
 from digin.core.counterfactual.config import CounterfactualConfig
 from digin.core.digits import settings as digits_settings
 from digin.core.registry import max_resolution
 
+TARGET_SETS = r"^(others|wordnet(:\d{1,4})?)$"  # counterfactual targets named as a set
 ClassRef = Annotated[int, Field(ge=0)] | Annotated[str, Field(min_length=1, max_length=200)]
 ModelSpec = Annotated[str, Field(min_length=1, max_length=500)]
 
@@ -97,6 +100,11 @@ class _Generative(BaseModel):
         "defaults (the digits zoo's "
         "for a digits diffusion model)",
     )
+    regularizers: RegularizerWeights = Field(
+        default_factory=RegularizerWeights,
+        description="weights of distances to each item's unoptimised sample added to the loss "
+        "(docs/architecture.md §3.12); all 0: none",
+    )
 
     _resolution = field_validator("resolution")(resolution_for_model)
 
@@ -130,14 +138,34 @@ class _Generative(BaseModel):
         return (self.prompt or "").replace("{class}", class_name or "")
 
 
-class GuidedParams(_Generative):
+class _PaperSettings(BaseModel):
+    """Options that reproduce the paper's official prompts and starting noise."""
+
+    class_names: Literal["ours", "official"] = Field(
+        default="ours",
+        description="class names in the prompts: ours (open_clip's ImageNet names) or, for "
+        "ImageNet-1k classifiers, 'official': the paper's code's (the first WordNet lemma, e.g. "
+        "'hammerhead', 'kite'; docs/differences.md)",
+    )
+    latents: Literal["ours", "official"] = Field(
+        default="ours",
+        description="z_T: ours (item i drawn from its own stream, seed + i) or 'official': the "
+        "paper's code's bank (torch.manual_seed(0), one z_T per class index and image; ignores "
+        "the seed; every item needs a class)",
+    )
+
+
+class GuidedParams(_PaperSettings, _Generative):
     """`guided`: images of class y that the classifier is confident about, CE(f(x), y)."""
 
     classifier: ModelSpec = DEFAULT_CLASSIFIER
     classes: list[ClassRef] = Field(min_length=1, max_length=1000)
+    loss: Literal["ce", "conf"] = Field(
+        default="ce", description="ce: −log p(y|x); conf: −p(y|x) (docs/architecture.md §4.3)"
+    )
 
 
-class DisagreementParams(_Generative):
+class DisagreementParams(_PaperSettings, _Generative):
     """`disagreement`: images of class y that classifier1 finds and classifier2 does not."""
 
     classifier1: ModelSpec = "digits:cnn-spurious"
@@ -146,7 +174,7 @@ class DisagreementParams(_Generative):
     loss: Literal["conf", "log_conf", "logits"] = "conf"
 
 
-class NeuronParams(_Generative):
+class NeuronParams(_PaperSettings, _Generative):
     """`neuron`: images that drive a penultimate unit up (or down while keeping a class)."""
 
     classifier: ModelSpec = DEFAULT_CLASSIFIER
@@ -155,7 +183,13 @@ class NeuronParams(_Generative):
         default=None,
         description="one class for all neurons, or one per neuron; needed by the keep modes",
     )
-    mode: Literal["activate", "activate_keep_class", "suppress_keep_class"] = "activate"
+    mode: Literal["activate", "suppress", "activate_keep_class", "suppress_keep_class"] = "activate"
+    foreground_blend: Annotated[float, Field(ge=0.0, le=1.0)] = Field(
+        default=0.0,
+        description="keep the unoptimised sample's foreground (the class words' cross-attention "
+        "mask) for this share of the first steps; the paper's neuron script: 0.3; needs classes "
+        "and a prompt with '{class}' (docs/architecture.md §4.3)",
+    )
 
     @model_validator(mode="after")
     def _classes_match(self) -> NeuronParams:
@@ -164,8 +198,14 @@ class NeuronParams(_Generative):
                 f"classes must hold 1 or {len(self.neurons)} entries (one per neuron), "
                 f"got {len(self.classes)}"
             )
-        if self.mode != "activate" and self.classes is None:
+        if self.mode.endswith("_keep_class") and self.classes is None:
             raise ValueError(f"mode {self.mode!r} needs classes (the class to keep)")
+        no_class = self.prompt is not None and "{class}" not in self.prompt  # None: the default
+        if self.foreground_blend > 0 and (self.classes is None or no_class):
+            raise ValueError(
+                "foreground_blend needs classes and a prompt with '{class}': the mask is the "
+                "cross-attention of the class words"
+            )
         return self
 
 
@@ -178,21 +218,26 @@ MAX_PCA_FEATURES = 65_536  # penultimate features of a PCA passed in the params
 
 class PatchPlan(BaseModel):
     """The zoo's planted patch (`digin.core.digits.data.PatchSpec`) in a share of a digits image
-    set: exactly round(rate · N) of the N images, a seeded choice, carry it."""
+    set: exactly round(rate · N) of the N images, a seeded choice, carry it. Position, size and
+    intensity not given are those of the classifier's zoo folder (its model card's patch; the
+    default 3x3 square at the top-left, intensity 1.0, for a classifier outside the zoo)."""
 
     model_config = ConfigDict(extra="forbid")
 
     rate: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0  # share of the images with the patch
     opacity: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0  # 1: the plain patch; less: blended
     seed: Annotated[int, Field(ge=0)] = 0  # which images get it
-    top: Annotated[int, Field(ge=0, lt=DIGITS_SIDE)] = 0  # the zoo's patch: 3x3, top-left, 1.0
-    left: Annotated[int, Field(ge=0, lt=DIGITS_SIDE)] = 0
-    size: Annotated[int, Field(ge=1, le=DIGITS_SIDE)] = 3
-    intensity: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    top: Annotated[int, Field(ge=0, lt=DIGITS_SIDE)] | None = None  # None: the zoo card's
+    left: Annotated[int, Field(ge=0, lt=DIGITS_SIDE)] | None = None
+    size: Annotated[int, Field(ge=1, le=DIGITS_SIDE)] | None = None
+    intensity: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
 
     @model_validator(mode="after")
     def _inside(self) -> PatchPlan:
-        if max(self.top, self.left) + self.size > DIGITS_SIDE:
+        # fields not given are the zoo card's: checked up front at their smallest (0 and 1), and
+        # again once the card fills them in (`digin.core.imagesets.planted_patch`)
+        top, left, size = self.top or 0, self.left or 0, self.size or 1
+        if max(top, left) + size > DIGITS_SIDE:
             raise ValueError(
                 f"the patch ({self.size}px at top={self.top}, left={self.left}) must lie inside "
                 f"the {DIGITS_SIDE}x{DIGITS_SIDE} digits"
@@ -370,6 +415,124 @@ class SpuriousScoreParams(BaseModel):
     )
 
 
+# --- audits: the per-class step (run by digin.core.audit; the request: digin.core.audit_params)
+
+
+class AuditImages(BaseModel):
+    """The images of an audit, per class, from exactly one source: a split of the bundled digits
+    (with the zoo classifier's planted feature at its training rates, from its model card), a
+    server folder template with '{class}', or uploaded image ids per class."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    digits: Literal["train", "test", "judge"] | None = Field(
+        default=None, description="a split of the bundled digits data (docs/architecture.md §6.4)"
+    )
+    patch: Literal["training", "none"] = Field(
+        default="training",
+        description="digits only: 'training' plants the zoo classifier's feature into each "
+        "class's digits at the rates of its training (its model card's patch_plan and patch); "
+        "'none': clean digits",
+    )
+    folder: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        default=None, description="a folder template containing '{class}' (one folder per class)"
+    )
+    image_ids: (
+        Annotated[
+            dict[
+                Annotated[str, Field(min_length=1, max_length=200)],
+                Annotated[
+                    list[Annotated[str, Field(min_length=1, max_length=200)]],
+                    Field(min_length=1, max_length=MAX_SET_IMAGES),
+                ],
+            ],
+            Field(min_length=2, max_length=1000),
+        ]
+        | None
+    ) = Field(
+        default=None,
+        description="uploaded image ids (POST /v1/images) per class: class name or index → ids",
+    )
+    per_class: Annotated[int, Field(ge=2, le=MAX_SET_IMAGES)] = Field(
+        default=100, description="use at most this many images of each class (the first ones)"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> AuditImages:
+        given = [n for n in ("digits", "folder", "image_ids") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"give exactly one source of images (digits, folder or image_ids), got {given}"
+            )
+        if self.folder is not None and "{class}" not in self.folder:
+            raise ValueError(
+                f"folder must contain '{{class}}' (one folder per class), got {self.folder!r}"
+            )
+        return self
+
+
+class AuditThresholds(BaseModel):
+    """When a component of class k counts as a suspected spurious feature."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    auc: Annotated[float, Field(gt=0.0, le=1.0)] = Field(
+        default=0.75,
+        description="flag a component whose AUC (p(k|x) of real class-k images against the "
+        "other-class images it ranks highest) is below this",
+    )
+    min_variance_share: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        default=0.02, description="examine only components with at least this share of variance"
+    )
+
+
+class AuditImagesRef(BaseModel):
+    """`{"audit": true}`: the images of the audit a step belongs to, stored once with the audit
+    (`digin.core.audit_params.bind_step` fills them in before the step runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    audit: Literal[True]
+
+
+class AuditClassParams(BaseModel):
+    """`audit_class`: one class k of an audit. Neural PCA of the class-k images; for each top
+    component, the images of the other classes ranked by its α_l; the AUC of p(k|x) separating
+    the class-k images from the top of that ranking; components with a low AUC flagged."""
+
+    model_config = _BY_ALIAS
+
+    classifier: ModelSpec = DEFAULT_CLASSIFIER
+    class_: ClassRef = Field(alias="class", description="the class k (index or name)")
+    others: (
+        Annotated[list[ClassRef], Field(min_length=1, max_length=1000)] | Literal["all", "audit"]
+    ) = Field(
+        default="all",
+        description="the classes whose images are ranked; 'all': every other; 'audit': the "
+        "other classes of the audit this job is a step of (its classes with uploaded ids, or its "
+        "other listed classes)",
+    )
+    images: AuditImages | AuditImagesRef = Field(
+        default_factory=lambda: AuditImages(digits="train"),
+        description="the images of each class; {'audit': true}: the `images` of the audit this "
+        "job is a step of (read from the audit's stored params when the step runs)",
+    )
+    components: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=3, description="top components examined (by explained variance)"
+    )
+    top_other: Annotated[int, Field(ge=1, le=1000)] = Field(
+        default=20,
+        description="other-class images at the top of each ranking (the AUC's negatives)",
+    )
+    shown: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8, description="top other-class images shown per component"
+    )
+    thresholds: AuditThresholds = Field(default_factory=AuditThresholds)
+    # the AuditParams that `others: 'audit'` and `images: {'audit': true}` resolve to; set by
+    # `digin.core.audit_params.bind_step`, never serialised (the stored params keep the reference)
+    _audit: Any = PrivateAttr(default=None)
+
+
 # --- counterfactuals of real images (run by digin.core.counterfactual.job) ------------------
 
 
@@ -393,8 +556,13 @@ class CounterfactualParams(BaseModel):
         default=DEFAULT_DIFFUSION, description="diffusion model spec; default: the digits zoo's"
     )
     classifier: ModelSpec = DEFAULT_CLASSIFIER
-    targets: Annotated[list[ClassRef], Field(min_length=1, max_length=1000)] | Literal["others"] = (
-        Field(description="target classes (indices or names), or 'others': every other class")
+    targets: (
+        Annotated[list[ClassRef], Field(min_length=1, max_length=1000)]
+        | Annotated[str, Field(pattern=TARGET_SETS)]
+    ) = Field(
+        description="target classes (indices or names), 'others': every other class, or "
+        "'wordnet': the start class's siblings in the WordNet hierarchy (ImageNet-1k; "
+        "'wordnet:<n>': the nearest ancestor with at least n classes; docs/architecture.md §5.3)"
     )
     start_class: ClassRef | None = Field(
         default=None, description="the image's class; default: the classifier's prediction"
@@ -409,6 +577,16 @@ class CounterfactualParams(BaseModel):
         description="caption template, '{class}' → the start class; default: 'a photograph of a "
         "{class}' ('a handwritten digit {class}' for the digits zoo)",
     )
+    captioner: ModelSpec | None = Field(
+        default=None,
+        description="captioner spec ('blip:<hub id | dir>'), used only when no caption is given: "
+        "it continues the prompt with the start class on the image; default: the prompt alone",
+    )
+    segmenter: ModelSpec | None = Field(
+        default=None,
+        description="segmenter spec ('sam:<hub id | dir>', SAM or SAM-HQ) that refines the "
+        "cross-attention foreground mask; default: the cross-attention mask alone",
+    )
     negative_prompt: Annotated[str, Field(max_length=1000)] = Field(
         default="", description="prompt of ∅ before null-text inversion; '' = the null text"
     )
@@ -416,6 +594,11 @@ class CounterfactualParams(BaseModel):
         default=None, description="image side in pixels; default: the diffusion model's"
     )
     clip_templates: Literal["openai", "simple"] = "openai"
+    class_names: Literal["ours", "official"] = Field(
+        default="ours",
+        description="class names in the caption and the edited prompts: ours, or for ImageNet-1k "
+        "classifiers 'official' (the paper's code's)",
+    )
     guidance: GuidanceConfig = Field(
         default_factory=GuidanceConfig,
         description="guidance settings (docs/architecture.md §3; the digits zoo's counterfactual "
@@ -436,8 +619,11 @@ class CounterfactualParams(BaseModel):
         if not isinstance(raw, dict):
             return raw
         targets = raw.get("targets")
-        if isinstance(targets, str) and targets != "others":
-            raise ValueError(f"targets must be a list of classes or 'others', got {targets!r}")
+        if isinstance(targets, str) and re.fullmatch(TARGET_SETS, targets) is None:
+            raise ValueError(
+                f"targets must be a list of classes, 'others', 'wordnet' or 'wordnet:<n>', "
+                f"got {targets!r}"
+            )
         diffusion = raw.get("diffusion", DEFAULT_DIFFUSION)
         out = dict(raw)
         guidance = raw.get("guidance", {})
@@ -454,6 +640,15 @@ class CounterfactualParams(BaseModel):
                 given = apply_preset(given) if name == "guidance" else given
                 out[name] = {**asdict(base), **given}
         return out
+
+    @model_validator(mode="after")
+    def _ddim_only(self) -> CounterfactualParams:
+        if self.guidance.solver != "ddim":
+            raise ValueError(
+                f"guidance.solver must be 'ddim' for counterfactuals (the null-text inversion "
+                f"inverts DDIM), got {self.guidance.solver!r}"
+            )
+        return self
 
     @model_validator(mode="after")
     def _one_image_and_prompt(self) -> CounterfactualParams:
@@ -480,6 +675,101 @@ class CounterfactualParams(BaseModel):
         return (self.prompt or "").replace("{class}", class_name)
 
 
+# --- error visualisation (run by digin.core.misclassified) ----------------------------------
+
+# the fields of CounterfactualParams that every edit of a `misclassified` job shares
+EDIT_FIELDS = ("diffusion", "classifier", "prompt", "negative_prompt", "resolution",
+               "clip_templates", "class_names", "guidance", "counterfactual")  # fmt: skip
+
+
+class MisclassifiedParams(BaseModel):
+    """`misclassified`: the images of a labelled set that the classifier gets wrong, each edited
+    into a counterfactual towards its true class (docs/architecture.md §4.9): the caption names
+    the predicted class, the edit replaces it by the true one. The edit settings are those of
+    `counterfactual` (and its defaults, the digits zoo's for 'digits')."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: ImageSetSpec = Field(
+        default_factory=lambda: ImageSetSpec(digits="test", labels="all"),
+        description="the labelled images: a digits split (true class: the digit; labels 'all' "
+        "or a list of digits), a folder template with '{class}' or '{index}' and `classes` "
+        "(true class: the folder's), or image_ids with `labels` (one true class per id)",
+    )
+    classes: Annotated[list[ClassRef], Field(min_length=1, max_length=1000)] | None = Field(
+        default=None, description="folder source only: the classes whose folders are read"
+    )
+    labels: Annotated[list[ClassRef], Field(min_length=1, max_length=MAX_SET_IMAGES)] | None = (
+        Field(default=None, description="image_ids source only: the true class of each image")
+    )
+    max_images: Annotated[int, Field(ge=1, le=64)] = Field(
+        default=8, description="edit at most this many misclassified images (the first ones)"
+    )
+    caption_class: Literal["true", "predicted"] = Field(
+        default="true",
+        description="the class the caption names (the edit's start class): 'true', as the "
+        "paper's code (the edit keeps the caption; the classifier's gradient alone moves it), "
+        "or 'predicted' (prompt-to-prompt swaps the predicted class's words for the true one's)",
+    )
+    diffusion: ModelSpec = DEFAULT_DIFFUSION
+    classifier: ModelSpec = DEFAULT_CLASSIFIER
+    prompt: Annotated[str, Field(max_length=1000)] | None = Field(
+        default=None, description="caption template, '{class}' → the predicted class"
+    )
+    negative_prompt: Annotated[str, Field(max_length=1000)] = ""
+    resolution: Annotated[int, Field(ge=16, le=2048)] | None = None
+    clip_templates: Literal["openai", "simple"] = "openai"
+    class_names: Literal["ours", "official"] = "ours"
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    counterfactual: CounterfactualConfig = Field(default_factory=CounterfactualConfig)
+
+    _resolution = field_validator("resolution")(resolution_for_model)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _edit_defaults(cls, raw: Any) -> Any:
+        """The counterfactual kind's defaults (the digits zoo's settings for 'digits')."""
+        if not isinstance(raw, dict):
+            return raw
+        # pydantic keeps the validator callable; mypy sees only its decorator proxy
+        return CounterfactualParams._digits_defaults(raw)  # type: ignore[operator]
+
+    @model_validator(mode="after")
+    def _labelled(self) -> MisclassifiedParams:
+        images = self.images
+        if images.digits is not None:
+            if images.labels is None:
+                self.images = images.model_copy(update={"labels": "all"})
+            elif images.labels in ("class", "other"):
+                raise ValueError("images.labels must be 'all' or a list of digits (no job class)")
+        folder = images.folder or ""
+        if folder and not ("{class}" in folder or "{index}" in folder):
+            raise ValueError(
+                "images.folder must contain '{class}' or '{index}': one folder per true class"
+            )
+        if (self.classes is not None) != bool(folder):
+            raise ValueError(
+                "classes goes with a folder source (the classes whose folders are read)"
+            )
+        ids = images.image_ids
+        if (self.labels is not None) != (ids is not None):
+            raise ValueError("labels goes with an image_ids source (one true class per image)")
+        if ids is not None and self.labels is not None and len(self.labels) != len(ids):
+            raise ValueError(
+                f"labels must hold one class per image id: {len(ids)}, got {len(self.labels)}"
+            )
+        if self.prompt is None:
+            digits = is_digits_diffusion(self.diffusion)
+            self.prompt = digits_settings.CLASS_PROMPT if digits else DEFAULT_CLASS_PROMPT
+        if "{class}" not in self.prompt:
+            raise ValueError("prompt must contain '{class}' (the caption class)")
+        return self
+
+    def edit_params(self) -> dict[str, Any]:
+        """The shared fields of every edit's CounterfactualParams, as JSON."""
+        return self.model_dump(mode="json", include=set(EDIT_FIELDS))
+
+
 PARAMS_BY_KIND: dict[str, type[BaseModel]] = {
     "guided": GuidedParams,
     "disagreement": DisagreementParams,
@@ -488,6 +778,8 @@ PARAMS_BY_KIND: dict[str, type[BaseModel]] = {
     "neural_pca": NeuralPcaParams,
     "spurious_score": SpuriousScoreParams,
     "counterfactual": CounterfactualParams,
+    "misclassified": MisclassifiedParams,
+    "audit_class": AuditClassParams,
 }
 KINDS = tuple(PARAMS_BY_KIND)
 
@@ -500,7 +792,8 @@ def kind_of(params: BaseModel) -> str:
     raise ValueError(f"{type(params).__name__} is the params model of no kind")
 
 
-ANALYSIS_KINDS = ("neural_pca", "spurious_score")  # non-generative (digin.core.analysis)
+# non-generative (digin.core.analysis, digin.core.audit)
+ANALYSIS_KINDS = ("neural_pca", "spurious_score", "audit_class")
 
 
 # Fields that may differ between jobs run as one batched optimisation (`digin.core.groups`): each

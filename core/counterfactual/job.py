@@ -3,11 +3,13 @@
 See docs/architecture.md §5.
 
 1. Models (once per process) and the start image at the model resolution.
-2. Start class (given, or the classifier's prediction) and the caption naming it.
+2. Start class (given, or the classifier's prediction) and the caption naming it (given, or
+   the prompt with the start class, continued by the captioner when there is one).
 3. Inversion: DDIM + null-text, from the process's inversion cache when the same image, model,
    T, w and caption were inverted before (several targets of one job invert once).
 4. The reconstruction with cross-attention storage: templates for background blending, maps
-   for prompt-to-prompt and the foreground mask of the start-class tokens.
+   for prompt-to-prompt and the foreground mask of the start-class tokens (refined by SAM when
+   there is a segmenter; post-processed).
 5. The edits: all targets of the image as batches of at most `max_batch` items (item i has seed
    `seed + i` for its cutouts), each with its edited prompt and token alignment.
 6. Metrics: p(target), p(start) of the original, the reconstruction and the counterfactual,
@@ -25,6 +27,7 @@ import torch
 from torch import Tensor
 
 from digin.core.batching import job_batch
+from digin.core.classes import prompt_class_names
 from digin.core.classifiers import Classifier
 from digin.core.context import ProgressFn, RunContext, Stopped
 from digin.core.counterfactual.attention import (
@@ -32,25 +35,29 @@ from digin.core.counterfactual.attention import (
     attention_map,
     controlled_cross_attention,
     find_words,
-    foreground_masks,
     prompt_alignment,
     replace_words,
     token_span,
 )
+from digin.core.counterfactual.captions import Captioner
 from digin.core.counterfactual.edit import EditStart, edit, reconstruct, steps_before
 from digin.core.counterfactual.images import StartImage, load_start_image
 from digin.core.counterfactual.inversion import Inversion, InversionCache, cache_key, invert
+from digin.core.counterfactual.masks import foreground_mask
 from digin.core.counterfactual.output import render_counterfactual
 from digin.core.guidance import GuidanceResult
 from digin.core.jobs import (
     DEFAULT_CACHE,
+    ModelCache,
     class_index,
     concat_results,
     record_header,
     run_batches,
     software_versions,
 )
+from digin.core.loaders import load_captioner, load_segmenter
 from digin.core.params import CounterfactualParams
+from digin.core.wordnet import wordnet_targets
 
 KIND = "counterfactual"
 _INVERSIONS = ("counterfactual", "inversions")  # the ModelCache key of the inversion cache
@@ -66,7 +73,10 @@ class CounterfactualItem:
     target_name: str
     prompt: str  # the caption with the start-class words replaced by the target's
     p2p_fraction: float = 0.0  # chosen share of steps with injected cross-attention maps
-    p2p_search: dict[str, float] = field(default_factory=dict)  # fraction → clean loss
+    blend_fraction: float = 0.0  # chosen share of steps with the background blended in
+    # the schedule search: fraction → the lowest clean loss over the other fraction's choices
+    p2p_search: dict[str, float] = field(default_factory=dict)
+    blend_search: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,6 +91,7 @@ class CounterfactualResult:
     start_name: str
     start_given: bool  # False: the classifier's prediction
     caption: str
+    caption_source: str  # 'given', 'prompt' or 'captioner' (the prompt continued by it)
     original: Tensor  # (1, 3, H, W) in [0, 1]
     items: list[CounterfactualItem]
     guidance: GuidanceResult | None  # None when stopped during the inversion
@@ -90,6 +101,7 @@ class CounterfactualResult:
     attention: Tensor | None = None  # (s, s) start-class attention, max-normalised
     latent_mask: Tensor | None = None  # (1, 1, h, w) foreground
     pixel_mask: Tensor | None = None  # (1, 1, H, W)
+    mask_steps: dict[str, Any] = field(default_factory=dict)  # SAM and post-processing record
     probs: dict[str, Tensor] = field(default_factory=dict)  # original / reconstruction → (K,)
     stopped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
@@ -171,10 +183,11 @@ class CounterfactualResult:
                 "given": self.start_given,
             },
             "caption": self.caption,
+            "caption_source": self.caption_source,
             "inversion": inversion,
             "mask": None
             if self.pixel_mask is None
-            else {"foreground_share": float(self.pixel_mask.mean())},
+            else {"foreground_share": float(self.pixel_mask.mean()), **self.mask_steps},
             "iterations_done": 0 if g is None else g.iterations_done,
             "stopped": self.stopped,
             "flip_rate": sum(flips) / len(flips) if flips else None,
@@ -222,6 +235,12 @@ def run_counterfactual(params: CounterfactualParams, ctx: RunContext) -> Counter
     # 1. models and the image
     model = cache.diffusion(params.diffusion, device, guidance.weights_precision)
     classifier = cache.classifier(params.classifier, device, params.clip_templates)
+    captioner = None
+    if params.caption is None and params.captioner is not None:
+        captioner = _extra_model(cache, "captioner", params.captioner, device, load_captioner)
+    segmenter = None
+    if params.segmenter is not None:
+        segmenter = _extra_model(cache, "segmenter", params.segmenter, device, load_segmenter)
     resolution = params.resolution or model.resolution
     model.latent_shape(resolution)  # fail early on a bad resolution
     image = load_start_image(
@@ -232,18 +251,25 @@ def run_counterfactual(params: CounterfactualParams, ctx: RunContext) -> Counter
     t_loaded = time.perf_counter()
 
     # 2. start class, caption and targets
-    plan = _plan(params, classifier, model, probs["original"], seed)
+    plan = _plan(params, classifier, model, probs["original"], seed, captioner, original)
+    t_planned = time.perf_counter()
     result = CounterfactualResult(
         kind=KIND,
         params=params.model_dump(mode="json"),
         seed=seed,
-        models={"diffusion": params.diffusion, "classifier": params.classifier},
+        models={
+            "diffusion": params.diffusion,
+            "classifier": params.classifier,
+            **({} if captioner is None else {"captioner": captioner.spec}),
+            **({} if segmenter is None else {"segmenter": segmenter.spec}),
+        },
         device=device,
         image=image,
         start_index=plan.start,
         start_name=classifier.class_names[plan.start],
         start_given=params.start_class is not None,
         caption=plan.caption,
+        caption_source=plan.caption_source,
         original=original.cpu(),
         items=plan.items,
         guidance=None,
@@ -267,7 +293,7 @@ def run_counterfactual(params: CounterfactualParams, ctx: RunContext) -> Counter
         control = CrossAttentionControl()
         with controlled_cross_attention(model.unet, control):
             start_point = _edit_start(params, model, classifier, inversion, original, cond, plan,
-                                      control, result, resolution)  # fmt: skip
+                                      control, result, resolution, segmenter)  # fmt: skip
             t_masked = time.perf_counter()
             results, search_s = _edit_in_batches(
                 params, model, classifier, start_point, cond, plan, control, result, resolution,
@@ -285,6 +311,7 @@ def run_counterfactual(params: CounterfactualParams, ctx: RunContext) -> Counter
     t_end = time.perf_counter()
     result.timings = {
         "load_s": t_loaded - t_start,
+        "caption_s": t_planned - t_loaded,
         "inversion_s": t_inverted - t0,
         "reconstruction_mask_s": t_masked - t_inverted,
         "edit_s": t_end - t_masked,
@@ -301,34 +328,65 @@ class _Plan:
 
     start: int
     caption: str
+    caption_source: str  # 'given', 'prompt' or 'captioner'
     words: tuple[int, int]
     source: Any  # token span of the start-class words in the caption
     items: list[CounterfactualItem]
 
 
-def _plan(params, classifier: Classifier, model, original_probs: Tensor, seed: int) -> _Plan:
+def _extra_model(cache: ModelCache, role: str, spec: str, device: str, load) -> Any:
+    """The captioner or segmenter of `spec` from the process's model cache."""
+    cache.check(spec)
+    return cache.get((role, spec, device), lambda: load(spec, device=device))
+
+
+def _caption(params, start_name: str, captioner: Captioner | None, original: Tensor | None):
+    """(the caption, where it came from): given, the prompt with the start class, or that
+    prompt continued by the captioner on the original (docs/architecture.md §5.3)."""
+    if params.caption is not None:
+        return params.caption, "given"
+    prompt = params.prompt_for(start_name)
+    if captioner is None:
+        return prompt, "prompt"
+    if original is None:
+        raise ValueError("the captioner needs the original image")
+    cf = params.counterfactual
+    caption = captioner.continue_caption(
+        original, prompt, max_new_tokens=cf.caption_max_tokens, num_beams=cf.caption_beams
+    )
+    return caption, "captioner"
+
+
+def _plan(params, classifier: Classifier, model, original_probs: Tensor, seed: int,
+          captioner: Captioner | None = None, original: Tensor | None = None) -> _Plan:  # fmt: skip
     if params.start_class is None:
         start = int(original_probs.argmax())
     else:
         start = class_index(params.start_class, classifier)
-    start_name = classifier.class_names[start]
-    caption = params.caption or params.prompt_for(start_name)
+    names = prompt_class_names(classifier.class_names, params.class_names)  # as prompts say them
+    start_name = names[start]
+    caption, caption_source = _caption(params, start_name, captioner, original)
     words = find_words(caption, start_name)
     if words is None:
+        made = ""
+        if captioner is not None and caption_source == "captioner":
+            made = f" (made by the captioner {captioner.spec})"
         raise ValueError(
-            f"the caption {caption!r} does not name the start class {start_name!r}; "
+            f"the caption {caption!r}{made} does not name the start class {start_name!r}; "
             "prompt-to-prompt replaces those words by the target class"
         )
     if params.targets == "others":
         targets = [k for k in range(classifier.num_classes) if k != start]
+    elif isinstance(params.targets, str):  # 'wordnet[:<n>]': the start class's siblings
+        targets = wordnet_targets(params.targets, start, classifier.class_names)
     else:
         targets = [class_index(ref, classifier) for ref in params.targets]
     source = token_span(model.tokenizers[0], caption, words)
     items = []
     for i, k in enumerate(targets):
-        name = classifier.class_names[k]
+        name = names[k]
         items.append(CounterfactualItem(i, seed + i, k, name, replace_words(caption, words, name)))
-    return _Plan(start, caption, words, source, items)
+    return _Plan(start, caption, caption_source, words, source, items)
 
 
 def _inversion(params, model, cache, image, original, caption, cond, should_stop):
@@ -353,9 +411,10 @@ def _inversion(params, model, cache, image, original, caption, cond, should_stop
 
 
 def _edit_start(params, model, classifier, inversion, original, cond, plan, control, result,
-                resolution) -> EditStart:  # fmt: skip
+                resolution, segmenter=None) -> EditStart:  # fmt: skip
     """The reconstruction (storing the cross-attention maps), the foreground masks from the
-    start-class tokens' maps, and what every edit starts from; records them in `result`."""
+    start-class tokens' maps (refined by the segmenter if any, post-processed), and what every
+    edit starts from; records them in `result`."""
     guidance, cf = params.guidance, params.counterfactual
     steps = guidance.ddim_steps
     store_steps = max(
@@ -373,8 +432,13 @@ def _edit_start(params, model, classifier, inversion, original, cond, plan, cont
         resolution=resolution,
     )
     attention = attention_map(control, plan.source, math.ceil(cf.mask_steps * steps), latent_side)
-    latent_mask, pixel_mask = foreground_masks(
-        attention, latent_side=latent_side, pixel_side=resolution, cutoff=cf.mask_cutoff
+    latent_mask, pixel_mask, result.mask_steps = foreground_mask(
+        attention,
+        original,
+        cf,
+        latent_side=latent_side,
+        segmenter=segmenter,
+        generator=torch.Generator().manual_seed(result.seed),
     )
     result.reconstruction = recon.cpu()
     result.attention = attention.cpu()
@@ -434,8 +498,10 @@ def _edit_in_batches(params, model, classifier, start_point, cond, plan, control
             should_stop=should_stop,
         )
         for b, it in enumerate(chunk):
-            it.p2p_fraction = out.fractions[b]
-            it.p2p_search = {str(f): losses[b] for f, losses in out.search.items()}
+            it.p2p_fraction, it.blend_fraction = out.schedules[b]
+            for (f, g), losses in out.search.items():
+                it.p2p_search[str(f)] = min(it.p2p_search.get(str(f), math.inf), losses[b])
+                it.blend_search[str(g)] = min(it.blend_search.get(str(g), math.inf), losses[b])
         search_s += out.timings["p2p_search_s"]
         return out.guidance
 

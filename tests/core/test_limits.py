@@ -62,11 +62,14 @@ def _with_diffusion(kind: str, spec: str, resolution: int) -> tuple[dict[str, An
         "neuron": {"neurons": [1]},
         "pca_component": {"pca": PCA},
         "counterfactual": {"image": "digits:test/0", "targets": [1]},
+        "misclassified": {},
     }[kind]
     return {**raw, **common}, "resolution"
 
 
-@pytest.mark.parametrize("kind", [k for k in PARAMS_BY_KIND if k != "spurious_score"])
+@pytest.mark.parametrize(
+    "kind", [k for k in PARAMS_BY_KIND if k not in ("spurious_score", "audit_class")]
+)
 @pytest.mark.parametrize(("spec", "bound"), [("digits", 64), (SD15, 1024), (SDXL, 2048)])
 def test_a_resolution_above_the_bound_is_refused_naming_the_model_and_the_bound(kind, spec, bound):
     raw, field = _with_diffusion(kind, spec, bound)
@@ -119,7 +122,12 @@ ESTIMATES: dict[str, tuple[dict[str, Any], int]] = {
     "counterfactual": ({"image": "digits:test/0", "targets": "others",
                         "guidance": {**FAST, "checkpointing": False},
                         "counterfactual": {"null_text_steps": 4, "p2p_fractions": [0.3, 0.5]}},
-                       9 * (8 + 2) * 9 * 16**2 + 1 * (4 + 5) * 9 * 16**2),
+                       9 * (8 + 4) * 9 * 16**2 + 1 * (4 + 5) * 9 * 16**2),
+    "misclassified": ({"images": {"image_ids": ["a", "b", "c"]}, "labels": [1, 2, 3],
+                       "max_images": 2, "guidance": {**FAST, "checkpointing": False},
+                       "counterfactual": {"null_text_steps": 4, "p2p_fractions": [0.5]}},
+                      3 * 16**2 + 2 * ((8 + 2) * 9 * 16**2 + (4 + 5) * 9 * 16**2)),
+    "audit_class": ({"class": 7}, 100 * 10 * 16**2),  # 100 images of each of the 10 classes
 }  # fmt: skip
 
 
