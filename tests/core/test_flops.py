@@ -38,7 +38,7 @@ def test_counted_iteration_equals_one_more_iteration_of_the_loop(tiny_models, ar
     if settings.get("weights") == "bf16":
         model.to(torch.bfloat16)
     clf = load_classifier(tiny_models["classifier"])
-    config = GuidanceConfig(ddim_steps=4, loss_steps=2, num_cutouts=3, **settings)
+    config = GuidanceConfig(ddim_steps=3, loss_steps=2, num_cutouts=3, **settings)
     # the text encoders run outside the counted iteration: count them apart and take them out
     with FlopCounterMode(display=False) as text:
         model.encode_text(["a photograph of a dog"]), model.null_text(1)
