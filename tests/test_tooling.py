@@ -79,3 +79,16 @@ def test_pre_commit_runs_the_lint_of_ci():
     ci = (ROOT / ".ci" / "run").read_text()
     for command in ("ruff check .", "ruff format --check .", "python tools/typecheck.py"):
         assert command in ci, f".ci/run does not run {command}"
+
+
+def test_readme_ci_and_make_run_the_same_test_command():
+    """The README's test command (the end of its install line), `.ci/run` and `make test` all
+    run the suite in two processes, with the pinned pytest-xdist that `-n` needs."""
+    readme = re.findall(r"&& (pytest[^\n`]*)\n", (ROOT / "README.md").read_text())
+    ci = re.findall(r"^(pytest[^\n]*)$", (ROOT / ".ci" / "run").read_text(), flags=re.M)
+    make = re.findall(r"^\t\$\(BIN\)/(pytest[^\n]*)$", (ROOT / "Makefile").read_text(), flags=re.M)
+    assert readme and ci and make, (readme, ci, make)
+    assert {*readme, *ci, *make} == {"pytest -q -n 2"}, (readme, ci, make)
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(canonical(d).startswith("pytest-xdist") for d in dev["dev"])
+    assert "pytest-xdist" in constraints() and "execnet" in constraints()
