@@ -96,7 +96,7 @@ def test_params_defaults_limits_and_errors():
         ({"targets": [1]}, "exactly one of image"),
         ({"image": "a.png", "image_id": "x", "targets": [1]}, "exactly one of image"),
         ({"image": "a.png", "targets": []}, "targets"),
-        ({"image": "a.png", "targets": "all"}, "a list of classes or 'others'"),
+        ({"image": "a.png", "targets": "all"}, "a list of classes, 'others'"),
         ({"image": "a.png", "targets": [1], "counterfactual": {"mask_cutoff": 1.0}}, "mask_cutoff"),
         ({"image": "a.png", "targets": [1], "counterfactual": {"lpips": -1}}, "lpips"),
         ({"image": "a.png", "targets": [1], "counterfactual": {"blur": 1}}, "blur"),

@@ -23,8 +23,11 @@ PAGE_TIMEOUT_MS = 30_000  # a page or element that does not come is a failure, n
 JOB_TIMEOUT_MS = 240_000  # a digits job on a busy 2-core machine
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """One Chromium per test file. Playwright's sync API keeps its event loop running in this
+    thread while it is open, so it is closed at the end of each file: a later file in the same
+    process (`pytest -n 2` hands out whole files) may call `asyncio.run`."""
     if shutil.which(CHROMIUM) is None and not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
