@@ -29,8 +29,9 @@ from pydantic import (
 )
 
 from digin.api.problems import ProblemError, fields_problem
+from digin.core.audit_params import bind_step
 from digin.core.limits import stored_cost
-from digin.core.params import KINDS, ParamsError, validate_params
+from digin.core.params import KINDS, AuditClassParams, ParamsError, validate_params
 from digin.core.registry import (
     ModelInfo,
     ModelRoots,
@@ -248,6 +249,12 @@ class JobCreate(RequestBody):
                 for e in exc.errors
             ]
             raise params_problem(errors) from None
+        if isinstance(model, AuditClassParams):  # its references resolve only in an audit
+            try:
+                bind_step(model, None)
+            except ValueError as exc:
+                field, _, message = str(exc).partition(": ")
+                raise params_problem([{"field": f"params.{field}", "message": message}]) from None
         params: dict[str, Any] = model.model_dump(mode="json")
         errors = [
             {"field": field, "message": message}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import httpx
 import pytest
 
 from tests.client.conftest import LiveAPI, free_port, lite_settings, serve
-from tests.ui.conftest import screenshot
+from tests.ui.conftest import PAGE_TIMEOUT_MS, screenshot
 
 EMBEDDER_PORT = free_port()  # the origin allowed to frame the dashboard
 
@@ -151,6 +152,11 @@ def test_logout_ends_the_session_on_the_server_for_copies_of_the_cookie_too(live
             assert response.headers["location"].startswith("/ui/login")
 
 
+def _blocked(url: str) -> bool:
+    """Whether a frame's URL is where Chromium leaves a frame that it refused to show."""
+    return url.startswith("chrome-error:") or url == "about:blank"
+
+
 def test_frame_ancestors_allow_list_in_a_real_frame(browser, live, tmp_path: Path):
     response = httpx.get(f"{live.url}/ui/login", timeout=30)
     csp = response.headers["content-security-policy"]
@@ -177,11 +183,14 @@ def test_frame_ancestors_allow_list_in_a_real_frame(browser, live, tmp_path: Pat
                 frame.locator("#api_key").wait_for()
                 outcomes[name] = "login form"
                 screenshot(page, "embedded-allowed")
-            else:  # the load event of the page waits for its frame: blocked or not, it ended
+            else:  # blocked: the frame ends on Chromium's error page (it may get there after
+                # the page's load event, so its URL is read until it settles or time is up)
                 child = page.frames[1]
-                blocked = child.url.startswith("chrome-error:") or child.url == "about:blank"
+                deadline = time.monotonic() + PAGE_TIMEOUT_MS / 1000
+                while not _blocked(child.url) and time.monotonic() < deadline:
+                    page.wait_for_timeout(50)
                 assert child.query_selector("#api_key") is None
-                outcomes[name] = "blocked" if blocked else child.url
+                outcomes[name] = "blocked" if _blocked(child.url) else child.url
         finally:
             context.close()
             server.shutdown()
