@@ -253,8 +253,8 @@ class JobCreate(RequestBody):
             try:
                 bind_step(model, None)
             except ValueError as exc:
-                field, _, message = str(exc).partition(": ")
-                raise params_problem([{"field": f"params.{field}", "message": message}]) from None
+                name, _, reason = str(exc).partition(": ")
+                raise params_problem([{"field": f"params.{name}", "message": reason}]) from None
         params: dict[str, Any] = model.model_dump(mode="json")
         errors = [
             {"field": field, "message": message}

@@ -36,7 +36,7 @@ from digin.api.deps import (
     WritingTenantDep,
 )
 from digin.api.problems import ProblemError, field_problem, problem_responses
-from digin.api.routes.batches import send
+from digin.api.routes.batches import accepted_headers, send, sweep_write_refusals
 from digin.api.routes.events import (
     BATCH_REFRESH_S,
     STREAM_RESPONSES,
@@ -79,7 +79,7 @@ from digin.service.events import Feed
 from digin.service.events import Scope as EventScope
 from digin.service.repo import audits as repo_audits
 from digin.service.repo.batches import BatchPlan, PlannedItem
-from digin.service.repo.jobs import MAX_PAGE, InvalidCursor, TenantLimitExceeded
+from digin.service.repo.jobs import MAX_PAGE, InvalidCursor
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"], route_class=KeyFirstRoute)
 
@@ -392,7 +392,8 @@ def create_audit(
     )  # fmt: skip
     check_image_ids(session, tenant, audit)
     # 2. Write the audit, its batch and its class jobs in one transaction, and commit
-    try:
+    waiting_for = "the tenant's sweeps and audits"
+    with sweep_write_refusals(repo_audits.AuditIdempotencyConflict, waiting_for):
         row, created = repo_audits.create_audit(
             session, tenant_id=tenant.id, plan=plan, params=params, seed=seed,
             priority=body.priority, max_attempts=settings.max_attempts, metadata=body.metadata,
@@ -400,24 +401,14 @@ def create_audit(
             request_hash=body.request_hash() if idempotency_key else None,
             max_queued_items=settings.max_queued_sweep_items_per_tenant,
         )  # fmt: skip
-    except repo_audits.AuditIdempotencyConflict as exc:
-        raise field_problem(422, "idempotency-key-reused", "Idempotency-Key", str(exc)) from None
-    except TenantLimitExceeded as exc:
-        raise ProblemError(
-            429, "tenant-limit", f"{exc}; wait for the tenant's sweeps and audits to progress",
-            headers={"Retry-After": str(exc.retry_after)}, limit=exc.limit,
-        ) from None  # fmt: skip
     session.commit()
     # 3. Send the class jobs' messages in bulk (after the commit)
     if created:
         metrics.jobs_created.labels(repo_audits.CLASS_KIND).inc(len(plan.items))
         batch = repo_audits.audit_batch(session, row)
         send(session, celery, batch, [str(item.job_id) for item in plan.items], metrics)
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
     result = public(session, row, base=root(request), with_classes=False)
-    response.headers["Location"] = result.urls.self
-    response.headers["Retry-After"] = str(POLL_AFTER_S)
+    accepted_headers(response, created=created, location=result.urls.self)
     return result
 
 

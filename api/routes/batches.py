@@ -16,6 +16,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -153,7 +154,7 @@ def create_batch(
     )  # fmt: skip
     check_batch_uploads(session, tenant, plan)
     # 2. Write the batch and its items in one transaction, and commit
-    try:
+    with sweep_write_refusals(repo_batches.BatchIdempotencyConflict, "the tenant's sweeps"):
         batch, created = repo_batches.create_batch(
             session, tenant_id=tenant.id, plan=plan, params_template=body.params_template,
             priority=body.priority, max_attempts=settings.max_attempts, metadata=body.metadata,
@@ -161,25 +162,40 @@ def create_batch(
             request_hash=body.request_hash() if idempotency_key else None,
             max_queued_items=settings.max_queued_sweep_items_per_tenant,
         )  # fmt: skip
-    except repo_batches.BatchIdempotencyConflict as exc:
-        raise field_problem(422, "idempotency-key-reused", "Idempotency-Key", str(exc)) from None
-    except TenantLimitExceeded as exc:
-        raise ProblemError(
-            429, "tenant-limit", f"{exc}; wait for the tenant's sweeps to progress",
-            headers={"Retry-After": str(exc.retry_after)}, limit=exc.limit,
-        ) from None  # fmt: skip
     session.commit()
     # 3. Send the items' messages in bulk (after the commit), then record it
     if created:
         metrics.jobs_created.labels(batch.kind).inc(batch.total)
         ids = [str(item.job_id) for item in plan.items]
         send(session, celery, batch, ids, metrics)
-    else:
-        response.headers["Idempotent-Replayed"] = "true"
     (result,) = public(session, [batch], base=root(request))
-    response.headers["Location"] = result.urls.self
-    response.headers["Retry-After"] = str(POLL_AFTER_S)
+    accepted_headers(response, created=created, location=result.urls.self)
     return result
+
+
+@contextmanager
+def sweep_write_refusals(conflict: type[Exception], waiting_for: str) -> Iterator[None]:
+    """The refusals of a sweep's writer as problems: an Idempotency-Key reused for another
+    request (`conflict`) → 422; the tenant's cap of queued sweep items → 429 with Retry-After,
+    asking to wait for `waiting_for` to progress."""
+    try:
+        yield
+    except conflict as exc:
+        raise field_problem(422, "idempotency-key-reused", "Idempotency-Key", str(exc)) from None
+    except TenantLimitExceeded as exc:
+        raise ProblemError(
+            429, "tenant-limit", f"{exc}; wait for {waiting_for} to progress",
+            headers={"Retry-After": str(exc.retry_after)}, limit=exc.limit,
+        ) from None  # fmt: skip
+
+
+def accepted_headers(response: Response, *, created: bool, location: str) -> None:
+    """The headers of an accepted sweep: its URL, the polling interval, and whether an
+    Idempotency-Key replayed the original."""
+    if not created:
+        response.headers["Idempotent-Replayed"] = "true"
+    response.headers["Location"] = location
+    response.headers["Retry-After"] = str(POLL_AFTER_S)
 
 
 def send(session: Session, celery: Any, batch: Batch, job_ids: list[str], metrics: Any) -> int:
